@@ -1,0 +1,100 @@
+"""Speed of one full DreamerV2 update at the Atari preset.
+
+One update = world-model loss + backward + Adam step, imagination of 15 steps
+from all B x T posterior states, actor loss + step, critic loss + step, target
+sync. Prints ms per update (median after warm-up), the update's FLOPs counted
+with ``torch.utils.flop_counter`` and the achieved FLOP/s; the last line is JSON.
+
+    python benchmarks/update_speed.py --device cpu --precision fp32 --updates 5
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from tensordict import TensorDict
+from torch.utils.flop_counter import FlopCounterMode
+from torchrl.data import Composite, OneHot, Unbounded
+
+from torchrl_dreamer.config import DreamerV2Config
+
+
+def make_batch(batch: int, length: int, actions: int, device: torch.device) -> TensorDict:
+    return TensorDict(
+        {
+            "pixels": torch.randint(0, 256, (batch, length, 1, 64, 64), dtype=torch.uint8),
+            "action": F.one_hot(torch.randint(actions, (batch, length)), actions).float(),
+            "is_init": torch.zeros(batch, length, 1, dtype=torch.bool),
+            ("next", "reward"): torch.randn(batch, length, 1),
+            ("next", "terminated"): torch.zeros(batch, length, 1, dtype=torch.bool),
+        },
+        [batch, length],
+    ).to(device)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--updates", type=int, default=5, help="timed updates (median reported)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-length", type=int, default=50)
+    parser.add_argument("--actions", type=int, default=18)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda requested but CUDA is not available")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    cfg = DreamerV2Config.preset("atari", precision=args.precision)
+    obs_spec = Composite(pixels=Unbounded((1, 64, 64), dtype=torch.uint8))
+    models = cfg.make_models(obs_spec, OneHot(args.actions), device=device)
+    loss = cfg.make_loss(models)
+    stepper = cfg.make_stepper(loss)
+    batch = make_batch(args.batch_size, args.batch_length, args.actions, device)
+
+    with FlopCounterMode(display=False) as counter:
+        stepper.step(None, batch.clone())
+    flops = counter.get_total_flops()
+    for _ in range(args.warmup):
+        stepper.step(None, batch.clone())
+    times = []
+    for i in range(args.updates):
+        sync(device)
+        start = time.perf_counter()
+        stepper.step(None, batch.clone())
+        sync(device)
+        times.append(time.perf_counter() - start)
+        print(f"update {i}: {times[-1] * 1e3:.1f} ms", flush=True)
+    median = statistics.median(times)
+    result = {
+        "device": args.device,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads",
+        "precision": args.precision,
+        "batch": [args.batch_size, args.batch_length],
+        "updates": args.updates,
+        "ms_per_update": round(median * 1e3, 2),
+        "ms_min": round(min(times) * 1e3, 2),
+        "gflop_per_update": round(flops / 1e9, 1),
+        "achieved_tflops": round(flops / median / 1e12, 4),
+    }
+    print(f"median {result['ms_per_update']} ms per update, {result['gflop_per_update']} GFLOP per update, "
+          f"{result['achieved_tflops'] * 1e3:.1f} GFLOP/s achieved")
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""Plot learning curves of one or more runs, over the DreamerV2 paper's curve for the same game.
+
+Each run directory is a TorchRL ``CSVLogger`` experiment: ``<logdir>/scalars/<metric>.csv`` holds one ``step,value``
+line per logged point (no header), the step being the number of environment frames. A resumed run may log the
+same step twice; the last value wins. The game comes from ``--game`` or from the ``env`` field of
+``<logdir>/config.json`` (``"atari:Pong"``); the paper's mean is drawn as a dashed line over its min-max spread
+across seeds (shaded), up to the frames the runs reached.
+
+Usage::
+
+    python examples/plot.py runs/pong_seed0 runs/pong_seed1 --out curves.png
+    python examples/plot.py runs/a --game Boxing --metric eval_return --out boxing.png
+    python examples/plot.py runs/a runs/b --no-paper --metric train_return --out train.png
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.ticker import EngFormatter  # noqa: E402
+
+from torchrl_dreamer.paper import canonical_game, paper_curve  # noqa: E402
+
+FRAMES_PER_BIN = 1_000_000
+
+
+def read_scalar(logdir: Path, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Read one metric of a ``CSVLogger`` run, de-duplicated and sorted by step.
+
+    Args:
+        logdir: Run directory containing ``scalars/<metric>.csv``.
+        metric: Metric name (may contain ``/`` for nested names).
+
+    Returns:
+        ``(steps, values)``, float arrays of shape ``[num_points]``; for a step logged more than once (a resumed
+        run) only its last value is kept.
+
+    Raises:
+        FileNotFoundError: If the metric file is missing (the message lists the metrics the run has).
+        ValueError: If the file is empty or a line is not ``step,value``.
+    """
+    path = logdir / "scalars" / f"{metric}.csv"
+    if not path.is_file():
+        scalars = logdir / "scalars"
+        found = sorted(str(p.relative_to(scalars).with_suffix("")) for p in scalars.rglob("*.csv")) \
+            if scalars.is_dir() else []
+        raise FileNotFoundError(f"{logdir}: no metric {metric!r} (expected {path}); "
+                                f"metrics found: {', '.join(found) if found else 'none'}")
+    last_value: dict[float, float] = {}
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            step, value = (float(field) for field in line.split(","))
+        except ValueError:
+            raise ValueError(f"{path}:{number}: expected 'step,value', got {line!r}") from None
+        last_value[step] = value  # a later line for the same step overrides the earlier one
+    if not last_value:
+        raise ValueError(f"{path} has no data")
+    steps = np.array(sorted(last_value))
+    return steps, np.array([last_value[step] for step in steps])
+
+
+def game_of(logdir: Path) -> str | None:
+    """The ``env`` field of ``<logdir>/config.json`` (``"atari:Pong"``), or ``None`` if absent."""
+    config = logdir / "config.json"
+    if not config.is_file():
+        return None
+    env = json.loads(config.read_text()).get("env")
+    return env if isinstance(env, str) else None
+
+
+def resolve_game(logdirs: list[Path], game: str | None) -> str | None:
+    """The game to compare with: ``--game`` if given, else the one game named by the runs' configs, else ``None``."""
+    if game is not None:
+        return game
+    games = {found for found in map(game_of, logdirs) if found is not None}
+    if len(games) > 1:
+        print(f"runs are on different games ({', '.join(sorted(games))}); pass --game to pick the paper curve",
+              file=sys.stderr)
+        return None
+    return games.pop() if games else None
+
+
+def plot_paper(ax: plt.Axes, game: str, max_frames: float) -> None:
+    """Draw the paper's mean and min-max spread for ``game`` up to the first 1M bin at or after ``max_frames``."""
+    curve = paper_curve(game)
+    last_bin = max(1, math.ceil(max_frames / FRAMES_PER_BIN - 1e-9)) * FRAMES_PER_BIN
+    keep = curve["frames"] <= last_bin
+    frames, mean, low, high = (curve[key][keep] for key in ("frames", "mean", "min", "max"))
+    seeds = curve["nseeds"][keep].max()
+    if len(frames) == 1:  # a run shorter than 1M frames: the paper's first evaluation as a point with a range
+        ax.errorbar(frames, mean, yerr=[mean - low, high - mean], fmt="s", color="0.3", capsize=4,
+                    label=f"DreamerV2 paper: mean, min-max of {seeds} seeds")
+        return
+    ax.fill_between(frames, low, high, color="0.6", alpha=0.3, linewidth=0,
+                    label=f"DreamerV2 paper: min-max of {seeds} seeds")
+    ax.plot(frames, mean, "--", color="0.3", linewidth=1.5, label="DreamerV2 paper: mean")
+
+
+def plot_curves(logdirs: list[Path], out: Path, *, metric: str = "eval_return", game: str | None = None,
+                paper: bool = True) -> Path:
+    """Plot ``metric`` against frames for every run, optionally over the paper's curve, and save a PNG.
+
+    Args:
+        logdirs: Run directories (``<logdir>/scalars/<metric>.csv``); each becomes a line labelled by its name.
+        out: Path of the PNG to write.
+        metric: Metric to plot. Default: ``"eval_return"``.
+        game: Game of the paper curve (``"Pong"``, ``"atari:Pong"``); ``None`` reads it from the runs' configs.
+        paper: Whether to draw the paper's curve. Default: ``True``.
+
+    Returns:
+        ``out``.
+    """
+    curves = {logdir: read_scalar(logdir, metric) for logdir in logdirs}
+    names = [logdir.resolve().name for logdir in logdirs]
+    if len(set(names)) < len(names):  # e.g. a/seed0 and b/seed0: label by the path as given
+        names = [str(logdir) for logdir in logdirs]
+    explicit, game = game is not None, resolve_game(logdirs, game)
+    if game is not None:
+        try:
+            game = canonical_game(game)
+        except KeyError:
+            if paper and explicit:
+                raise
+            paper = False  # a config naming a game the paper table lacks (another suite): plot the runs only
+            if not explicit:
+                print(f"no paper curve for {game!r}; plotting the runs only", file=sys.stderr)
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    if paper and game is not None:
+        plot_paper(ax, game, max(steps[-1] for steps, _ in curves.values()))
+    for name, (steps, values) in zip(names, curves.values()):
+        ax.plot(steps, values, marker="o" if len(steps) <= 30 else None, markersize=3, linewidth=1.8, label=name)
+
+    title = f"{metric} vs frames" if game is None else f"{game}: {metric} vs frames"
+    ax.set(title=title, xlabel="frames", ylabel=metric)
+    ax.xaxis.set_major_formatter(EngFormatter(sep=""))  # 500k, 1M, 1.5M
+    ax.grid(True, alpha=0.4)
+    ax.legend(loc="best", fontsize="small")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry point; see the module docstring."""
+    parser = argparse.ArgumentParser(description="Plot learning curves of CSVLogger runs against the paper.")
+    parser.add_argument("logdirs", nargs="+", type=Path, help="run directories (<logdir>/scalars/<metric>.csv)")
+    parser.add_argument("--out", type=Path, default=Path("curves.png"), help="PNG to write (default: curves.png)")
+    parser.add_argument("--game", help="game of the paper curve (default: env in <logdir>/config.json)")
+    parser.add_argument("--metric", default="eval_return", help="metric to plot (default: eval_return)")
+    parser.add_argument("--no-paper", action="store_true", help="do not draw the paper's curve")
+    args = parser.parse_args(argv)
+    try:
+        out = plot_curves(args.logdirs, args.out, metric=args.metric, game=args.game, paper=not args.no_paper)
+    except (FileNotFoundError, ValueError, KeyError) as error:
+        parser.exit(2, f"error: {error.args[0] if error.args else error}\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

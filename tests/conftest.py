@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from tensordict import TensorDict
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+def make_batch(batch: int = 2, steps: int = 6, *, action_dim: int = 3, image: tuple = (1, 16, 16),
+               discrete: bool = True, obs_key: str = "pixels") -> TensorDict:
+    """A random [B, T] training batch in the TorchRL transition layout."""
+    if discrete:
+        action = torch.nn.functional.one_hot(torch.randint(action_dim, (batch, steps)), action_dim).float()
+    else:
+        action = torch.rand(batch, steps, action_dim) * 2 - 1
+    if len(image) == 3:
+        obs = torch.randint(0, 256, (batch, steps, *image), dtype=torch.uint8)
+    else:
+        obs = torch.randn(batch, steps, *image)
+    return TensorDict(
+        {
+            obs_key: obs,
+            "action": action,
+            "is_init": torch.zeros(batch, steps, 1, dtype=torch.bool),
+            ("next", "reward"): torch.randn(batch, steps, 1),
+            ("next", "terminated"): torch.zeros(batch, steps, 1, dtype=torch.bool),
+        },
+        [batch, steps],
+    )

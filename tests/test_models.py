@@ -1,0 +1,167 @@
+"""Builders, TensorDict modules and the acting policy."""
+from __future__ import annotations
+
+import pytest
+import torch
+from tensordict import TensorDict
+from tensordict.nn import InteractionType, set_interaction_type
+from torchrl.collectors import Collector
+from torchrl.data import Bounded, Categorical, Composite, OneHot, Unbounded
+from torchrl.envs import InitTracker, TransformedEnv
+from torchrl.envs.utils import ExplorationType, set_exploration_type
+
+from torchrl_dreamer.envs import CatchEnv
+from torchrl_dreamer.modules import DEBUG_SIZES, count_parameters, make_dreamerv2_models
+
+from conftest import make_batch
+
+
+def _pixels(c=1, size=64):
+    return Composite(pixels=Unbounded((c, size, size), dtype=torch.uint8))
+
+
+def test_parameter_counts_at_atari_preset():
+    models = make_dreamerv2_models(_pixels(), OneHot(18))
+    wm = models.world_model
+    expected = {
+        "world_model": (count_parameters(wm), 19.98e6),
+        "rssm": (count_parameters(wm.rssm), 5.66e6),
+        "encoder": (count_parameters(wm.encoder), 1.55e6),
+        "decoder": (count_parameters(wm.decoder), 10.50e6),
+        "reward": (count_parameters(wm.reward_head), 1.13e6),
+        "discount": (count_parameters(wm.continue_head), 1.13e6),
+        "actor": (count_parameters(models.actor_network), 1.14e6),
+        "critic": (count_parameters(models.critic_network), 1.13e6),
+    }
+    for name, (got, want) in expected.items():
+        assert abs(got - want) / want < 0.01, (name, got, want)
+
+
+def test_reference_initialisation():
+    models = make_dreamerv2_models(_pixels(), OneHot(18), **DEBUG_SIZES)
+    for module in models.world_model.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+            assert torch.count_nonzero(module.bias) == 0
+            fan_in = module.weight[0].numel() if not isinstance(module, torch.nn.ConvTranspose2d) else None
+            if isinstance(module, torch.nn.Linear):
+                bound = (6 / (module.in_features + module.out_features)) ** 0.5
+                assert module.weight.abs().max() <= bound + 1e-6
+                assert module.weight.abs().max() > 0.8 * bound  # not the torch default kaiming bound
+            del fan_in
+
+
+@pytest.mark.parametrize(
+    "obs_spec,action_spec,obs_shape",
+    [
+        (_pixels(1, 64), OneHot(5), (1, 64, 64)),
+        (_pixels(3, 32), Bounded(-1.0, 1.0, (2,)), (3, 32, 32)),
+        (_pixels(1, 16), OneHot(3), (1, 16, 16)),
+        (Composite(observation=Unbounded((6,))), OneHot(4), (6,)),
+        (Composite(observation=Unbounded((6,))), Bounded(-1.0, 1.0, (3,)), (6,)),
+    ],
+)
+def test_world_model_and_actor_shapes(obs_spec, action_spec, obs_shape):
+    models = make_dreamerv2_models(obs_spec, action_spec, **DEBUG_SIZES)
+    discrete = isinstance(action_spec, OneHot)
+    key = "pixels" if len(obs_shape) == 3 else "observation"
+    batch = make_batch(2, 5, action_dim=action_spec.shape[-1], image=obs_shape, discrete=discrete, obs_key=key)
+    out = models.world_model(batch)
+    assert out["state"].shape == (2, 5, 16) and out["belief"].shape == (2, 5, 32)
+    assert out["prior_logits"].shape == (2, 5, 4, 4)
+    assert out["reco_pixels"].shape == (2, 5, *obs_shape) and out["reco_pixels"].dtype == torch.float32
+    assert out["reward_pred"].shape == out["continue_pred"].shape == (2, 5, 1)
+    act = models.actor(out.select("state", "belief"))["action"]
+    assert act.shape == (2, 5, action_spec.shape[-1])
+    if discrete:
+        assert torch.equal(act.sum(-1), torch.ones(2, 5, dtype=act.dtype))
+    else:
+        assert act.abs().max() <= 1.0
+    value = models.critic(out.select("state", "belief"))["state_value"]
+    assert value.shape == (2, 5, 1)
+
+
+def test_bad_specs_raise_clear_errors():
+    with pytest.raises(ValueError, match="one-hot"):
+        make_dreamerv2_models(_pixels(), Categorical(4), **DEBUG_SIZES)
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        make_dreamerv2_models(_pixels(), Bounded(-2.0, 2.0, (2,)), **DEBUG_SIZES)
+    with pytest.raises(ValueError, match="image_size"):
+        make_dreamerv2_models(_pixels(1, 48), OneHot(4), **DEBUG_SIZES)
+    models = make_dreamerv2_models(_pixels(), OneHot(4), **DEBUG_SIZES)
+    with pytest.raises(ValueError, match="Expected images"):
+        models.world_model(make_batch(2, 3, action_dim=4, image=(1, 32, 32)))
+
+
+def test_state_dict_round_trip():
+    torch.manual_seed(0)
+    a = make_dreamerv2_models(_pixels(1, 16), OneHot(3), **DEBUG_SIZES)
+    torch.manual_seed(1)
+    b = make_dreamerv2_models(_pixels(1, 16), OneHot(3), **DEBUG_SIZES)
+    for name in ("world_model", "actor", "critic"):
+        getattr(b, name).load_state_dict(getattr(a, name).state_dict())
+    batch = make_batch(2, 4)
+    torch.manual_seed(5)
+    out_a = a.world_model(batch.clone())
+    torch.manual_seed(5)
+    out_b = b.world_model(batch.clone())
+    torch.testing.assert_close(out_a["reco_pixels"], out_b["reco_pixels"])
+    torch.testing.assert_close(out_a["prior_logits"], out_b["prior_logits"])
+
+
+def test_policy_exploration_types():
+    models = make_dreamerv2_models(_pixels(1, 16), OneHot(3), **DEBUG_SIZES)
+    td = TensorDict(
+        {"pixels": torch.zeros(64, 1, 16, 16, dtype=torch.uint8), "is_init": torch.ones(64, 1, dtype=torch.bool)}, [64]
+    )
+    with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
+        out = models.policy(td.clone())
+    mode = out["logits"].argmax(-1)
+    assert torch.equal(out["action"].argmax(-1), mode)
+    with torch.no_grad(), set_exploration_type(ExplorationType.RANDOM):
+        sampled = torch.stack([models.policy(td.clone())["action"].argmax(-1) for _ in range(10)])
+    assert (sampled != mode).any()  # sampling, not the mode
+    with set_interaction_type(InteractionType.RANDOM):
+        assert out["next", "state"].shape == (64, 16)
+
+
+def test_policy_matches_training_filter():
+    """Acting and training see the same thing: filtering a recorded episode step by step with the
+    policy's posterior step gives the world model's beliefs on the same sequence."""
+    models = make_dreamerv2_models(_pixels(1, 16), OneHot(3), **DEBUG_SIZES)
+    batch = make_batch(1, 6)
+    batch["is_init"][:, 0] = True
+    with torch.no_grad():
+        torch.manual_seed(0)
+        seq = models.world_model(batch.clone())
+        carried = TensorDict({}, [1])
+        beliefs = []
+        for t in range(6):
+            step = batch[:, t].clone()
+            step.update(carried)
+            encoded = models.policy.module[0](step)
+            models.policy.module[1](encoded)
+            beliefs.append(encoded["next", "belief"])
+            # carry the *training* sample so both paths see the same latent
+            carried = TensorDict(
+                {"state": seq["state"][:, t], "belief": encoded["next", "belief"], "prev_action": batch["action"][:, t]},
+                [1],
+            )
+    torch.testing.assert_close(torch.stack(beliefs, 1), seq["belief"])
+
+
+def test_policy_in_collector_carries_state_and_resets():
+    env = TransformedEnv(CatchEnv(size=16, seed=0), InitTracker())
+    models = make_dreamerv2_models(env.observation_spec, env.action_spec, obs_key="pixels", **DEBUG_SIZES)
+    env.append_transform(models.policy.make_tensordict_primer())
+    collector = Collector(env, models.policy, frames_per_batch=40, total_frames=40)
+    data = next(iter(collector))
+    collector.shutdown()
+    assert data["action"].shape == (40, 3)
+    init = data["is_init"].squeeze(-1)
+    assert init[0] and init.sum() >= 2  # catch episodes last 15 steps
+    # the carried state is the previous step's output, except at episode starts where it is zero
+    carried, produced = data["belief"], data["next", "belief"]
+    torch.testing.assert_close(carried[1:][~init[1:]], produced[:-1][~init[1:]])
+    assert torch.count_nonzero(carried[init]) == 0
+    torch.testing.assert_close(data["next", "prev_action"], data["action"].float())
+    assert torch.count_nonzero(data["prev_action"][init]) == 0

@@ -1,0 +1,108 @@
+"""The layer-norm GRU, straight-through sampling and the RSSM rollouts."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from torchrl_dreamer.modules import LayerNormGRUCell, RSSMV2, straight_through_sample
+
+
+def _hand_gru_step(cell: LayerNormGRUCell, x, h):
+    w, b = cell.linear.weight, cell.linear.bias
+    parts = torch.cat([x, h], -1) @ w.T + b
+    mu = parts.mean(-1, keepdim=True)
+    var = parts.var(-1, unbiased=False, keepdim=True)
+    parts = (parts - mu) / torch.sqrt(var + 1e-3) * cell.norm.weight + cell.norm.bias
+    n = h.shape[-1]
+    reset, cand, update = parts[..., :n], parts[..., n : 2 * n], parts[..., 2 * n :]
+    reset = torch.sigmoid(reset)
+    cand = torch.tanh(reset * cand)
+    update = torch.sigmoid(update - 1.0)
+    return update * cand + (1 - update) * h
+
+
+def test_layernorm_gru_matches_hand_written_step():
+    cell = LayerNormGRUCell(5, 7)
+    with torch.no_grad():  # non-trivial affine to exercise every term
+        cell.norm.weight.uniform_(0.5, 1.5)
+        cell.norm.bias.uniform_(-0.5, 0.5)
+        cell.linear.bias.uniform_(-0.5, 0.5)
+    x, h = torch.randn(4, 5), torch.randn(4, 7)
+    torch.testing.assert_close(cell(x, h), _hand_gru_step(cell, x, h))
+    assert cell.norm.eps == 1e-3
+    assert cell.linear.weight.shape == (21, 12)  # one linear to 3 x units
+
+
+def test_straight_through_sample_value_and_gradient():
+    logits = torch.randn(2000, 4, 3, requires_grad=True)
+    sample = straight_through_sample(logits)
+    assert torch.equal(sample.detach().sum(-1), torch.ones(2000, 4))
+    assert set(sample.detach().unique().tolist()) <= {0.0, 1.0}
+    # gradient flows through the softmax probabilities
+    weights = torch.randn(3)
+    (sample * weights).sum().backward()
+    probs = logits.softmax(-1)
+    expected = torch.autograd.grad((probs * weights).sum(), logits)[0]
+    torch.testing.assert_close(logits.grad, expected)
+    # empirical frequencies follow the softmax
+    logits = torch.tensor([2.0, 0.0, -1.0]).expand(20000, 3)
+    freq = straight_through_sample(logits, straight_through=False).mean(0)
+    torch.testing.assert_close(freq, logits[0].softmax(-1), atol=0.02, rtol=0)
+
+
+def _rssm():
+    return RSSMV2(action_dim=3, embed_dim=10, num_categoricals=4, num_classes=5, rnn_hidden_dim=8, hidden_dim=9)
+
+
+def test_observe_shapes_and_resets():
+    rssm = _rssm()
+    embed, action = torch.randn(2, 6, 10), torch.randn(2, 6, 3)
+    is_init = torch.zeros(2, 6, 1, dtype=torch.bool)
+    out = rssm.observe(embed, action, is_init)
+    assert out["state"].shape == (2, 6, 20) and out["belief"].shape == (2, 6, 8)
+    assert out["prior_logits"].shape == out["posterior_logits"].shape == (2, 6, 4, 5)
+    # the state at an is_init step is computed from zeros: same as a fresh sequence starting there
+    is_init[:, 3] = True
+    torch.manual_seed(1)
+    full = rssm.observe(embed, action, is_init)
+    torch.manual_seed(2)
+    fresh = rssm.observe(embed[:, 3:], action[:, 3:] * 0 + 7, torch.zeros(2, 3, 1, dtype=torch.bool))
+    torch.testing.assert_close(full["belief"][:, 3], fresh["belief"][:, 0])
+    torch.testing.assert_close(full["posterior_logits"][:, 3], fresh["posterior_logits"][:, 0])
+    # step 0 ignores the action given there (zero previous action)
+    torch.testing.assert_close(
+        rssm.observe(embed, action, is_init)["belief"][:, 0], rssm.observe(embed, action * 5, is_init)["belief"][:, 0]
+    )
+
+
+def test_observe_matches_one_step_functions():
+    rssm = _rssm()
+    embed, action = torch.randn(2, 4, 10), torch.randn(2, 4, 3)
+    torch.manual_seed(3)
+    out = rssm.observe(embed, action, torch.zeros(2, 4, 1, dtype=torch.bool))
+    state, belief = rssm.initial((2,))
+    for t in range(4):
+        prev = action[:, t] if t > 0 else torch.zeros(2, 3)
+        belief = rssm.deter_step(state, prev, belief)
+        torch.testing.assert_close(out["belief"][:, t], belief)
+        torch.testing.assert_close(out["prior_logits"][:, t], rssm.prior_logits(belief))
+        torch.testing.assert_close(out["posterior_logits"][:, t], rssm.posterior_logits(belief, embed[:, t]))
+        state = out["state"][:, t]  # the sampled latent is fed forward
+
+
+def test_imagine_shapes_and_prior_steps():
+    rssm = _rssm()
+    start_state = F.one_hot(torch.randint(5, (7, 4)), 5).float().flatten(-2)
+    start_belief = torch.randn(7, 8)
+
+    def policy(feat):
+        assert feat.shape == (7, 28)
+        logits = torch.zeros(7, 3)
+        return F.one_hot(torch.randint(3, (7,)), 3).float(), logits
+
+    traj = rssm.imagine(start_state, start_belief, policy, horizon=5)
+    assert traj["state"].shape == (6, 7, 20) and traj["belief"].shape == (6, 7, 8)
+    assert traj["action"].shape == (5, 7, 3) and traj["dist_params"].shape == (5, 7, 3)
+    torch.testing.assert_close(traj["state"][0], start_state)
+    torch.testing.assert_close(traj["belief"][1], rssm.deter_step(start_state, traj["action"][0], start_belief))
+    assert torch.equal(traj["state"].detach().sum(-1), torch.full((6, 7), 4.0))

@@ -1,0 +1,28 @@
+"""DreamerV2 networks, the discrete RSSM and their TensorDict modules."""
+from torchrl_dreamer.modules.actor import ActorV2, DiscreteActorHead, TruncatedNormalActorHead
+from torchrl_dreamer.modules.builders import (
+    DEBUG_SIZES,
+    DreamerV2Models,
+    infer_obs_key,
+    is_discrete_action_spec,
+    make_dreamerv2_models,
+)
+from torchrl_dreamer.modules.models import (
+    DreamerV2Policy,
+    RSSMObserveV2,
+    RSSMPosteriorStepV2,
+    WorldModelV2,
+    make_probabilistic_actor,
+    shift_actions,
+)
+from torchrl_dreamer.modules.networks import (
+    MLP,
+    ConvDecoderV2,
+    ConvEncoderV2,
+    FeatHead,
+    MLPDecoderV2,
+    MLPEncoderV2,
+    count_parameters,
+    glorot_init_,
+)
+from torchrl_dreamer.modules.rssm import LayerNormGRUCell, RSSMV2, straight_through_sample

@@ -1,0 +1,293 @@
+"""TensorDict modules of DreamerV2: world model, sequence filter, acting policy.
+
+Key layout of a training batch ``[B, T]`` (TorchRL's transition convention)::
+
+    root:   pixels o_t, action a_t (taken at o_t), is_init
+    next:   reward r_{t+1}, terminated                      (outcome of a_t)
+
+Model step ``t`` filters ``o_t`` from ``(z_{t-1}, h_{t-1}, a_{t-1})``, so it
+predicts the reward and the terminal flag *entering* ``o_t``, i.e.
+``("next", "reward")[t - 1]``: the losses do that shift.  The world model
+writes, at root and aligned with ``o_t``: ``encoded_latents``, ``state``
+(flattened one-hot ``z_t``), ``belief`` (``h_t``), ``prior_logits``,
+``posterior_logits``, ``reco_pixels``, ``reward_pred``, ``continue_pred``
+(discount logits).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from tensordict import TensorDictBase
+from tensordict.nn import (
+    InteractionType,
+    ProbabilisticTensorDictModule,
+    TensorDictModule,
+    TensorDictModuleBase,
+    TensorDictSequential,
+)
+from tensordict.utils import NestedKey
+from torch import nn
+
+from torchrl.data import Composite, Unbounded
+from torchrl.envs import TensorDictPrimer
+from torchrl.modules.distributions import OneHotCategorical, TruncatedNormal
+
+from torchrl_dreamer.modules.rssm import RSSMV2
+
+__all__ = ["RSSMObserveV2", "RSSMPosteriorStepV2", "WorldModelV2", "DreamerV2Policy", "ActorParams"]
+
+
+def shift_actions(action: torch.Tensor) -> torch.Tensor:
+    """``prev_action[:, t] = action[:, t - 1]`` with zeros at ``t = 0`` (time is dim -2)."""
+    return torch.cat([torch.zeros_like(action[..., :1, :]), action[..., :-1, :]], -2)
+
+
+class RSSMObserveV2(TensorDictModuleBase):
+    """Runs :meth:`RSSMV2.observe` over a ``[*B, T]`` tensordict (time is the last batch dim).
+
+    The previous action of step ``t`` is ``action[t - 1]`` (zero at ``t = 0`` and at ``is_init``).
+
+    Args:
+        rssm (RSSMV2): the model.
+
+    Keyword Args:
+        in_keys: ``[encoded_latents, action, is_init]``.
+        out_keys: ``[state, belief, prior_logits, posterior_logits]``.
+
+    Examples:
+        >>> from tensordict import TensorDict
+        >>> rssm = RSSMV2(action_dim=2, embed_dim=4, num_categoricals=2, num_classes=3, rnn_hidden_dim=5, hidden_dim=5)
+        >>> td = TensorDict({"encoded_latents": torch.zeros(3, 7, 4), "action": torch.zeros(3, 7, 2),
+        ...                  "is_init": torch.zeros(3, 7, 1, dtype=torch.bool)}, [3, 7])
+        >>> RSSMObserveV2(rssm)(td)["state"].shape
+        torch.Size([3, 7, 6])
+    """
+
+    def __init__(
+        self,
+        rssm: RSSMV2,
+        *,
+        in_keys: Sequence[NestedKey] = ("encoded_latents", "action", "is_init"),
+        out_keys: Sequence[NestedKey] = ("state", "belief", "prior_logits", "posterior_logits"),
+    ):
+        super().__init__()
+        self.rssm = rssm
+        self.in_keys = list(in_keys)
+        self.out_keys = list(out_keys)
+
+    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        if tensordict.ndim < 1:
+            raise ValueError("RSSMObserveV2 needs a tensordict with a time dimension (batch [*B, T]).")
+        embed, action, is_init = (tensordict.get(k) for k in self.in_keys)
+        lead = tensordict.batch_size
+        steps = lead[-1]
+        out = self.rssm.observe(
+            embed.reshape(-1, steps, embed.shape[-1]),
+            shift_actions(action.reshape(-1, steps, action.shape[-1])),
+            is_init.reshape(-1, steps, 1),
+        )
+        for key, name in zip(self.out_keys, ("state", "belief", "prior_logits", "posterior_logits")):
+            value = out[name]
+            tensordict.set(key, value.reshape(*lead, *value.shape[2:]))
+        return tensordict
+
+
+class WorldModelV2(TensorDictSequential):
+    """The DreamerV2 world model: encoder, RSSM filter, decoder, reward and discount heads.
+
+    A :class:`~tensordict.nn.TensorDictSequential` of TensorDictModules; the
+    underlying networks are reachable as ``encoder``, ``rssm``, ``decoder``,
+    ``reward_head`` and ``continue_head`` (``None`` without a discount head).
+
+    Examples:
+        >>> from torchrl_dreamer.modules import make_dreamerv2_models, DEBUG_SIZES
+        >>> from torchrl.data import Composite, Unbounded, OneHot
+        >>> import torch
+        >>> obs = Composite(pixels=Unbounded((1, 64, 64), dtype=torch.uint8))
+        >>> models = make_dreamerv2_models(obs, OneHot(4), **DEBUG_SIZES)
+        >>> isinstance(models.world_model, WorldModelV2)
+        True
+    """
+
+    def __init__(
+        self,
+        encoder: TensorDictModule,
+        rssm: RSSMObserveV2,
+        decoder: TensorDictModule,
+        reward_head: TensorDictModule,
+        continue_head: TensorDictModule | None = None,
+    ):
+        modules = [encoder, rssm, decoder, reward_head] + ([continue_head] if continue_head is not None else [])
+        super().__init__(*modules)
+        self.has_continue_head = continue_head is not None
+
+    @property
+    def encoder(self) -> nn.Module:
+        return self.module[0].module
+
+    @property
+    def rssm(self) -> RSSMV2:
+        return self.module[1].rssm
+
+    @property
+    def decoder(self) -> nn.Module:
+        return self.module[2].module
+
+    @property
+    def reward_head(self) -> nn.Module:
+        return self.module[3].module
+
+    @property
+    def continue_head(self) -> nn.Module | None:
+        return self.module[4].module if self.has_continue_head else None
+
+    @property
+    def obs_key(self) -> NestedKey:
+        return self.module[0].in_keys[0]
+
+
+class RSSMPosteriorStepV2(TensorDictModuleBase):
+    """One acting step of the RSSM: ``(z_{t-1}, h_{t-1}, a_{t-1}, o_t) -> (z_t, h_t)``.
+
+    Reads the carried ``state``, ``belief`` and ``prev_action`` (zeros when
+    absent) and resets them to zero where ``is_init`` is True, exactly as the
+    training filter does at an episode's first observation; writes ``z_t`` and
+    ``h_t`` under ``("next", "state")`` and ``("next", "belief")``.
+
+    Args:
+        rssm (RSSMV2): the model.
+
+    Keyword Args:
+        in_keys: ``[state, belief, prev_action, encoded_latents, is_init]``.
+        out_keys: ``[("next", "state"), ("next", "belief")]``.
+    """
+
+    def __init__(
+        self,
+        rssm: RSSMV2,
+        *,
+        in_keys: Sequence[NestedKey] = ("state", "belief", "prev_action", "encoded_latents", "is_init"),
+        out_keys: Sequence[NestedKey] = (("next", "state"), ("next", "belief")),
+    ):
+        super().__init__()
+        self.rssm = rssm
+        self.in_keys = list(in_keys)
+        self.out_keys = list(out_keys)
+
+    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        state_key, belief_key, action_key, embed_key, init_key = self.in_keys
+        embed = tensordict.get(embed_key)
+        batch = embed.shape[:-1]
+        zero_state, zero_belief = self.rssm.initial(batch, device=embed.device, dtype=embed.dtype)
+        state = tensordict.get(state_key, zero_state)
+        belief = tensordict.get(belief_key, zero_belief)
+        prev_action = tensordict.get(action_key, None)
+        if prev_action is None:
+            prev_action = torch.zeros(*batch, self.rssm.action_dim, device=embed.device, dtype=embed.dtype)
+        is_init = tensordict.get(init_key, None)
+        if is_init is not None:
+            keep = (~is_init.bool()).to(embed.dtype).reshape(*batch, 1)
+            state, belief, prev_action = state * keep, belief * keep, prev_action.to(embed.dtype) * keep
+        belief = self.rssm.deter_step(state, prev_action, belief)
+        state = self.rssm.sample(self.rssm.posterior_logits(belief, embed), straight_through=False)
+        tensordict.set(self.out_keys[0], state)
+        tensordict.set(self.out_keys[1], belief)
+        return tensordict
+
+
+class ActorParams(nn.Module):
+    """Splits the actor's output into TorchRL distribution keyword arguments.
+
+    Discrete: ``logits``; continuous: ``(loc, scale)``.
+    """
+
+    def __init__(self, actor: nn.Module):
+        super().__init__()
+        self.actor = actor
+
+    def forward(self, state: torch.Tensor, belief: torch.Tensor):
+        params = self.actor(state, belief)
+        if self.actor.discrete:
+            return params
+        return params.chunk(2, -1)
+
+
+def make_probabilistic_actor(
+    actor: nn.Module, *, in_keys: Sequence[NestedKey], out_key: NestedKey = "action"
+) -> TensorDictSequential:
+    """Wraps an :class:`ActorV2` network into a probabilistic TensorDict module.
+
+    Samples under TorchRL's ``RANDOM`` exploration type (the default here) and
+    takes the mode (one-hot argmax / clipped mean) under ``DETERMINISTIC``.
+    """
+    if actor.discrete:
+        params_keys, dist_class, dist_kwargs = ["logits"], OneHotCategorical, {}
+    else:
+        params_keys, dist_class = ["loc", "scale"], TruncatedNormal
+        dist_kwargs = {"low": -1.0, "high": 1.0, "tanh_loc": False}
+    return TensorDictSequential(
+        TensorDictModule(ActorParams(actor), in_keys=list(in_keys), out_keys=params_keys),
+        ProbabilisticTensorDictModule(
+            in_keys=params_keys,
+            out_keys=[out_key],
+            distribution_class=dist_class,
+            distribution_kwargs=dist_kwargs,
+            default_interaction_type=InteractionType.RANDOM,
+        ),
+    )
+
+
+class _AsFloat(nn.Module):
+    """Carries the action as float32 (one-hot samples come out as integers)."""
+
+    def forward(self, action: torch.Tensor) -> torch.Tensor:
+        return action.float()
+
+
+class DreamerV2Policy(TensorDictSequential):
+    """The acting policy: encoder, posterior step, actor; carries ``(z, h, a)`` in the tensordict.
+
+    Per environment step::
+
+        root:  pixels o_t, is_init, state z_{t-1}, belief h_{t-1}, prev_action a_{t-1}
+        out:   action a_t, ("next", "state") z_t, ("next", "belief") h_t, ("next", "prev_action") a_t
+
+    Append :meth:`make_tensordict_primer` (and TorchRL's ``InitTracker``) to
+    the environment so that collectors carry the recurrent keys between steps.
+    The actor samples under TorchRL's random exploration type and takes its
+    mode under the deterministic one; the latent ``z_t`` is always sampled, as
+    in the reference.
+
+    Examples:
+        >>> from torchrl_dreamer.modules import make_dreamerv2_models, DEBUG_SIZES
+        >>> from torchrl.data import Composite, Unbounded, OneHot
+        >>> from tensordict import TensorDict
+        >>> obs = Composite(pixels=Unbounded((1, 64, 64), dtype=torch.uint8))
+        >>> policy = make_dreamerv2_models(obs, OneHot(4), **DEBUG_SIZES).policy
+        >>> td = TensorDict({"pixels": torch.zeros(2, 1, 64, 64, dtype=torch.uint8),
+        ...                  "is_init": torch.ones(2, 1, dtype=torch.bool)}, [2])
+        >>> policy(td)["action"].shape
+        torch.Size([2, 4])
+    """
+
+    def __init__(
+        self,
+        encoder: TensorDictModule,
+        posterior_step: RSSMPosteriorStepV2,
+        actor: TensorDictSequential,
+        *,
+        action_key: NestedKey = "action",
+        prev_action_key: NestedKey = "prev_action",
+    ):
+        copy_action = TensorDictModule(_AsFloat(), in_keys=[action_key], out_keys=[("next", prev_action_key)])
+        super().__init__(encoder, posterior_step, actor, copy_action)
+        self.rssm = posterior_step.rssm
+        self.state_keys = posterior_step.in_keys[:3]
+
+    def make_tensordict_primer(self) -> TensorDictPrimer:
+        """A primer that registers (and zero-initialises at reset) ``state``, ``belief`` and ``prev_action``."""
+        rssm = self.rssm
+        sizes = (rssm.state_dim, rssm.rnn_hidden_dim, rssm.action_dim)
+        spec = Composite({key: Unbounded((size,)) for key, size in zip(self.state_keys, sizes)})
+        return TensorDictPrimer(spec, default_value=0.0)

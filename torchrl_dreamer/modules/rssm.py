@@ -1,0 +1,259 @@
+"""The discrete RSSM of DreamerV2: layer-normalised GRU, categorical latents.
+
+Time alignment of one step (the paper's section 2, spec 4.1)::
+
+    z_{t-1}, a_{t-1}, h_{t-1} --prior step--> h_t --> prior logits p(z_t | h_t)
+                              h_t, embed(o_t) --posterior step--> q(z_t | h_t, o_t) --> z_t
+
+``state`` is the flattened one-hot sample ``z`` (``num_categoricals * num_classes``),
+``belief`` the GRU state ``h``; ``feat = [state, belief]``.  At an episode's
+first observation (``is_init``) the previous state, belief and action are zero.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from torchrl_dreamer.modules.networks import glorot_init_
+
+__all__ = ["LayerNormGRUCell", "straight_through_sample", "RSSMV2"]
+
+
+class LayerNormGRUCell(nn.Module):
+    """The layer-normalised GRU cell of DreamerV2 (not ``torch.nn.GRUCell``).
+
+    .. math::
+        [r, c, u] &= \\mathrm{LN}(W [x, h] + b) \\\\
+        h' &= \\sigma(u - 1) \\tanh(\\sigma(r) c) + (1 - \\sigma(u - 1)) h
+
+    One linear layer to ``3 * hidden_size`` units and one LayerNorm over all of
+    them (eps 1e-3, learned affine); the reset gate scales the whole candidate
+    pre-activation and the update gate has a bias of -1.
+
+    Args:
+        input_size (int): size of ``x``.
+        hidden_size (int): size of ``h``.
+
+    Keyword Args:
+        eps (float): LayerNorm epsilon. Default: ``1e-3``.
+        update_bias (float): added to the update gate. Default: ``-1.0``.
+
+    Examples:
+        >>> cell = LayerNormGRUCell(3, 4)
+        >>> cell(torch.zeros(2, 3), torch.zeros(2, 4)).shape
+        torch.Size([2, 4])
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, *, eps: float = 1e-3, update_bias: float = -1.0):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.update_bias = update_bias
+        self.linear = nn.Linear(input_size + hidden_size, 3 * hidden_size)
+        self.norm = nn.LayerNorm(3 * hidden_size, eps=eps)
+        glorot_init_(self)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        parts = self.norm(self.linear(torch.cat([x, h], -1)))
+        reset, cand, update = parts.chunk(3, -1)
+        cand = torch.tanh(torch.sigmoid(reset) * cand)
+        update = torch.sigmoid(update + self.update_bias)
+        return update * cand + (1 - update) * h
+
+
+def straight_through_sample(logits: torch.Tensor, *, straight_through: bool = True) -> torch.Tensor:
+    """One-hot sample of a categorical over the last dimension, with straight-through gradients.
+
+    ``sample = one_hot(draw) + probs - stop_grad(probs)``: the forward value is
+    one-hot, the gradient flows through the softmax probabilities. The draw is
+    a Gumbel-max (``argmax(logits - log(E))``, ``E ~ Exp(1)``), which has the
+    categorical's distribution and traces under ``torch.compile``.
+
+    Args:
+        logits (Tensor): unnormalised log-probabilities ``[..., num_classes]``.
+
+    Keyword Args:
+        straight_through (bool): add the straight-through gradient path. Default: ``True``.
+
+    Returns: a one-hot tensor with the dtype of ``logits``.
+
+    Examples:
+        >>> sample = straight_through_sample(torch.zeros(5, 32, 32))
+        >>> bool((sample.sum(-1) == 1).all())
+        True
+    """
+    noise = torch.empty_like(logits).exponential_().log()
+    index = (logits.detach() - noise).argmax(-1)
+    sample = F.one_hot(index, logits.shape[-1]).to(logits.dtype)
+    if straight_through:
+        probs = logits.softmax(-1)
+        sample = sample + (probs - probs.detach())  # exactly one-hot forward value
+    return sample
+
+
+class RSSMV2(nn.Module):
+    """Recurrent state-space model with categorical latents (DreamerV2).
+
+    Holds the prior (``img_*``) and posterior (``obs_*``) networks and provides
+    one-step functions plus two rollouts: :meth:`observe` over a ``[B, T]``
+    sequence of embeddings and :meth:`imagine` from any batch of start states
+    under a policy.
+
+    Keyword Args:
+        action_dim (int): size of the (one-hot or continuous) action.
+        embed_dim (int): size of the observation embedding.
+        num_categoricals (int): number of categorical latents. Default: ``32``.
+        num_classes (int): classes per categorical. Default: ``32``.
+        rnn_hidden_dim (int): GRU size (deterministic state). Default: ``600``.
+        hidden_dim (int): hidden units of the prior/posterior MLPs. Default: ``600``.
+
+    Examples:
+        >>> rssm = RSSMV2(action_dim=3, embed_dim=16, num_categoricals=4, num_classes=4,
+        ...               rnn_hidden_dim=8, hidden_dim=8)
+        >>> out = rssm.observe(torch.zeros(2, 5, 16), torch.zeros(2, 5, 3), torch.zeros(2, 5, 1, dtype=torch.bool))
+        >>> out["state"].shape, out["prior_logits"].shape
+        (torch.Size([2, 5, 16]), torch.Size([2, 5, 4, 4]))
+    """
+
+    def __init__(
+        self,
+        *,
+        action_dim: int,
+        embed_dim: int,
+        num_categoricals: int = 32,
+        num_classes: int = 32,
+        rnn_hidden_dim: int = 600,
+        hidden_dim: int = 600,
+    ):
+        super().__init__()
+        self.action_dim = action_dim
+        self.embed_dim = embed_dim
+        self.num_categoricals = num_categoricals
+        self.num_classes = num_classes
+        self.state_dim = num_categoricals * num_classes
+        self.rnn_hidden_dim = rnn_hidden_dim
+        # prior: x = ELU(W [z, a]); h = GRU(x, h); logits = W2 ELU(W1 h)
+        self.img_in = nn.Linear(self.state_dim + action_dim, hidden_dim)
+        self.cell = LayerNormGRUCell(hidden_dim, rnn_hidden_dim)
+        self.img_out = nn.Linear(rnn_hidden_dim, hidden_dim)
+        self.img_logits = nn.Linear(hidden_dim, self.state_dim)
+        # posterior: logits = W2 ELU(W1 [h, embed])
+        self.obs_out = nn.Linear(rnn_hidden_dim + embed_dim, hidden_dim)
+        self.obs_logits = nn.Linear(hidden_dim, self.state_dim)
+        glorot_init_(self)
+
+    # ---- one-step functions -------------------------------------------------------------
+    def deter_step(self, state: torch.Tensor, action: torch.Tensor, belief: torch.Tensor) -> torch.Tensor:
+        """``h_t = GRU(ELU(W [z_{t-1}, a_{t-1}]), h_{t-1})``."""
+        x = F.elu(self.img_in(torch.cat([state, action.to(state.dtype)], -1)))
+        return self.cell(x, belief)
+
+    def prior_logits(self, belief: torch.Tensor) -> torch.Tensor:
+        """Prior logits ``[..., num_categoricals, num_classes]`` from ``h_t``."""
+        logits = self.img_logits(F.elu(self.img_out(belief)))
+        return logits.unflatten(-1, (self.num_categoricals, self.num_classes))
+
+    def posterior_logits(self, belief: torch.Tensor, embed: torch.Tensor) -> torch.Tensor:
+        """Posterior logits ``[..., num_categoricals, num_classes]`` from ``h_t`` and ``embed(o_t)``."""
+        logits = self.obs_logits(F.elu(self.obs_out(torch.cat([belief, embed], -1))))
+        return logits.unflatten(-1, (self.num_categoricals, self.num_classes))
+
+    def sample(self, logits: torch.Tensor, *, straight_through: bool = True) -> torch.Tensor:
+        """Flattened straight-through one-hot sample of ``[..., K, C]`` logits."""
+        return straight_through_sample(logits, straight_through=straight_through).flatten(-2)
+
+    def initial(self, batch_shape: tuple[int, ...], *, device=None, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero ``(state, belief)`` for ``batch_shape``."""
+        ref = self.img_in.weight
+        device, dtype = device or ref.device, dtype or ref.dtype
+        return (
+            torch.zeros(*batch_shape, self.state_dim, device=device, dtype=dtype),
+            torch.zeros(*batch_shape, self.rnn_hidden_dim, device=device, dtype=dtype),
+        )
+
+    # ---- rollouts ------------------------------------------------------------------------
+    def observe(
+        self, embed: torch.Tensor, prev_action: torch.Tensor, is_init: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Filters a ``[B, T]`` sequence: posterior states and prior logits at every step.
+
+        Step ``t`` sees the embedding of ``o_t`` and the action ``a_{t-1}`` that led
+        to it. The state is zero at ``t = 0`` (every sequence starts from a zero
+        state, no burn-in) and wherever ``is_init`` is True, where the previous
+        action is zeroed too.
+
+        Args:
+            embed (Tensor): ``[B, T, embed_dim]``.
+            prev_action (Tensor): ``[B, T, action_dim]``, the action before each observation.
+            is_init (Tensor): ``[B, T, 1]`` bool, episode starts.
+
+        Returns: a dict of ``state [B, T, S]``, ``belief [B, T, D]``,
+        ``prior_logits`` and ``posterior_logits`` ``[B, T, K, C]``.
+        """
+        batch, steps = embed.shape[:2]
+        keep = (~is_init.bool()).to(embed.dtype)
+        keep[:, 0] = 0.0
+        prev_action = prev_action.to(embed.dtype) * keep
+        # the embedding half of the posterior's first layer, for all steps at once
+        w_belief, w_embed = self.obs_out.weight.split([self.rnn_hidden_dim, self.embed_dim], dim=1)
+        embed_proj = F.linear(embed, w_embed, self.obs_out.bias)
+        state, belief = self.initial((batch,), device=embed.device, dtype=embed.dtype)
+        states, beliefs, post_logits = [], [], []
+        for t in range(steps):
+            mask = keep[:, t]
+            belief = self.deter_step(state * mask, prev_action[:, t], belief * mask)
+            hidden = F.elu(F.linear(belief, w_belief) + embed_proj[:, t])
+            logits = self.obs_logits(hidden).unflatten(-1, (self.num_categoricals, self.num_classes))
+            state = self.sample(logits)
+            states.append(state)
+            beliefs.append(belief)
+            post_logits.append(logits)
+        beliefs_t = torch.stack(beliefs, 1)
+        return {
+            "state": torch.stack(states, 1),
+            "belief": beliefs_t,
+            "prior_logits": self.prior_logits(beliefs_t),  # all steps in one batched pass
+            "posterior_logits": torch.stack(post_logits, 1),
+        }
+
+    def imagine(
+        self,
+        state: torch.Tensor,
+        belief: torch.Tensor,
+        policy: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+        horizon: int,
+    ) -> dict[str, torch.Tensor]:
+        """Rolls the prior forward from a batch of start states under ``policy``.
+
+        ::
+
+            states  z_0 (start)  z_1  ...  z_H        (H + 1, time-major)
+            actions a_0          a_1  ...  a_{H-1}    (a_t taken at z_t, leads to z_{t+1})
+
+        Args:
+            state (Tensor): start states ``[N, S]``.
+            belief (Tensor): start beliefs ``[N, D]``.
+            policy (callable): ``feat [N, S + D] -> (action [N, A], dist_params [N, P])``;
+                it applies any stop-gradient on ``feat`` itself.
+            horizon (int): number of imagined steps ``H``.
+
+        Returns: a dict of time-major ``state [H+1, N, S]``, ``belief [H+1, N, D]``,
+        ``action [H, N, A]`` and ``dist_params [H, N, P]``.
+        """
+        states, beliefs, actions, params = [state], [belief], [], []
+        for _ in range(horizon):
+            action, dist_params = policy(torch.cat([state, belief], -1))
+            belief = self.deter_step(state, action, belief)
+            state = self.sample(self.prior_logits(belief))
+            states.append(state)
+            beliefs.append(belief)
+            actions.append(action)
+            params.append(dist_params)
+        return {
+            "state": torch.stack(states),
+            "belief": torch.stack(beliefs),
+            "action": torch.stack(actions),
+            "dist_params": torch.stack(params),
+        }

@@ -1,0 +1,227 @@
+"""DreamerV2 world-model loss (spec section 5)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+from tensordict.utils import NestedKey
+from torchrl.objectives.common import LossModule
+
+from torchrl_dreamer.modules.models import WorldModelV2
+from torchrl_dreamer.objectives.functional import (
+    balanced_kl_loss,
+    bernoulli_nll,
+    categorical_entropy,
+    gaussian_nll,
+    transition_targets,
+)
+from torchrl_dreamer.modules.networks import normalise_pixels
+
+__all__ = ["DreamerV2ModelLoss"]
+
+_REWARD_TRANSFORMS = {"tanh": torch.tanh, "identity": lambda r: r}
+
+
+class DreamerV2ModelLoss(LossModule):
+    """DreamerV2 world-model loss.
+
+    .. math::
+        \\mathcal{L} = \\beta_{kl}\\,\\mathcal{L}_{kl} + \\beta_{img}\\,\\mathcal{L}_{img}
+                     + \\beta_r\\,\\mathcal{L}_r + \\beta_\\gamma\\,\\mathcal{L}_\\gamma
+
+    * ``L_kl``: :func:`balanced_kl_loss` (balance 0.8, free nats after averaging);
+    * ``L_img = -mean sum_pixels log N(x; x_hat, 1)`` with ``x = pixels / 255 - 0.5``;
+    * ``L_r = -mean log N(f(r); r_hat, 1)`` with ``f = tanh`` on Atari;
+    * ``L_gamma``: Bernoulli NLL of the discount logits against ``gamma * (1 - terminal)``.
+
+    Renaming a key with :meth:`set_keys` changes what the loss reads; the
+    world model's own keys are chosen when it is built.
+
+    The world model filters ``o_t`` at step ``t``, so the reward and terminal
+    targets are those *entering* ``o_t`` (see :func:`transition_targets`).
+    Every head's gradient reaches the encoder and the RSSM through the
+    straight-through latent sample. The world-model outputs (``state``,
+    ``belief``, logits, reconstructions) are written into the input tensordict
+    so that :class:`DreamerV2ActorLoss` can start imagination from them.
+
+    Args:
+        world_model (WorldModelV2): the model.
+
+    Keyword Args:
+        lambda_kl (float): KL scale. Default: ``0.1``.
+        lambda_reco (float): image scale. Default: ``1.0``.
+        lambda_reward (float): reward scale. Default: ``1.0``.
+        lambda_discount (float): discount scale. Default: ``5.0``.
+        kl_balance (float): KL balance. Default: ``0.8``.
+        free_nats (float): free nats. Default: ``0.0``.
+        free_avg (bool): free nats after averaging. Default: ``True``.
+        gamma (float): discount learned on non-terminal steps. Default: ``0.999``.
+        reward_transform (str): ``"tanh"`` (Atari) or ``"identity"`` (DMC). Default: ``"tanh"``.
+
+    Returns (``forward``): a TensorDict with ``loss_model_kl``, ``loss_model_reco``,
+    ``loss_model_reward``, ``loss_model_continue`` (their sum is ``model_loss``) and
+    the detached diagnostics ``kl_loss`` (before scaling), ``image_loss``,
+    ``reward_loss``, ``discount_loss``, ``model_kl``, ``prior_ent``, ``post_ent``,
+    ``model_loss``.
+
+    Examples:
+        >>> import torch
+        >>> from tensordict import TensorDict
+        >>> from torchrl.data import Composite, Unbounded, OneHot
+        >>> from torchrl_dreamer.modules import make_dreamerv2_models, DEBUG_SIZES
+        >>> obs = Composite(pixels=Unbounded((1, 64, 64), dtype=torch.uint8))
+        >>> models = make_dreamerv2_models(obs, OneHot(3), **DEBUG_SIZES)
+        >>> loss = DreamerV2ModelLoss(models.world_model)
+        >>> batch = TensorDict({
+        ...     "pixels": torch.randint(0, 256, (2, 5, 1, 64, 64), dtype=torch.uint8),
+        ...     "action": torch.nn.functional.one_hot(torch.randint(3, (2, 5)), 3).float(),
+        ...     "is_init": torch.zeros(2, 5, 1, dtype=torch.bool),
+        ...     ("next", "reward"): torch.randn(2, 5, 1),
+        ...     ("next", "terminated"): torch.zeros(2, 5, 1, dtype=torch.bool)}, [2, 5])
+        >>> out = loss(batch)
+        >>> out["loss_model_reco"].requires_grad, out["model_kl"].requires_grad
+        (True, False)
+    """
+
+    @dataclass
+    class _AcceptedKeys:
+        """Tensordict keys read and written by the loss; change them with :meth:`set_keys`.
+
+        Attributes:
+            pixels: the observation (images or vectors). Default: ``"pixels"``.
+            action: the action taken at each observation. Default: ``"action"``.
+            is_init: episode-start flags. Default: ``"is_init"``.
+            reward: the true reward. Default: ``("next", "reward")``.
+            terminated: the true terminal flag. Default: ``("next", "terminated")``.
+            reco_pixels, reward_pred, continue_pred, prior_logits, posterior_logits:
+                model outputs read back by the loss.
+        """
+
+        pixels: NestedKey = "pixels"
+        action: NestedKey = "action"
+        is_init: NestedKey = "is_init"
+        reward: NestedKey = ("next", "reward")
+        terminated: NestedKey = ("next", "terminated")
+        reco_pixels: NestedKey = "reco_pixels"
+        reward_pred: NestedKey = "reward_pred"
+        continue_pred: NestedKey = "continue_pred"
+        prior_logits: NestedKey = "prior_logits"
+        posterior_logits: NestedKey = "posterior_logits"
+
+    tensor_keys: _AcceptedKeys
+    default_keys = _AcceptedKeys
+
+    def __init__(
+        self,
+        world_model: WorldModelV2,
+        *,
+        lambda_kl: float = 0.1,
+        lambda_reco: float = 1.0,
+        lambda_reward: float = 1.0,
+        lambda_discount: float = 5.0,
+        kl_balance: float = 0.8,
+        free_nats: float = 0.0,
+        free_avg: bool = True,
+        gamma: float = 0.999,
+        reward_transform: str = "tanh",
+    ):
+        super().__init__()
+        if reward_transform not in _REWARD_TRANSFORMS:
+            raise ValueError(f"reward_transform must be one of {sorted(_REWARD_TRANSFORMS)}, got {reward_transform!r}.")
+        self.world_model = world_model
+        self.lambda_kl = lambda_kl
+        self.lambda_reco = lambda_reco
+        self.lambda_reward = lambda_reward
+        self.lambda_discount = lambda_discount
+        self.kl_balance = kl_balance
+        self.free_nats = free_nats
+        self.free_avg = free_avg
+        self.gamma = gamma
+        self.reward_transform = reward_transform
+
+    def _forward_value_estimator_keys(self, **kwargs) -> None:
+        # No value estimator: renamed keys are read directly in forward. Keys the world model
+        # writes (logits, reconstructions, predictions) must match its modules' out_keys.
+        pass
+
+    @property
+    def in_keys(self):
+        keys = self.tensor_keys
+        return [keys.pixels, keys.action, keys.is_init, keys.reward, keys.terminated]
+
+    @property
+    def out_keys(self):
+        return [
+            "loss_model_kl",
+            "loss_model_reco",
+            "loss_model_reward",
+            "loss_model_continue",
+            *self.diagnostic_keys,
+        ]
+
+    diagnostic_keys = (
+        "kl_loss",
+        "image_loss",
+        "reward_loss",
+        "discount_loss",
+        "model_kl",
+        "prior_ent",
+        "post_ent",
+        "model_loss",
+    )
+
+    def forward(self, tensordict: TensorDictBase) -> TensorDict:
+        keys = self.tensor_keys
+        if tensordict.ndim < 1 or tensordict.batch_size[-1] < 1:
+            raise ValueError(f"DreamerV2ModelLoss needs a [*B, T] tensordict, got batch {tensordict.batch_size}.")
+        missing = [k for k in self.in_keys if k not in tensordict.keys(True)]
+        if missing:
+            raise KeyError(
+                f"DreamerV2ModelLoss: the batch lacks {missing} (it has {sorted(map(str, tensordict.keys(True, True)))}). "
+                "Rename keys with loss.set_keys(...)."
+            )
+        tensordict = self.world_model(tensordict)
+        post, prior = tensordict.get(keys.posterior_logits), tensordict.get(keys.prior_logits)
+        kl_loss, model_kl = balanced_kl_loss(
+            post, prior, balance=self.kl_balance, free_nats=self.free_nats, free_avg=self.free_avg
+        )
+
+        obs = tensordict.get(keys.pixels)
+        reco = tensordict.get(keys.reco_pixels)
+        target = normalise_pixels(obs) if obs.dtype == torch.uint8 else obs
+        image_loss = gaussian_nll(reco, target, event_dims=reco.ndim - tensordict.ndim).mean()
+
+        reward, mask, terminal = transition_targets(
+            tensordict.get(keys.reward), tensordict.get(keys.terminated), tensordict.get(keys.is_init)
+        )
+        reward = _REWARD_TRANSFORMS[self.reward_transform](reward)
+        reward_nll = gaussian_nll(tensordict.get(keys.reward_pred), reward)
+        reward_loss = (reward_nll * mask).sum() / mask.sum().clamp_min(1.0)
+
+        losses = {
+            "loss_model_kl": self.lambda_kl * kl_loss,
+            "loss_model_reco": self.lambda_reco * image_loss,
+            "loss_model_reward": self.lambda_reward * reward_loss,
+        }
+        if self.world_model.has_continue_head:
+            discount_target = self.gamma * (1.0 - terminal)
+            discount_loss = bernoulli_nll(tensordict.get(keys.continue_pred), discount_target).mean()
+            losses["loss_model_continue"] = self.lambda_discount * discount_loss
+        else:
+            discount_loss = torch.zeros((), device=reward_loss.device)
+            losses["loss_model_continue"] = discount_loss
+        model_loss = sum(losses.values())
+        metrics = {
+            "kl_loss": kl_loss,
+            "image_loss": image_loss,
+            "reward_loss": reward_loss,
+            "discount_loss": discount_loss,
+            "model_kl": model_kl,
+            "prior_ent": categorical_entropy(prior).mean(),
+            "post_ent": categorical_entropy(post).mean(),
+            "model_loss": model_loss,
+        }
+        out = TensorDict(losses, [])
+        out.update({k: v.detach() for k, v in metrics.items()})
+        return out

@@ -1,0 +1,69 @@
+"""The reference DreamerV2 optimiser: Adam, global-norm clipping, decoupled weight decay."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+__all__ = ["DreamerV2Optimizer"]
+
+
+class DreamerV2Optimizer(torch.optim.Adam):
+    """Adam (eps 1e-5) with global-norm gradient clipping and the reference weight decay.
+
+    Each :meth:`step`:
+
+    1. measures the global gradient norm and clips it to ``max_grad_norm``;
+    2. decays every parameter as ``w <- (1 - weight_decay) * w`` (not scaled by
+       the learning rate, unlike ``torch.optim.AdamW``);
+    3. takes the Adam step.
+
+    The pre-clipping norm of the last step is kept in :attr:`last_grad_norm`
+    (a tensor, so reading it does not synchronise the device).
+
+    Args:
+        params: parameters or parameter groups.
+
+    Keyword Args:
+        lr (float): learning rate. Default: ``1e-4``.
+        eps (float): Adam epsilon. Default: ``1e-5``.
+        betas (tuple): Adam betas. Default: ``(0.9, 0.999)``.
+        weight_decay (float): decay rate per step. Default: ``1e-6``.
+        max_grad_norm (float | None): global-norm clip, ``None`` to disable. Default: ``100.0``.
+
+    Examples:
+        >>> w = torch.nn.Parameter(torch.ones(3))
+        >>> opt = DreamerV2Optimizer([w], lr=0.0, weight_decay=0.5)
+        >>> (w * 1000).sum().backward()
+        >>> opt.step()
+        >>> w.detach()
+        tensor([0.5000, 0.5000, 0.5000])
+        >>> round(float(opt.last_grad_norm), 1)
+        1732.1
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict],
+        *,
+        lr: float = 1e-4,
+        eps: float = 1e-5,
+        betas: tuple[float, float] = (0.9, 0.999),
+        weight_decay: float = 1e-6,
+        max_grad_norm: float | None = 100.0,
+    ):
+        super().__init__(params, lr=lr, eps=eps, betas=betas, weight_decay=0.0)
+        self.decoupled_weight_decay = weight_decay
+        self.max_grad_norm = max_grad_norm
+        self.last_grad_norm = torch.zeros(())
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        params = [p for group in self.param_groups for p in group["params"]]
+        with_grad = [p for p in params if p.grad is not None]
+        if with_grad:
+            max_norm = float("inf") if self.max_grad_norm is None else self.max_grad_norm
+            self.last_grad_norm = torch.nn.utils.clip_grad_norm_(with_grad, max_norm, foreach=True)
+        if self.decoupled_weight_decay:
+            torch._foreach_mul_(params, 1.0 - self.decoupled_weight_decay)
+        return super().step(closure)
