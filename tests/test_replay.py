@@ -205,8 +205,7 @@ def test_parallel_envs_split_episodes_never_mix(tmp_path):
         sample = rb.sample()
         env, episode, step = check_windows(sample, envs)
         seen |= set(env[:, 0].tolist())
-        finals += int((step == step.new_tensor([[envs.episode_length[(int(e), int(k))]] for e, k in
-                                                 zip(env[:, 0], episode[:, 0])])).sum())
+        finals += int((sample["action"].sum(-1) == 0).sum())  # final rows (checked above) have no action
         for e, k, s in zip(env.flatten().tolist(), episode.flatten().tolist(), step.flatten().tolist()):
             pos = envs.position(e, k, s)  # only rows still in the stream's FIFO window
             assert len(envs.rows[e]) - rb.stream_capacity <= pos < len(envs.rows[e])
@@ -301,6 +300,15 @@ def test_fifo_eviction(tmp_path):
     assert set(episodes.tolist()) == {3, 4}
 
 
+def test_batch_longer_than_a_stream(tmp_path):
+    rb = make(tmp_path, capacity=10, seq_len=4, batch_size=8)
+    envs = FakeEnvs([[7]])
+    rb.extend(envs.batch(25))  # 28 rows into a stream of 10: only the last 10 stay
+    assert len(rb) == 10
+    _, episode, step = check_windows(rb.sample(), envs)
+    assert min(envs.position(0, k, t) for k, t in zip(episode.flatten().tolist(), step.flatten().tolist())) >= 18
+
+
 def test_fifo_eviction_is_per_env(tmp_path):
     rb = make(tmp_path, capacity=60, seq_len=4, batch_size=64, num_envs=2)
     envs = FakeEnvs([[5], [50]])
@@ -361,7 +369,7 @@ def test_checkpoint_round_trip_in_place(tmp_path):
         rb.extend(envs.batch(9))  # streams wrap; env 2's episode is ongoing at the checkpoint
     rb.sample()
     rb.dumps(scratch)
-    assert sorted(p.name for p in scratch.iterdir()) == ["replay_state.pt", "storage", "write_marks.bin"]
+    assert sorted(p.name for p in scratch.iterdir()) == ["replay_state.pt", "storage", "storage_id", "write_marks.bin"]
     assert (scratch / "replay_state.pt").stat().st_size < 100_000  # no row data in the checkpoint
 
     resumed = make(tmp_path, capacity=90, seq_len=6, batch_size=8, num_envs=3, scratch_dir=scratch, seed=123)
@@ -386,6 +394,8 @@ def test_checkpoint_state_dict_round_trip(tmp_path):
     rb.extend(envs.batch(30))
     state = rb.state_dict()
     expected = [rb.sample() for _ in range(2)]
+    torch.save(state, tmp_path / "trainer_checkpoint.pt")  # as a trainer checkpoint would hold it
+    state = torch.load(tmp_path / "trainer_checkpoint.pt", weights_only=True)
     resumed = make(tmp_path, capacity=100, seq_len=5, batch_size=4, seed=4)
     resumed.load_state_dict(state)
     assert len(resumed) == len(rb)
@@ -449,6 +459,20 @@ def test_restore_ignores_rows_written_after_checkpoint(tmp_path):
     assert resumed_rows > 0
 
 
+def test_older_checkpoint_restores_consistently(tmp_path):
+    rb = make(tmp_path, capacity=60, seq_len=5, batch_size=16)
+    envs = FakeEnvs([[13, 6]])
+    for _ in range(4):
+        rb.extend(envs.batch(8))
+    old_state, old_end = rb.state_dict(), len(envs.rows[0])
+    for _ in range(4):
+        rb.extend(envs.batch(8))
+    rb.dumps(rb.scratch_dir)  # a newer checkpoint exists, yet the older one is restored
+    restored = make(tmp_path, capacity=60, seq_len=5, batch_size=16)
+    restored.load_state_dict(old_state)
+    _check_restored(restored, envs, old_end, len(envs.rows[0]))
+
+
 def test_restore_after_sigkill(tmp_path):
     scratch = tmp_path / "replay"
     tests_dir = Path(__file__).parent
@@ -483,15 +507,29 @@ def test_restore_after_sigkill(tmp_path):
     _check_restored(restored, envs, info["checkpoint_end"], info["high_water"])
 
 
-def test_fresh_buffer_replaces_stale_directory(tmp_path):
+def test_checkpoint_of_replaced_rows_is_refused(tmp_path):
     scratch = tmp_path / "replay"
     rb = make(tmp_path, capacity=50, seq_len=4, scratch_dir=scratch)
     rb.extend(FakeEnvs([[10]]).batch(10))
     rb.dumps(scratch)
     fresh = make(tmp_path, capacity=50, seq_len=4, scratch_dir=scratch)
-    with pytest.warns(UserWarning, match="stale"):
-        fresh.extend(FakeEnvs([[10]], episode_offset=7).batch(4))
-    assert not (scratch / "replay_state.pt").exists() and len(fresh) == 4
+    fresh.extend(FakeEnvs([[10]], episode_offset=7).batch(4))  # a new run in the same directory
+    assert len(fresh) == 4
+    with pytest.raises(ValueError, match="other rows"):
+        make(tmp_path, capacity=50, seq_len=4, scratch_dir=scratch).loads(scratch)
+
+
+def test_copied_checkpoint_is_a_buffer_directory(tmp_path):
+    rb = make(tmp_path, capacity=50, seq_len=4, scratch_dir=tmp_path / "a")
+    envs = FakeEnvs([[10]])
+    rb.extend(envs.batch(20))
+    rb.dumps(tmp_path / "copy")
+    expected = rb.sample()
+    reopened = make(tmp_path, capacity=50, seq_len=4, scratch_dir=tmp_path / "copy", seed=2)
+    reopened.loads(tmp_path / "copy")
+    assert _same(reopened.sample(), expected)
+    reopened.extend(envs.batch(5))
+    check_windows(reopened.sample(), envs)
 
 
 def test_works_with_torchrl_replay_buffer_trainer_hook(tmp_path):

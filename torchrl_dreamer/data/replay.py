@@ -22,12 +22,13 @@ Reference: Hafner et al., "Mastering Atari with Discrete World Models" (ICLR 202
 from __future__ import annotations
 
 import os
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from tensordict import is_tensor_collection, NestedKey, TensorDict, TensorDictBase
+from tensordict import NestedKey, TensorDict, TensorDictBase, is_tensor_collection
 from torchrl.data import LazyMemmapStorage, ReplayBuffer
 
 from torchrl_dreamer.data.samplers import PrioritizeEndsSampler
@@ -36,6 +37,7 @@ from torchrl_dreamer.data.writers import StreamWriter
 __all__ = ["DreamerReplayBuffer", "make_replay_buffer", "transitions_to_rows"]
 
 STATE_FILE = "replay_state.pt"
+ID_FILE = "storage_id"
 _NEXT_KEYS = ("reward", "terminated", "truncated", "done")
 
 
@@ -85,7 +87,7 @@ def transitions_to_rows(
     step_rows = TensorDict({}, batch_size=[num_steps])
     for key in obs_keys:
         step_rows.set(key, steps.get(key))
-    step_rows.set("action", steps.get("action"))
+    step_rows.set("action", steps.get("action").float())  # random policies may emit integer one-hots
     step_rows.set("is_init", starts.unsqueeze(-1))
     step_rows.set(("next", "reward"), steps.get(("next", "reward")).reshape(num_steps, 1).float())
     for flag in _NEXT_KEYS[1:]:
@@ -110,7 +112,14 @@ class DreamerReplayBuffer:
     row; it stays "ongoing" (and sampleable) until its final row is written, or until a new ``is_init`` arrives.
     Sampling picks an episode uniformly among those (complete or ongoing) with at least ``seq_len`` stored rows,
     then ``start = min(randint(0, L - seq_len + 1 + seq_len), L - seq_len)`` with ``L`` its stored rows (uniform
-    start when ``prioritize_ends=False``).
+    start when ``prioritize_ends=False``). Write through :meth:`extend` only: ``replay_buffer`` (the inner TorchRL
+    buffer) serves the sampling.
+
+    Checkpoints: :meth:`dumps` / :meth:`loads` on ``scratch_dir`` itself, or :meth:`state_dict` /
+    :meth:`load_state_dict`, save kilobytes (positions, episode table, RNG) since the rows stay in the memmap
+    files. After a SIGKILL, restoring the last checkpoint drops the rows written after it and the older rows they
+    overwrote; every env then starts a new episode. Positions are never reused, so an older checkpoint of the same
+    directory restores consistently too.
 
     Args:
         capacity (int, optional): rows (steps) kept over all envs. Defaults to ``2_000_000``.
@@ -119,7 +128,8 @@ class DreamerReplayBuffer:
         num_envs (int, optional): parallel envs in a collector batch (its leading dim). Defaults to ``1``.
         obs_keys (sequence of NestedKey, optional): observation keys. Defaults to ``("pixels",)``.
         scratch_dir (str or Path): directory of the memmap files and of in-place checkpoints. One buffer per
-            directory; a fresh buffer's first write replaces the rows (and removes the checkpoint) found there.
+            directory; a fresh buffer's first write replaces the rows found there (older checkpoints of the
+            directory are then refused).
         prioritize_ends (bool, optional): favour windows that touch the episode end. Defaults to ``True``.
         device (torch.device or str, optional): where samples are moved (sampling itself is on CPU, pinned when
             the device is CUDA). Defaults to ``"cpu"``.
@@ -194,6 +204,7 @@ class DreamerReplayBuffer:
             pin_memory=self.device.type == "cuda",
             generator=self._generator,
         )
+        self._storage_id: str | None = None  # identifies the current contents of the storage files
         self._required_keys = [
             *self.obs_keys,
             *(_next(key) for key in self.obs_keys),
@@ -227,7 +238,8 @@ class DreamerReplayBuffer:
         steps = self._select_steps(batch)
         new_storage = not self._storage.initialized
         if new_storage:
-            self._drop_stale_checkpoint()
+            # New contents get a new id first: no checkpoint of the old contents can be applied to them.
+            self._set_storage_id(uuid.uuid4().hex)
         for stream in range(self.num_envs):
             rows, starts = transitions_to_rows(
                 steps[stream], obs_keys=self.obs_keys, continues_episode=self._sampler.is_open(stream)
@@ -300,6 +312,7 @@ class DreamerReplayBuffer:
             "stream_capacity": self.stream_capacity,
             "obs_keys": list(self.obs_keys),
             "storage_initialized": self._storage.initialized,
+            "storage_id": self._storage_id,
             "writer": self._writer.state_dict(),
             "sampler": self._sampler.state_dict(),
             "generator": self._generator.get_state(),
@@ -316,24 +329,33 @@ class DreamerReplayBuffer:
                 raise ValueError(f"Checkpoint has {name}={state_dict[name]}, this buffer {getattr(self, name)}.")
         if [tuple(k) if isinstance(k, list) else k for k in state_dict["obs_keys"]] != list(self.obs_keys):
             raise ValueError(f"Checkpoint has obs_keys={state_dict['obs_keys']}, this buffer {self.obs_keys}.")
-        if state_dict["storage_initialized"] and not self._storage.initialized:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                self._storage.loads(self._storage_dir)  # maps the existing files, no copy
-        saved_ends = state_dict["writer"]["stream_ends"].tolist()
+        if state_dict["storage_initialized"]:
+            found = _read_text(self.scratch_dir / ID_FILE)
+            if found != state_dict["storage_id"]:
+                raise ValueError(
+                    f"The checkpoint describes other rows than those in {self.scratch_dir} (storage id "
+                    f"{state_dict['storage_id']} != {found}): a fresh buffer or another snapshot replaced them."
+                )
+            if not self._storage.initialized:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    self._storage.loads(self._storage_dir)  # maps the existing files, no copy
+            self._storage_id = found
+        saved_ends = state_dict["writer"]["stream_ends"].tolist()  # any device (map_location)
         self._writer.load_state_dict(state_dict["writer"])
         self._sampler.load_state_dict(state_dict["sampler"])
         for stream, saved_end in enumerate(saved_ends):
             if self._writer.stream_end(stream) > saved_end:
                 self._sampler.close(stream)  # rows after the checkpoint are lost: no episode can continue
             self._sampler.evict(stream, self._writer.stream_end(stream) - self.stream_capacity)
-        self._generator.set_state(state_dict["generator"])
+        self._generator.set_state(state_dict["generator"].cpu())
 
     def dumps(self, path: str | Path) -> None:
         """Writes a checkpoint to the directory ``path``.
 
         With ``path == scratch_dir`` this writes one small file (atomically); elsewhere it also copies the storage
-        files (``capacity`` rows' worth of disk: prefer checkpointing in place).
+        files (``capacity`` rows' worth of disk: prefer checkpointing in place). A copy is a complete buffer
+        directory: it can be loaded from, or used as the ``scratch_dir`` of a new buffer.
         """
         path = Path(path).absolute()
         path.mkdir(parents=True, exist_ok=True)
@@ -342,6 +364,7 @@ class DreamerReplayBuffer:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 self._storage.dumps(path / "storage")
+            _write_text(path / ID_FILE, self._storage_id)  # the copy can serve as a scratch_dir itself
         tmp = path / (STATE_FILE + ".tmp")
         with open(tmp, "wb") as file:
             torch.save(state, file)
@@ -352,24 +375,21 @@ class DreamerReplayBuffer:
     def loads(self, path: str | Path) -> None:
         """Restores a checkpoint written by :meth:`dumps` (in place, or copied from another directory)."""
         path = Path(path).absolute()
-        state = torch.load(path / STATE_FILE, weights_only=True)
-        if path != self.scratch_dir:
-            # The snapshot replaces every row of scratch_dir: an in-place checkpoint there no longer applies.
-            self._drop_stale_checkpoint(warn=False)
-            if state["storage_initialized"]:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    self._storage.loads(path / "storage")
-                self._write_storage_metadata()
-            self._writer.reset_marks(state["writer"]["stream_ends"].numpy())
+        state = torch.load(path / STATE_FILE, weights_only=True, map_location="cpu")
+        if path != self.scratch_dir and state["storage_initialized"]:
+            # Copy the snapshot's rows into scratch_dir; until the copy is complete no checkpoint matches them.
+            self._set_storage_id(uuid.uuid4().hex)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self._storage.loads(path / "storage")
+            self._write_storage_metadata()
+            self._writer.reset_marks(state["writer"]["stream_ends"].cpu().numpy())
+            self._set_storage_id(state["storage_id"])
         self.load_state_dict(state)
 
-    def _drop_stale_checkpoint(self, warn: bool = True) -> None:
-        stale = self.scratch_dir / STATE_FILE
-        if stale.exists():
-            if warn:
-                warnings.warn(f"A fresh replay buffer overwrites {self._storage_dir}: removing the stale {stale}.")
-            stale.unlink()
+    def _set_storage_id(self, storage_id: str) -> None:
+        _write_text(self.scratch_dir / ID_FILE, storage_id)
+        self._storage_id = storage_id
 
     def _write_storage_metadata(self) -> None:
         # Lets a later process map the storage files in place (TorchRL's storage checkpointer, zero copy here).
@@ -383,6 +403,19 @@ class DreamerReplayBuffer:
             f"stream_capacity={self.stream_capacity}, seq_len={self.seq_len}, batch_size={self.batch_size}, "
             f"scratch_dir={str(self.scratch_dir)!r})"
         )
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(tmp, path)
+
+
+def _read_text(path: Path) -> str | None:
+    return path.read_text() if path.exists() else None
 
 
 def make_replay_buffer(

@@ -189,8 +189,8 @@ class PrioritizeEndsSampler(Sampler):
             raise ValueError(f"Checkpoint has {len(state_dict['starts'])} streams, this sampler {self.num_streams}.")
         self._starts = [deque(s.tolist()) for s in state_dict["starts"]]
         self._ends = [deque(e.tolist()) for e in state_dict["ends"]]
-        self._first_stored = state_dict["first_stored"].numpy().astype(np.int64)
-        self._open = state_dict["open"].numpy().astype(bool)
+        self._first_stored = state_dict["first_stored"].cpu().numpy().astype(np.int64)
+        self._open = state_dict["open"].cpu().numpy().astype(bool)
         self._table = None
 
     def _empty(self) -> None:
@@ -206,7 +206,8 @@ class PrioritizeEndsSampler(Sampler):
         torch.save(self.state_dict(), path / "prioritize_ends_sampler.pt")
 
     def loads(self, path: str | Path) -> None:
-        self.load_state_dict(torch.load(Path(path) / "prioritize_ends_sampler.pt", weights_only=True))
+        state_dict = torch.load(Path(path) / "prioritize_ends_sampler.pt", weights_only=True, map_location="cpu")
+        self.load_state_dict(state_dict)
 
     def __repr__(self) -> str:
         return (

@@ -104,7 +104,7 @@ class StreamWriter(RoundRobinWriter):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restores the positions; a stream resumes after its high-water mark if rows were written after the save."""
-        saved = state_dict["stream_ends"].numpy().astype(np.int64)
+        saved = state_dict["stream_ends"].cpu().numpy().astype(np.int64)
         if saved.shape != (self.num_streams,):
             raise ValueError(f"Checkpoint has {saved.shape[0]} streams, this writer has {self.num_streams}.")
         marks = np.array(self._marks) if self._marks is not None else saved
@@ -139,7 +139,7 @@ class StreamWriter(RoundRobinWriter):
         torch.save(self.state_dict(), path / "stream_writer.pt")
 
     def loads(self, path: str | Path) -> None:
-        self.load_state_dict(torch.load(Path(path) / "stream_writer.pt", weights_only=True))
+        self.load_state_dict(torch.load(Path(path) / "stream_writer.pt", weights_only=True, map_location="cpu"))
 
     def __repr__(self) -> str:
         return (

@@ -58,12 +58,20 @@ class DreamerV2OptimizationStepper(OptimizationStepper):
     Keyword Args:
         precision (str): ``"fp32"`` or ``"bf16"`` autocast for the forward passes
             (the paper trained in mixed precision). Default: ``"fp32"``.
+        update_target (bool): do step 4 here; ``False`` when a trainer hook does it. Default: ``True``.
 
     Returns (``step``): detached metrics named as the reference's, with
     ``model_grad_norm``, ``actor_grad_norm`` and ``critic_grad_norm``.
     """
 
-    def __init__(self, loss: DreamerV2Loss, optimizers: dict[str, torch.optim.Optimizer], *, precision: str = "fp32"):
+    def __init__(
+        self,
+        loss: DreamerV2Loss,
+        optimizers: dict[str, torch.optim.Optimizer],
+        *,
+        precision: str = "fp32",
+        update_target: bool = True,
+    ):
         if precision not in _PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(_PRECISIONS)}, got {precision!r}.")
         missing = {"model", "actor", "critic"} - set(optimizers)
@@ -72,6 +80,7 @@ class DreamerV2OptimizationStepper(OptimizationStepper):
         self.loss = loss
         self.optimizers = optimizers
         self.precision = precision
+        self.update_target = update_target
 
     def _autocast(self, device: torch.device):
         dtype = _PRECISIONS[self.precision]
@@ -101,7 +110,8 @@ class DreamerV2OptimizationStepper(OptimizationStepper):
         with self._autocast(device):
             value_out = self.loss.value_loss(trajectory)
         critic_norm = self._optimise(self.optimizers["critic"], value_out["loss_value"])
-        self.loss.value_loss.update_target()
+        if self.update_target:
+            self.loss.value_loss.update_target()
 
         metrics = TensorDict({}, [])
         for out in (model_out, actor_out, value_out):

@@ -1,0 +1,140 @@
+"""Run records: loggers, episode statistics and the open-loop prediction video."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from tensordict import TensorDictBase
+from torchrl.record.loggers import CSVLogger, Logger
+
+__all__ = ["MultiLogger", "make_logger", "EpisodeTracker", "open_loop_video", "write_gif"]
+
+
+class MultiLogger:
+    """Forwards scalars to several TorchRL loggers (CSV always, TensorBoard when installed).
+
+    CSV files land in ``<logdir>/scalars/<name>.csv`` as ``step,value`` lines.
+    """
+
+    def __init__(self, loggers: Sequence[Logger]):
+        self.loggers = list(loggers)
+
+    def log_scalar(self, name: str, value: float, step: int) -> None:
+        for logger in self.loggers:
+            logger.log_scalar(name, float(value), step=step)
+
+    def log_scalars(self, values: dict[str, float], step: int) -> None:
+        for name, value in values.items():
+            self.log_scalar(name, value, step)
+
+
+def make_logger(logdir: str | Path, *, tensorboard: bool = True) -> MultiLogger:
+    """CSV logger in ``logdir`` plus a TensorBoard one in ``logdir/tb`` if tensorboard is installed."""
+    loggers: list[Logger] = [CSVLogger(exp_name="", log_dir=str(logdir))]
+    if tensorboard:
+        try:
+            from torchrl.record.loggers import TensorboardLogger
+
+            loggers.append(TensorboardLogger(exp_name="tb", log_dir=str(logdir)))
+        except (ImportError, ModuleNotFoundError):
+            pass
+    return MultiLogger(loggers)
+
+
+class EpisodeTracker:
+    """Accumulates per-env episode returns and lengths across collector batches.
+
+    Args:
+        num_envs (int): parallel environments (the leading dim of batches).
+
+    Examples:
+        >>> from tensordict import TensorDict
+        >>> tracker = EpisodeTracker(1)
+        >>> batch = TensorDict({("next", "reward"): torch.ones(1, 4, 1),
+        ...                     ("next", "done"): torch.tensor([[[False], [True], [False], [False]]])}, [1, 4])
+        >>> tracker.update(batch)
+        [(2.0, 2)]
+    """
+
+    def __init__(self, num_envs: int):
+        self.returns = np.zeros(num_envs)
+        self.lengths = np.zeros(num_envs, dtype=np.int64)
+
+    def update(self, batch: TensorDictBase) -> list[tuple[float, int]]:
+        """Adds a ``[num_envs, T]`` (or ``[T]``) batch; returns the ``(return, length)`` of finished episodes."""
+        reward = batch.get(("next", "reward")).reshape(len(self.returns), -1).double().cpu().numpy()
+        done = batch.get(("next", "done")).reshape(len(self.returns), -1).cpu().numpy()
+        finished = []
+        for t in range(reward.shape[1]):
+            self.returns += reward[:, t]
+            self.lengths += 1
+            for env in np.flatnonzero(done[:, t]):
+                finished.append((float(self.returns[env]), int(self.lengths[env])))
+                self.returns[env], self.lengths[env] = 0.0, 0
+        return finished
+
+    def state_dict(self) -> dict:
+        return {"returns": self.returns.copy(), "lengths": self.lengths.copy()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.returns, self.lengths = state["returns"].copy(), state["lengths"].copy()
+
+
+@torch.no_grad()
+def open_loop_video(world_model, batch: TensorDictBase, *, context: int = 5, num_videos: int = 6) -> torch.Tensor:
+    """DreamerV2's "openl" video: ``context`` observed frames, then open-loop predictions.
+
+    The model filters the first ``context`` observations, then rolls the prior
+    forward from the last posterior with the recorded actions and decodes.
+
+    Args:
+        world_model: a :class:`~torchrl_dreamer.modules.WorldModelV2` on images.
+        batch (TensorDictBase): ``[B, T]`` replay sequences (``B >= 1``).
+
+    Keyword Args:
+        context (int): observed frames. Default: ``5``.
+        num_videos (int): sequences shown side by side. Default: ``6``.
+
+    Returns: ``uint8 [T, C, 3 * H, n * W]``: rows truth / model / ``(model - truth + 1) / 2``.
+    """
+    batch = batch[:num_videos]
+    obs_key = world_model.obs_key
+    pixels = batch.get(obs_key)
+    if pixels.ndim != 5:
+        raise ValueError("open_loop_video needs image observations [B, T, C, H, W].")
+    steps = pixels.shape[1]
+    context = min(context, steps)
+    observed = batch[:, :context].clone()
+    world_model(observed)
+    rssm = world_model.rssm
+    state, belief = observed.get("state")[:, -1], observed.get("belief")[:, -1]
+    states, beliefs = [observed.get("state")], [observed.get("belief")]
+    actions = batch.get("action").float()
+    for t in range(context, steps):
+        belief = rssm.deter_step(state, actions[:, t - 1], belief)
+        state = rssm.sample(rssm.prior_logits(belief), straight_through=False)
+        states.append(state[:, None])
+        beliefs.append(belief[:, None])
+    model = world_model.decoder(torch.cat(states, 1), torch.cat(beliefs, 1)) + 0.5
+    truth = pixels.float() / 255.0
+    model = model.clamp(0, 1)
+    error = (model - truth + 1) / 2
+    video = torch.cat([truth, model, error], -2)  # [B, T, C, 3H, W]
+    video = video.permute(1, 2, 3, 0, 4).flatten(-2)  # [T, C, 3H, B*W]
+    return (video * 255).round().to(torch.uint8).cpu()
+
+
+def write_gif(video: torch.Tensor, path: str | Path, *, fps: int = 10, scale: int = 2) -> Path:
+    """Writes a ``uint8 [T, C, H, W]`` video (C = 1 or 3) as an animated GIF a person can open."""
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames = video.permute(0, 2, 3, 1).numpy()
+    if frames.shape[-1] == 1:
+        frames = frames[..., 0]
+    images = [Image.fromarray(f).resize((f.shape[1] * scale, f.shape[0] * scale), Image.NEAREST) for f in frames]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+    return path
