@@ -166,3 +166,15 @@ def test_torchrl_trainer_with_hooks(tmp_path):
     assert len(run.replay) > 260
     assert (tmp_path / "run" / "scalars" / "model_loss.csv").exists()
     assert (tmp_path / "run" / "scalars" / "train_return.csv").exists()
+
+
+def test_several_serial_envs(tmp_path):
+    cfg = DreamerV2Config.preset("debug", num_envs=2, total_steps=240, eval_every=10**9, video_every=10**9)
+    run = DreamerV2Training(cfg, tmp_path / "run", device="cpu", progress=False, parallel_envs=False)
+    result = run.train()
+    assert result["steps"] == 240 and result["updates"] > 0
+    # 2 envs x 120 steps of 15-step Catch episodes: 16 complete episodes, each with its final row
+    assert run.replay.num_episodes == 16
+    assert len(run.replay) == 240 + 16
+    with pytest.raises(ValueError, match="multiple of num_envs"):
+        DreamerV2Training(cfg.replace(num_envs=3), tmp_path / "other", device="cpu", progress=False)

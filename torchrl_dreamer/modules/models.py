@@ -290,4 +290,4 @@ class DreamerV2Policy(TensorDictSequential):
         rssm = self.rssm
         sizes = (rssm.state_dim, rssm.rnn_hidden_dim, rssm.action_dim)
         spec = Composite({key: Unbounded((size,)) for key, size in zip(self.state_keys, sizes)})
-        return TensorDictPrimer(spec, default_value=0.0)
+        return TensorDictPrimer(spec, default_value=0.0, expand_specs=True)
