@@ -121,3 +121,14 @@ def test_make_env_catch():
 def test_size_too_small():
     with pytest.raises(ValueError, match="size >= 3"):
         CatchEnv(size=2)
+
+
+def test_catch_scale_draws_cells_as_blocks():
+    from torchrl_dreamer.envs import CatchEnv
+
+    small, big = CatchEnv(size=8, seed=3), CatchEnv(size=8, scale=2, seed=3)
+    a, b = small.reset()["pixels"], big.reset()["pixels"]
+    assert b.shape == (1, 16, 16)
+    assert torch.equal(b, a.repeat_interleave(2, -1).repeat_interleave(2, -2))
+    with pytest.raises(ValueError, match="scale"):
+        CatchEnv(size=8, scale=0)

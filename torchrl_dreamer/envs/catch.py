@@ -20,12 +20,13 @@ class CatchEnv(EnvBase):
     the paddle is under the ball and -1 otherwise; every other step gives 0. A uniformly random policy averages
     about -0.63 at ``size=16``, a policy following the ball scores +1.
 
-    Keys: ``"pixels"`` uint8 ``[1, size, size]`` (ball and paddle 255, background 0), ``"action"`` one-hot ``[3]``,
+    Keys: ``"pixels"`` uint8 ``[1, size * scale, size * scale]`` (ball and paddle 255, background 0), ``"action"`` one-hot ``[3]``,
     ``("next", "reward")`` float32 ``[1]``, ``"done"`` / ``"terminated"`` / ``"truncated"`` bool ``[1]`` (never
     truncated), plus the state entries ``"ball"`` (row, column) and ``"paddle"`` (centre column), int64.
 
     Args:
         size: side of the grid, at least 3. Defaults to 16.
+        scale: pixels per grid cell side (``catch:8`` with ``scale=2`` renders 16 x 16 frames). Defaults to 1.
         seed: seed of the ball's starting column. Defaults to None (unseeded).
         device: device of the tensors. Defaults to ``"cpu"``.
 
@@ -38,11 +39,16 @@ class CatchEnv(EnvBase):
         (1.0, True)
     """
 
-    def __init__(self, *, size: int = 16, seed: int | None = None, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self, *, size: int = 16, scale: int = 1, seed: int | None = None, device: torch.device | str = "cpu"
+    ) -> None:
         if size < 3:
             raise ValueError(f"CatchEnv needs size >= 3, got {size}.")
+        if scale < 1:
+            raise ValueError(f"CatchEnv needs scale >= 1, got {scale}.")
         super().__init__(device=device, batch_size=torch.Size([]))
         self.size = size
+        self.scale = scale
         self._generator = torch.Generator()
         self._make_specs()
         if seed is not None:
@@ -51,7 +57,9 @@ class CatchEnv(EnvBase):
     def _make_specs(self) -> None:
         size, device = self.size, self.device
         self.observation_spec = Composite(
-            pixels=Bounded(low=0, high=255, shape=(1, size, size), dtype=torch.uint8, device=device),
+            pixels=Bounded(
+                low=0, high=255, shape=(1, size * self.scale, size * self.scale), dtype=torch.uint8, device=device
+            ),
             ball=Bounded(low=0, high=size - 1, shape=(2,), dtype=torch.int64, device=device),
             paddle=Bounded(
                 low=PADDLE_HALF_WIDTH, high=size - 1 - PADDLE_HALF_WIDTH, shape=(1,), dtype=torch.int64, device=device
@@ -69,11 +77,13 @@ class CatchEnv(EnvBase):
         self._generator.manual_seed(seed)
 
     def render(self, ball: torch.Tensor, paddle: torch.Tensor) -> torch.Tensor:
-        """Draws the grid: uint8 ``[1, size, size]`` with the ball and the paddle at 255."""
+        """Draws the grid: uint8 ``[1, size * scale, size * scale]`` with the ball and the paddle at 255."""
         pixels = torch.zeros(1, self.size, self.size, dtype=torch.uint8, device=self.device)
         centre = int(paddle[0])
         pixels[0, -1, centre - PADDLE_HALF_WIDTH : centre + PADDLE_HALF_WIDTH + 1] = 255
         pixels[0, ball[0], ball[1]] = 255
+        if self.scale > 1:  # each cell drawn as a scale x scale block
+            pixels = pixels.repeat_interleave(self.scale, -1).repeat_interleave(self.scale, -2)
         return pixels
 
     def _observation(self, ball: torch.Tensor, paddle: torch.Tensor) -> dict[str, torch.Tensor]:
