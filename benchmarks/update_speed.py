@@ -6,6 +6,10 @@ sync. Prints ms per update (median after warm-up), the update's FLOPs counted
 with ``torch.utils.flop_counter`` and the achieved FLOP/s; the last line is JSON.
 
     python benchmarks/update_speed.py --device cpu --precision fp32 --updates 5
+    python benchmarks/update_speed.py --profile 25           # also print the 25 most expensive ops
+    python benchmarks/update_speed.py --plain-convolutions   # the encoder/decoder as plain nn.Sequential
+
+See ``benchmarks/README.md`` for the figures.
 """
 from __future__ import annotations
 
@@ -51,6 +55,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-length", type=int, default=50)
     parser.add_argument("--actions", type=int, default=18)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument(
+        "--profile", type=int, default=0, metavar="N",
+        help="after timing, profile one more update with torch.profiler and print the N ops with most self time",
+    )
+    parser.add_argument(
+        "--plain-convolutions", action="store_true",
+        help="run the image encoder/decoder as their plain nn.Sequential (fast_path=False), for comparison",
+    )
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda requested but CUDA is not available")
@@ -61,13 +73,20 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = DreamerV2Config.preset("atari", precision=args.precision)
     obs_spec = Composite(pixels=Unbounded((1, 64, 64), dtype=torch.uint8))
     models = cfg.make_models(obs_spec, OneHot(args.actions), device=device)
+    image_nets = [m for m in models.world_model.modules() if hasattr(m, "fast_path")]
     loss = cfg.make_loss(models)
     stepper = cfg.make_stepper(loss)
     batch = make_batch(args.batch_size, args.batch_length, args.actions, device)
 
+    # FLOPs of the model's operations as written (plain convolutions): the sub-pixel form of the
+    # decoder's last layer multiplies by a few padding zeros more (+0.14%), which is not counted.
+    for net in image_nets:
+        net.fast_path = False
     with FlopCounterMode(display=False) as counter:
         stepper.step(None, batch.clone())
     flops = counter.get_total_flops()
+    for net in image_nets:
+        net.fast_path = not args.plain_convolutions
     for _ in range(args.warmup):
         stepper.step(None, batch.clone())
     times = []
@@ -78,6 +97,8 @@ def main(argv: list[str] | None = None) -> dict:
         sync(device)
         times.append(time.perf_counter() - start)
         print(f"update {i}: {times[-1] * 1e3:.1f} ms", flush=True)
+    if args.profile:
+        print_profile(stepper, batch, device, args.profile)
     median = statistics.median(times)
     result = {
         "device": args.device,
@@ -94,6 +115,24 @@ def main(argv: list[str] | None = None) -> dict:
           f"{result['achieved_tflops'] * 1e3:.1f} GFLOP/s achieved")
     print(json.dumps(result))
     return result
+
+
+def print_profile(stepper, batch: TensorDict, device: torch.device, rows: int) -> None:
+    """Profiles one update and prints the ops with the most self time (overall, then by input shape)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    with profile(activities=activities, record_shapes=True) as prof:
+        stepper.step(None, batch.clone())
+        sync(device)
+    averages = prof.key_averages()
+    print(averages.table(sort_by=sort_by, row_limit=rows, max_name_column_width=50))
+    print(
+        prof.key_averages(group_by_input_shape=True).table(
+            sort_by=sort_by, row_limit=rows, max_name_column_width=40, max_shapes_column_width=80
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
@@ -25,6 +26,9 @@ __all__ = [
     "MLPDecoderV2",
     "FeatHead",
     "normalise_pixels",
+    "conv2d_patches",
+    "conv_transpose2d_1x1",
+    "conv_transpose2d_subpixel",
 ]
 
 # Decoder kernels that map a 1x1 map back to the image size (stride 2, no padding):
@@ -60,6 +64,116 @@ def glorot_init_(module: nn.Module) -> nn.Module:
 def normalise_pixels(pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Maps uint8 pixels in ``[0, 255]`` to floats in ``[-0.5, 0.5]`` (``x / 255 - 0.5``)."""
     return pixels.to(dtype) / 255.0 - 0.5
+
+
+# ---- convolution kernels ------------------------------------------------------------------
+# Re-formulations of unpadded convolutions that compute the same function as
+# ``F.conv2d`` / ``F.conv_transpose2d`` on the same weights (only the order of the
+# floating-point sums differs) and are faster on CPU for the shapes of the DreamerV2
+# encoder and decoder. ``tests/test_networks.py`` checks values and gradients.
+
+
+def conv2d_patches(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 2
+) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, stride)`` (no padding) as one matrix product over image patches.
+
+    The patches are gathered in ``(kh, kw, C)`` order from a channels-last view of
+    ``x``, so that the product ``[N * Ho * Wo, kh * kw * C] @ [kh * kw * C, C_out]``
+    yields the output directly in channels-last memory. Fast when the input has
+    few channels (the first layer) or the output few pixels (the last layer).
+
+    Args:
+        x (Tensor): ``[N, C, H, W]`` in any memory format.
+        weight (Tensor): ``[C_out, C, kh, kw]``.
+        bias (Tensor, optional): ``[C_out]``.
+        stride (int): the stride. Default: ``2``.
+
+    Returns: ``[N, C_out, Ho, Wo]``, channels-last.
+
+    Examples:
+        >>> x, w = torch.randn(2, 3, 9, 9), torch.randn(4, 3, 4, 4)
+        >>> torch.allclose(conv2d_patches(x, w), F.conv2d(x, w, stride=2), atol=1e-5)
+        True
+    """
+    n, channels = x.shape[:2]
+    out_channels, _, kh, kw = weight.shape
+    patches = x.permute(0, 2, 3, 1).unfold(1, kh, stride).unfold(2, kw, stride)  # [N, Ho, Wo, C, kh, kw]
+    ho, wo = patches.shape[1:3]
+    cols = patches.permute(0, 1, 2, 4, 5, 3).reshape(n * ho * wo, kh * kw * channels)
+    kernel = weight.permute(0, 2, 3, 1).reshape(out_channels, kh * kw * channels)
+    out = cols @ kernel.t() if bias is None else torch.addmm(bias, cols, kernel.t())
+    return out.view(n, ho, wo, out_channels).permute(0, 3, 1, 2)
+
+
+def conv_transpose2d_1x1(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.conv_transpose2d`` of a ``1 x 1`` input (any stride, no padding) as one matrix product.
+
+    Each input vector is multiplied by the whole kernel: ``out[n, o, i, j] =
+    sum_c x[n, c] * weight[c, o, i, j] + bias[o]``.
+
+    Args:
+        x (Tensor): ``[N, C]`` or ``[N, C, 1, 1]``.
+        weight (Tensor): ``[C, C_out, kh, kw]``.
+        bias (Tensor, optional): ``[C_out]``.
+
+    Returns: ``[N, C_out, kh, kw]``.
+
+    Examples:
+        >>> x, w = torch.randn(2, 6, 1, 1), torch.randn(6, 3, 5, 5)
+        >>> torch.allclose(conv_transpose2d_1x1(x, w), F.conv_transpose2d(x, w, stride=2), atol=1e-5)
+        True
+    """
+    channels, out_channels, kh, kw = weight.shape
+    x = x.reshape(-1, channels)
+    kernel = weight.reshape(channels, out_channels * kh * kw)
+    if bias is None:
+        out = x @ kernel
+    else:
+        out = torch.addmm(bias.repeat_interleave(kh * kw), x, kernel)
+    return out.view(-1, out_channels, kh, kw)
+
+
+def conv_transpose2d_subpixel(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``F.conv_transpose2d(x, weight, bias, stride=2)`` (no padding) as a stride-1 convolution.
+
+    A stride-2 transposed convolution writes four interleaved output phases
+    ``out[2p + a, 2q + b]`` (``a, b`` in ``{0, 1}``), each a plain convolution of
+    the input with the kernel taps ``weight[..., a::2, b::2]`` (flipped). The four
+    phase kernels are stacked as ``4 * C_out`` output channels of one stride-1
+    convolution (padding ``k / 2 - 1``) and interleaved with ``pixel_shuffle``.
+    An odd kernel is padded with a zero row/column and the extra output row/column
+    cropped. Fast for few output channels (the decoder's last layer).
+
+    Args:
+        x (Tensor): ``[N, C, H, W]`` in any memory format.
+        weight (Tensor): ``[C, C_out, kh, kw]``.
+        bias (Tensor, optional): ``[C_out]``.
+
+    Returns: ``[N, C_out, 2 (H - 1) + kh, 2 (W - 1) + kw]``.
+
+    Examples:
+        >>> x, w = torch.randn(2, 4, 5, 5), torch.randn(4, 1, 6, 6)
+        >>> torch.allclose(conv_transpose2d_subpixel(x, w), F.conv_transpose2d(x, w, stride=2), atol=1e-5)
+        True
+    """
+    channels, out_channels, kh, kw = weight.shape
+    height, width = x.shape[-2:]
+    if kh % 2 or kw % 2:
+        weight = F.pad(weight, (0, kw % 2, 0, kh % 2))
+    mh, mw = (kh + 1) // 2, (kw + 1) // 2
+    # phase kernel [(o, a, b), c, u, v] = weight[c, o, a + 2 (mh - 1 - u), b + 2 (mw - 1 - v)]
+    kernel = (
+        weight.reshape(channels, out_channels, mh, 2, mw, 2)
+        .flip(2, 4)
+        .permute(1, 3, 5, 0, 2, 4)
+        .reshape(out_channels * 4, channels, mh, mw)
+    )
+    bias = bias.repeat_interleave(4) if bias is not None else None
+    out = F.conv2d(x, kernel, bias, padding=(mh - 1, mw - 1))
+    return F.pixel_shuffle(out, 2)[..., : 2 * (height - 1) + kh, : 2 * (width - 1) + kw]
 
 
 class MLP(nn.Sequential):
@@ -132,6 +246,9 @@ class ConvEncoderV2(nn.Module):
     Keyword Args:
         depth (int): channels of the first layer, doubled at each layer. Default: ``48``.
         image_size (int): input height/width, one of 16, 32, 64. Default: ``64``.
+        fast_path (bool): compute the convolutions with the kernels of :func:`conv2d_patches`
+            and channels-last activations (same function, same parameters); ``False`` runs
+            the plain ``nn.Sequential``. Can be changed at any time. Default: ``True``.
 
     Inputs: ``uint8`` pixels ``[*batch, C, H, W]``.
 
@@ -143,7 +260,7 @@ class ConvEncoderV2(nn.Module):
         torch.Size([2, 3, 128])
     """
 
-    def __init__(self, in_channels: int, *, depth: int = 48, image_size: int = 64):
+    def __init__(self, in_channels: int, *, depth: int = 48, image_size: int = 64, fast_path: bool = True):
         super().__init__()
         if image_size not in _DECODER_KERNELS:
             raise ValueError(f"image_size must be one of {sorted(_DECODER_KERNELS)}, got {image_size}.")
@@ -157,6 +274,7 @@ class ConvEncoderV2(nn.Module):
         self.in_channels = in_channels
         self.image_size = image_size
         self.embed_dim = channels * size * size
+        self.fast_path = fast_path
         glorot_init_(self)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -167,7 +285,19 @@ class ConvEncoderV2(nn.Module):
                 f"got {tuple(pixels.shape)}."
             )
         x = normalise_pixels(pixels.reshape(-1, *pixels.shape[-3:]), self.convs[0].weight.dtype)
-        return self.convs(x).reshape(*batch, self.embed_dim)
+        if not self.fast_path:
+            return self.convs(x).reshape(*batch, self.embed_dim)
+        # Same layers, CPU-friendly kernels: the first (few input channels) and last (few
+        # output pixels) convolutions as patch matrix products, the others on channels-last
+        # activations; every activation stays channels-last.
+        convs = [m for m in self.convs if isinstance(m, nn.Conv2d)]
+        for i, conv in enumerate(convs):
+            if i in (0, len(convs) - 1):
+                x = F.elu(conv2d_patches(x, conv.weight, conv.bias, stride=2))
+            else:
+                # ELU in place on the fresh convolution output (the convolution's backward does not need it)
+                x = F.elu_(conv(x.contiguous(memory_format=torch.channels_last)))
+        return x.reshape(*batch, self.embed_dim)
 
 
 class ConvDecoderV2(nn.Module):
@@ -185,6 +315,10 @@ class ConvDecoderV2(nn.Module):
     Keyword Args:
         depth (int): base channel count. Default: ``48``.
         image_size (int): output size, one of 16, 32, 64. Default: ``64``.
+        fast_path (bool): compute the first transposed convolution with
+            :func:`conv_transpose2d_1x1`, the last with :func:`conv_transpose2d_subpixel` and
+            the others on channels-last activations (same function, same parameters);
+            ``False`` runs the plain ``nn.Sequential``. Can be changed at any time. Default: ``True``.
 
     Returns: the predicted mean of the normalised image, ``[*batch, C, H, W]``.
 
@@ -194,7 +328,16 @@ class ConvDecoderV2(nn.Module):
         torch.Size([2, 1, 64, 64])
     """
 
-    def __init__(self, state_dim: int, belief_dim: int, out_channels: int, *, depth: int = 48, image_size: int = 64):
+    def __init__(
+        self,
+        state_dim: int,
+        belief_dim: int,
+        out_channels: int,
+        *,
+        depth: int = 48,
+        image_size: int = 64,
+        fast_path: bool = True,
+    ):
         super().__init__()
         if image_size not in _DECODER_KERNELS:
             raise ValueError(f"image_size must be one of {sorted(_DECODER_KERNELS)}, got {image_size}.")
@@ -212,12 +355,24 @@ class ConvDecoderV2(nn.Module):
             channels = out
         self.deconvs = nn.Sequential(*layers)
         self.out_shape = (out_channels, image_size, image_size)
+        self.fast_path = fast_path
         glorot_init_(self)
 
     def forward(self, state: torch.Tensor, belief: torch.Tensor) -> torch.Tensor:
         batch = state.shape[:-1]
         x = self.linear(torch.cat([state, belief], -1)).reshape(-1, self.hidden, 1, 1)
-        return self.deconvs(x).reshape(*batch, *self.out_shape)
+        if not self.fast_path:
+            return self.deconvs(x).reshape(*batch, *self.out_shape)
+        # Same layers, CPU-friendly kernels: the first transposed convolution (1x1 input) as
+        # a matrix product, the last (few output channels) as a sub-pixel convolution, the
+        # others on channels-last activations.
+        deconvs = [m for m in self.deconvs if isinstance(m, nn.ConvTranspose2d)]
+        x = F.elu(conv_transpose2d_1x1(x, deconvs[0].weight, deconvs[0].bias))
+        for deconv in deconvs[1:-1]:
+            # ELU in place on the fresh convolution output (the convolution's backward does not need it)
+            x = F.elu_(deconv(x.contiguous(memory_format=torch.channels_last)))
+        x = conv_transpose2d_subpixel(x, deconvs[-1].weight, deconvs[-1].bias)
+        return x.reshape(*batch, *self.out_shape)
 
 
 class MLPEncoderV2(nn.Module):

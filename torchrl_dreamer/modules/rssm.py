@@ -67,9 +67,10 @@ def straight_through_sample(logits: torch.Tensor, *, straight_through: bool = Tr
     """One-hot sample of a categorical over the last dimension, with straight-through gradients.
 
     ``sample = one_hot(draw) + probs - stop_grad(probs)``: the forward value is
-    one-hot, the gradient flows through the softmax probabilities. The draw is
-    a Gumbel-max (``argmax(logits - log(E))``, ``E ~ Exp(1)``), which has the
-    categorical's distribution and traces under ``torch.compile``.
+    one-hot, the gradient flows through the softmax probabilities. The draw
+    inverts the cumulative distribution: with ``u ~ U[0, 1)`` (one number per
+    categorical) the class is the first ``i`` with ``u < sum_{j <= i} p_j``,
+    which happens with probability ``p_i``. It traces under ``torch.compile``.
 
     Args:
         logits (Tensor): unnormalised log-probabilities ``[..., num_classes]``.
@@ -84,11 +85,17 @@ def straight_through_sample(logits: torch.Tensor, *, straight_through: bool = Tr
         >>> bool((sample.sum(-1) == 1).all())
         True
     """
-    noise = torch.empty_like(logits).exponential_().log()
-    index = (logits.detach() - noise).argmax(-1)
-    sample = F.one_hot(index, logits.shape[-1]).to(logits.dtype)
+    precise = logits.dtype if logits.dtype in (torch.float32, torch.float64) else torch.float32
+    probs = logits.softmax(-1) if straight_through else None
+    if probs is not None and probs.dtype == precise:
+        cdf = probs.detach().cumsum(-1)
+    else:  # half-precision logits: draw from float32 probabilities
+        cdf = logits.detach().to(precise).softmax(-1).cumsum(-1)
+    # u is scaled by the computed total so that rounding of the cumulative sum cannot leave it uncovered
+    u = torch.rand(cdf.shape[:-1] + (1,), device=cdf.device, dtype=cdf.dtype) * cdf[..., -1:]
+    index = (cdf <= u).sum(-1, keepdim=True).clamp_max_(logits.shape[-1] - 1)
+    sample = torch.zeros_like(logits).scatter_(-1, index, 1.0)
     if straight_through:
-        probs = logits.softmax(-1)
         sample = sample + (probs - probs.detach())  # exactly one-hot forward value
     return sample
 
