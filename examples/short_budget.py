@@ -1,0 +1,357 @@
+"""The paper's short-budget protocol in one command: train for a frame budget, then compare with the paper.
+
+    python examples/short_budget.py --game Boxing --frames 1e6
+    python examples/short_budget.py --game Pong --frames 2e6 --seeds 0 1 2 --device cuda --precision bf16
+    python examples/short_budget.py --env catch --preset debug --frames 2000 --eval-points 2   # seconds on a CPU
+
+For each seed, DreamerV2 trains with the chosen preset (default: the paper's ``atari`` preset, which starts with
+50k agent steps of random prefill) for ``--frames`` environment frames (frames = action repeat x agent steps, 4 on
+Atari) through :class:`~torchrl_dreamer.trainers.DreamerV2Training`, evaluating the greedy policy (actor mode) with
+``--eval-episodes`` episodes at ``--eval-points`` evenly spaced points. The run of seed ``k`` lives in
+``<logdir>/seed<k>``; running the same command again resumes it (a larger ``--frames`` extends it) and rebuilds the
+tables.
+
+Outputs in ``<logdir>``: ``results.md`` and ``results.csv``, one row per seed and evaluation point (plus the mean
+over seeds when there are several): frames, agent steps, our mean return with its standard deviation over the
+episodes and their number, the paper's mean and [min, max] over its 8 seeds at the nearest 1M-frame bin (points
+below 1M frames show the 1M bin, marked as such; ``n/a`` for non-Atari environments), the wall-clock time spent up
+to that point (resumes included) and the frames per second.
+
+Per-run files used for the table (all under ``<logdir>/seed<k>/scalars``, lines ``frames,value``):
+``eval_return.csv`` (written by the training loop), ``eval_return_std.csv`` and ``wall_clock.csv`` (written by
+this script at each evaluation).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+from torchrl.envs import Transform, TransformedEnv
+
+from torchrl_dreamer.config import PRESETS, DreamerV2Config
+from torchrl_dreamer.paper import paper_reference
+from torchrl_dreamer.trainers import CheckpointError, DreamerV2Training
+
+COLUMNS = ["seed", "frames", "agent_steps", "return_mean", "return_std", "episodes", "paper_mean", "paper_min",
+           "paper_max", "paper_frames", "paper_note", "wall_clock_s", "fps"]
+_STATE_FILE = "short_budget_state.json"
+_FIRST_BIN = 1_000_000
+
+
+# ---- training -------------------------------------------------------------------------------------------------
+class _EpisodeReturns(Transform):
+    """Records the undiscounted return of every finished episode into a list (used during evaluation only)."""
+
+    def __init__(self, sink: list[float]):
+        super().__init__()
+        self.sink = sink
+        self.total, self.steps = 0.0, 0
+
+    def _step(self, tensordict, next_tensordict):
+        self.total += float(next_tensordict.get("reward").sum())
+        self.steps += 1
+        if bool(next_tensordict.get("done").any()):
+            self.flush()
+        return next_tensordict
+
+    def _reset(self, tensordict, tensordict_reset):
+        self.flush()  # an episode cut by the evaluation's step limit
+        return tensordict_reset
+
+    def flush(self) -> None:
+        if self.steps:
+            self.sink.append(self.total)
+        self.total, self.steps = 0.0, 0
+
+
+class ShortBudgetTraining(DreamerV2Training):
+    """:class:`DreamerV2Training` that also logs, at each evaluation, the standard deviation of the episode
+    returns (``eval_return_std``) and the wall-clock seconds spent on the run so far (``wall_clock``, summed over
+    resumes)."""
+
+    _eval_sink: list[float] | None = None
+    _eval_recorder: _EpisodeReturns | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._clock_start = time.perf_counter()
+        self._clock_offset = 0.0
+        if self.resumed:  # evenly spaced evaluations of the current budget, also when --frames grew
+            every, steps = self.config.eval_every, self.counters["steps"]
+            self.counters["next_eval"] = (steps // every + 1) * every
+        state_path = self.logdir / _STATE_FILE
+        if self.resumed and state_path.exists():
+            state = json.loads(state_path.read_text())
+            if state.get("steps") == self.counters["steps"]:
+                self._clock_offset = float(state["wall_clock"])
+
+    @property
+    def wall_clock(self) -> float:
+        return self._clock_offset + time.perf_counter() - self._clock_start
+
+    def _make_single_env(self, seed: int):
+        env = super()._make_single_env(seed)
+        if self._eval_sink is None:
+            return env
+        self._eval_recorder = _EpisodeReturns(self._eval_sink)
+        if isinstance(env, TransformedEnv):
+            env.append_transform(self._eval_recorder)
+            return env
+        return TransformedEnv(env, self._eval_recorder)
+
+    def evaluate(self, episodes: int | None = None, **kwargs: Any) -> dict[str, float]:
+        self._eval_sink, returns = [], None
+        try:
+            result = super().evaluate(episodes, **kwargs)
+            if self._eval_recorder is not None:
+                self._eval_recorder.flush()
+            returns = self._eval_sink
+        finally:
+            self._eval_sink, self._eval_recorder = None, None
+        if returns:
+            if not math.isclose(float(np.mean(returns)), result["eval_return"], rel_tol=1e-6, abs_tol=1e-6):
+                print(f"warning: recorded episode returns {returns} do not average to eval_return "
+                      f"{result['eval_return']}", file=sys.stderr)
+            result["eval_return_std"] = float(np.std(returns))
+            self.logger.log_scalar("eval_return_std", result["eval_return_std"], self.frames)
+        self.logger.log_scalar("wall_clock", self.wall_clock, self.frames)
+        return result
+
+    def save_checkpoint(self) -> Path:
+        path = super().save_checkpoint()
+        state = {"steps": self.counters["steps"], "wall_clock": self.wall_clock}
+        (self.logdir / _STATE_FILE).write_text(json.dumps(state))
+        return path
+
+
+def make_config(args: argparse.Namespace, seed: int) -> DreamerV2Config:
+    """The preset with the game/env, seed, precision and the frame-budget schedules of ``args``."""
+    if args.game and args.env:
+        raise SystemExit("error: give either --game or --env, not both")
+    overrides: dict[str, Any] = {"seed": seed}
+    if args.game or args.env:
+        overrides["env"] = f"atari:{args.game}" if args.game else args.env
+    if args.precision:
+        overrides["precision"] = args.precision
+    cfg = DreamerV2Config.preset(args.preset, **overrides)
+    total_steps = math.ceil(args.frames / cfg.action_repeat)
+    if total_steps < 1 or args.eval_points < 1 or args.eval_episodes < 1:
+        raise SystemExit("error: --frames, --eval-points and --eval-episodes must be positive")
+    eval_every = max(1, total_steps // args.eval_points)
+    return cfg.replace(total_steps=total_steps, eval_every=eval_every, eval_episodes=args.eval_episodes)
+
+
+def train_seed(cfg: DreamerV2Config, logdir: Path, *, device: str, progress: bool) -> ShortBudgetTraining:
+    saved = logdir / "config.json"
+    if (logdir / "checkpoint.pt").exists() and saved.exists():
+        env = json.loads(saved.read_text()).get("env")
+        if env != cfg.env:
+            raise SystemExit(f"error: {logdir} holds a run on {env!r}, not {cfg.env!r}; choose another --logdir")
+    run = ShortBudgetTraining(cfg, logdir, device=device, progress=progress)
+    steps = run.counters["steps"]
+    if steps >= cfg.total_steps:
+        print(f"{logdir}: already trained for {run.frames} frames (budget {cfg.total_steps * cfg.action_repeat})")
+        return run
+    print(f"{'Resuming' if run.resumed else 'Starting'} {cfg.env} seed {cfg.seed} in {logdir} on {run.device}: "
+          f"{steps} / {cfg.total_steps} agent steps, {cfg.eval_episodes} evaluation episodes every "
+          f"{cfg.eval_every} agent steps", flush=True)
+    result = run.train()
+    if result["interrupted"]:
+        raise KeyboardInterrupt
+    return run
+
+
+# ---- tables -------------------------------------------------------------------------------------------------
+def read_scalar_csv(path: str | Path) -> dict[int, float]:
+    """``frames,value`` lines -> ``{frames: value}`` sorted by frames; the last line wins for repeated frames."""
+    values: dict[int, float] = {}
+    path = Path(path)
+    if not path.exists():
+        return values
+    for line in path.read_text().splitlines():
+        parts = line.strip().split(",")
+        if len(parts) != 2:
+            continue
+        try:
+            values[int(float(parts[0]))] = float(parts[1])
+        except ValueError:  # a header or a line cut by a kill
+            continue
+    return dict(sorted(values.items()))
+
+
+def paper_columns(env: str, frames: int) -> dict[str, Any]:
+    """The paper's mean, min, max at the nearest 1M-frame bin (the 1M bin below 1M frames), or n/a."""
+    empty = {"paper_mean": None, "paper_min": None, "paper_max": None, "paper_frames": None}
+    if not env.startswith("atari:"):
+        return {**empty, "paper_note": "n/a (not an Atari game)"}
+    budget, note = frames, ""
+    if frames < _FIRST_BIN:
+        budget, note = _FIRST_BIN, "1M-frame bin (point below 1M frames)"
+    try:
+        ref = paper_reference(env, budget)
+    except (KeyError, ValueError) as err:
+        return {**empty, "paper_note": f"n/a ({str(err).strip(chr(34))})"}
+    return {"paper_mean": ref["mean"], "paper_min": ref["min"], "paper_max": ref["max"],
+            "paper_frames": ref["frames"], "paper_note": note}
+
+
+def build_rows(run_dir: str | Path, *, env: str, seed: int | str, action_repeat: int, episodes: int) -> list[dict]:
+    """One table row per evaluation point of a run directory (see ``COLUMNS``)."""
+    scalars = Path(run_dir) / "scalars"
+    returns = read_scalar_csv(scalars / "eval_return.csv")
+    stds = read_scalar_csv(scalars / "eval_return_std.csv")
+    clocks = read_scalar_csv(scalars / "wall_clock.csv")
+    rows = []
+    for frames, mean in returns.items():
+        clock = clocks.get(frames)
+        rows.append({
+            "seed": seed, "frames": frames, "agent_steps": frames // action_repeat, "return_mean": mean,
+            "return_std": stds.get(frames), "episodes": episodes, **paper_columns(env, frames),
+            "wall_clock_s": clock, "fps": frames / clock if clock else None,
+        })
+    return rows
+
+
+def mean_over_seeds(rows: Iterable[dict]) -> list[dict]:
+    """Rows ``seed="mean"`` per frame count: mean of the seeds' means, std across those means, summed episodes."""
+    by_frames: dict[int, list[dict]] = {}
+    for row in rows:
+        by_frames.setdefault(row["frames"], []).append(row)
+    merged = []
+    for frames, group in sorted(by_frames.items()):
+        means = [r["return_mean"] for r in group]
+        clocks = [r["wall_clock_s"] for r in group if r["wall_clock_s"]]
+        merged.append({
+            **{k: group[0][k] for k in COLUMNS if k.startswith("paper_")},
+            "seed": f"mean of {len(group)}", "frames": frames, "agent_steps": group[0]["agent_steps"],
+            "return_mean": float(np.mean(means)), "return_std": float(np.std(means)),
+            "episodes": sum(r["episodes"] for r in group),
+            "wall_clock_s": float(np.mean(clocks)) if clocks else None,
+            "fps": frames / float(np.mean(clocks)) if clocks else None,
+        })
+    return merged
+
+
+def _fmt(value: Any, digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "n/a"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def write_tables(rows: list[dict], out_dir: str | Path, *, title: str, notes: Iterable[str] = ()) -> tuple[Path, Path]:
+    """Writes ``results.csv`` (``COLUMNS``) and ``results.md`` in ``out_dir``; returns their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path, md_path = out_dir / "results.csv", out_dir / "results.md"
+    with open(csv_path, "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if row.get(k) is None else row[k] for k in COLUMNS})
+    lines = [f"# {title}", ""]
+    lines += [f"- {note}" for note in notes]
+    lines += ["", "| seed | frames | agent steps | return (mean ± std) | episodes | paper mean | paper [min, max] "
+                  "| wall-clock | FPS |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        ours = _fmt(row["return_mean"], 2)
+        if row["return_std"] is not None:
+            ours += f" ± {_fmt(row['return_std'], 2)}"
+        if row["paper_mean"] is None:
+            paper_mean, paper_range = "n/a", "n/a"
+        else:
+            paper_mean = _fmt(row["paper_mean"])
+            if row["paper_note"]:
+                paper_mean += f" ({row['paper_frames'] // _FIRST_BIN}M ref.)"
+            paper_range = f"[{_fmt(row['paper_min'])}, {_fmt(row['paper_max'])}]"
+        lines.append(f"| {row['seed']} | {_fmt(row['frames'])} | {_fmt(row['agent_steps'])} | {ours} | "
+                     f"{row['episodes']} | {paper_mean} | {paper_range} | {_duration(row['wall_clock_s'])} | "
+                     f"{_fmt(row['fps'], 0)} |")
+    if any(row["paper_note"] and row["paper_mean"] is not None for row in rows):
+        lines += ["", "Paper: DreamerV2's 8 seeds at the nearest 1M-frame bin. " + "; ".join(
+            sorted({row["paper_note"] for row in rows if row["paper_note"] and row["paper_mean"] is not None}))]
+    md_path.write_text("\n".join(lines) + "\n")
+    return md_path, csv_path
+
+
+# ---- command line -------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
+    parser.add_argument("--game", default=None, help="Atari game (Boxing, Pong, ...): --env atari:<game>")
+    parser.add_argument("--env", default=None, help='any make_env name instead of --game, e.g. "catch"')
+    parser.add_argument("--frames", type=float, default=1e6, help="budget in environment frames (default 1e6)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds, trained one after another")
+    parser.add_argument("--eval-points", type=int, default=4, help="evenly spaced evaluations (default 4)")
+    parser.add_argument("--eval-episodes", type=int, default=10, help="greedy episodes per evaluation (default 10)")
+    parser.add_argument("--preset", default="atari", choices=sorted(PRESETS), help="hyperparameters (default atari)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--precision", default=None, choices=["fp32", "bf16"], help="default: the preset's")
+    parser.add_argument("--logdir", default=None, help="default: runs/short/<env>-<preset>")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not (args.game or args.env):
+        args.game = "Pong"
+    configs = [make_config(args, seed) for seed in args.seeds]
+    env = configs[0].env
+    logdir = Path(args.logdir or f"runs/short/{env.replace(':', '-')}-{args.preset}").expanduser()
+    logdir.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    interrupted, device = False, args.device
+    for cfg in configs:
+        run_dir = logdir / f"seed{cfg.seed}"
+        if not interrupted:
+            try:
+                run = train_seed(cfg, run_dir, device=args.device, progress=not args.no_progress)
+                device = str(run.device)
+            except KeyboardInterrupt:
+                interrupted = True
+            except (FileNotFoundError, CheckpointError, ValueError, ImportError) as err:
+                print(f"error: {err}", file=sys.stderr)
+                return 2
+        rows += build_rows(run_dir, env=env, seed=cfg.seed, action_repeat=cfg.action_repeat,
+                           episodes=cfg.eval_episodes)
+    if len(configs) > 1 and rows:
+        rows += mean_over_seeds(rows)
+    cfg = configs[0]
+    title = f"DreamerV2 short budget: {env}, {_fmt(int(args.frames))} frames"
+    notes = [f"preset `{args.preset}`, seeds {args.seeds}, precision {cfg.precision}, device "
+             f"{device}",
+             f"{cfg.total_steps:,} agent steps (action repeat {cfg.action_repeat}), prefill {cfg.prefill:,}, "
+             f"one update every {cfg.train_every} agent steps",
+             f"greedy evaluation (actor mode): {cfg.eval_episodes} episodes every {cfg.eval_every:,} agent steps",
+             "wall-clock: time spent on the run up to the point (resumes summed); FPS: frames / wall-clock"]
+    md_path, csv_path = write_tables(rows, logdir, title=title, notes=notes)
+    print(md_path.read_text())
+    print(f"Wrote {md_path} and {csv_path}")
+    if interrupted:
+        print("Interrupted: run the same command to resume.")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
