@@ -20,7 +20,10 @@ import math
 import sys
 from pathlib import Path
 
-import matplotlib
+try:
+    import matplotlib
+except ImportError:  # an optional extra
+    sys.exit('error: plotting needs matplotlib: pip install matplotlib (or pip install -e ".[log]")')
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
