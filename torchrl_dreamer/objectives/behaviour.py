@@ -249,9 +249,6 @@ class DreamerV2ActorLoss(LossModule):
         super().__init__()
         if actor_grad not in _ACTOR_GRADS:
             raise ValueError(f"actor_grad must be one of {_ACTOR_GRADS}, got {actor_grad!r}.")
-        if actor_grad == "reinforce" and not actor_network.discrete:
-            # REINFORCE works for any distribution; it is the reference's choice only for discrete actions.
-            pass
         if imagination_horizon < 2:
             raise ValueError(f"imagination_horizon must be >= 2, got {imagination_horizon}.")
         self.actor_network = actor_network
