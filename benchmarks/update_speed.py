@@ -1,8 +1,8 @@
 """Speed of one full DreamerV2 update at the Atari preset.
 
 One update = world-model loss + backward + Adam step, imagination of 15 steps
-from all B x T posterior states, actor loss + step, critic loss + step, target
-sync. Prints ms per update (median after warm-up), the update's FLOPs counted
+from all B x T posterior states, actor loss + step, critic loss + step (the
+target critic's copy, a trainer hook, is a parameter copy every 100 updates). Prints ms per update (median after warm-up), the update's FLOPs counted
 with ``torch.utils.flop_counter`` and the achieved FLOP/s; the last line is JSON.
 
     python benchmarks/update_speed.py --device cpu --precision fp32 --updates 5

@@ -1,9 +1,14 @@
-"""Train DreamerV2 on Atari (or any ``make_env`` name) with the paper's settings.
+"""Train DreamerV2 on Atari (or any TorchRL env) with the paper's settings.
 
     python examples/dreamerv2_atari.py                       # Pong, paper preset
     python examples/dreamerv2_atari.py --game Boxing --device cuda --precision bf16
-    python examples/dreamerv2_atari.py --env gym:CartPole-v1 --preset debug --prefill 500
+    python examples/dreamerv2_atari.py --env gym:CartPole-v1 --preset debug
+    python examples/dreamerv2_atari.py --env my_package.envs:make_env   # your own TorchRL env factory
     python examples/dreamerv2_atari.py --preset debug --logdir /tmp/dbg   # ~1 minute on a CPU
+
+``--env`` takes a ``make_env`` name (``atari:<Game>``, ``gym:<id>``, ``dmc:<domain>-<task>``, ``catch``) or the
+import path ``package.module:function`` of a function that returns a TorchRL ``EnvBase`` (the current directory is
+importable); ``InitTracker`` and the policy's recurrent-state primer are added when missing.
 
 Every hyperparameter of the preset can be overridden with ``--<name> <value>``
 (see ``--help``). Running the same command again on the same ``--logdir``
@@ -18,7 +23,7 @@ import sys
 import typing
 
 from torchrl_dreamer.config import PRESETS, DreamerV2Config
-from torchrl_dreamer.trainers import CheckpointError, DreamerV2Training
+from torchrl_dreamer.trainers import CheckpointError, make_dreamerv2_trainer
 
 _SPECIAL = {"env", "seed", "num_envs", "precision", "env_kwargs"}
 
@@ -51,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = parser.add_argument_group("run")
     run.add_argument("--preset", default="atari", choices=sorted(PRESETS), help="hyperparameter preset")
     run.add_argument("--game", default=None, help="Atari game, e.g. Pong, Boxing, Freeway (sets --env atari:<game>)")
-    run.add_argument("--env", default=None, help='any make_env name: "atari:Pong", "gym:CartPole-v1", "dmc:walker-walk", "catch"')
+    run.add_argument("--env", default=None, help='a make_env name ("atari:Pong", "gym:CartPole-v1", '
+                     '"dmc:walker-walk", "catch") or an env factory "package.module:function"')
     run.add_argument("--logdir", default=None, help="run directory (default: logs/<env>-<preset>-seed<seed>)")
     run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     run.add_argument("--precision", default=None, choices=["fp32", "bf16"])
@@ -105,17 +111,22 @@ def make_config(args: argparse.Namespace) -> DreamerV2Config:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = make_config(args)
-    logdir = args.logdir or f"logs/{cfg.env.replace(':', '-')}-{args.preset}-seed{cfg.seed}"
+    name = cfg.env.replace(":", "-").replace(".", "-")
+    logdir = args.logdir or f"logs/{name}-{args.preset}-seed{cfg.seed}"
     try:
-        run = DreamerV2Training(
+        trainer = make_dreamerv2_trainer(
             cfg, logdir, device=args.device, progress=not args.no_progress, parallel_envs=not args.serial_envs
         )
-    except (FileNotFoundError, CheckpointError, ValueError, ImportError) as err:
+    except (OSError, CheckpointError, ValueError, TypeError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"{'Resuming' if run.resumed else 'Starting'} DreamerV2 on {cfg.env} ({args.preset} preset) in {run.logdir} "
-          f"on {run.device}, at {run.counters['steps']} / {cfg.total_steps} agent steps")
-    result = run.train()
+    cfg = trainer.config
+    print(f"{'Resuming' if trainer.resumed else 'Starting'} DreamerV2 on {cfg.env} ({args.preset} preset) in "
+          f"{trainer.logdir} on {trainer.device}, at {trainer.steps} / "
+          f"{cfg.total_steps} agent steps", flush=True)
+    result = trainer.train()
+    if result["interrupted"]:
+        print(f"Interrupted: checkpoint saved in {trainer.logdir}; run the same command to resume.")
     print(json.dumps(result))
     return 130 if result["interrupted"] else 0
 

@@ -6,7 +6,7 @@
 
 For each seed, DreamerV2 trains with the chosen preset (default: the paper's ``atari`` preset, which starts with
 50k agent steps of random prefill) for ``--frames`` environment frames (frames = action repeat x agent steps, 4 on
-Atari) through :class:`~torchrl_dreamer.trainers.DreamerV2Training`, evaluating the greedy policy (actor mode) with
+Atari) through :func:`~torchrl_dreamer.trainers.make_dreamerv2_trainer`, evaluating the greedy policy (actor mode) with
 ``--eval-episodes`` episodes at ``--eval-points`` evenly spaced points. The run of seed ``k`` lives in
 ``<logdir>/seed<k>``; running the same command again resumes it (a larger ``--frames`` extends it) and rebuilds the
 tables.
@@ -18,14 +18,13 @@ below 1M frames show the 1M bin, marked as such; ``n/a`` for non-Atari environme
 to that point (resumes included) and the frames per second.
 
 Per-run files used for the table (all under ``<logdir>/seed<k>/scalars``, lines ``frames,value``):
-``eval_return.csv`` (written by the training loop), ``eval_return_std.csv`` and ``wall_clock.csv`` (written by
-this script at each evaluation).
+``eval_return.csv`` (written by the trainer's evaluation hook), ``eval_return_std.csv`` and ``wall_clock.csv``
+(written by this script's :class:`ShortBudgetRecords` hook after each evaluation).
 """
 from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import sys
 import time
@@ -33,102 +32,50 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
-from torchrl.envs import Transform, TransformedEnv
+from torchrl.trainers import Trainer, TrainerHookBase
 
 from torchrl_dreamer.config import PRESETS, DreamerV2Config
 from torchrl_dreamer.paper import paper_reference
-from torchrl_dreamer.trainers import CheckpointError, DreamerV2Training
+from torchrl_dreamer.trainers import CheckpointError, DreamerV2Trainer, make_dreamerv2_trainer
 
 COLUMNS = ["seed", "frames", "agent_steps", "return_mean", "return_std", "episodes", "paper_mean", "paper_min",
            "paper_max", "paper_frames", "paper_note", "wall_clock_s", "fps"]
-_STATE_FILE = "short_budget_state.json"
 _FIRST_BIN = 1_000_000
 
 
 # ---- training -------------------------------------------------------------------------------------------------
-class _EpisodeReturns(Transform):
-    """Records the undiscounted return of every finished episode into a list (used during evaluation only)."""
+class ShortBudgetRecords(TrainerHookBase):
+    """After each evaluation, logs the standard deviation of its episode returns (``eval_return_std``) and the
+    wall-clock seconds spent on the run so far (``wall_clock``, summed over resumes: the hook's state is
+    checkpointed with the run)."""
 
-    def __init__(self, sink: list[float]):
-        super().__init__()
-        self.sink = sink
-        self.total, self.steps = 0.0, 0
-
-    def _step(self, tensordict, next_tensordict):
-        self.total += float(next_tensordict.get("reward").sum())
-        self.steps += 1
-        if bool(next_tensordict.get("done").any()):
-            self.flush()
-        return next_tensordict
-
-    def _reset(self, tensordict, tensordict_reset):
-        self.flush()  # an episode cut by the evaluation's step limit
-        return tensordict_reset
-
-    def flush(self) -> None:
-        if self.steps:
-            self.sink.append(self.total)
-        self.total, self.steps = 0.0, 0
-
-
-class ShortBudgetTraining(DreamerV2Training):
-    """:class:`DreamerV2Training` that also logs, at each evaluation, the standard deviation of the episode
-    returns (``eval_return_std``) and the wall-clock seconds spent on the run so far (``wall_clock``, summed over
-    resumes)."""
-
-    _eval_sink: list[float] | None = None
-    _eval_recorder: _EpisodeReturns | None = None
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self._clock_start = time.perf_counter()
-        self._clock_offset = 0.0
-        if self.resumed:  # evenly spaced evaluations of the current budget, also when --frames grew
-            every, steps = self.config.eval_every, self.counters["steps"]
-            self.counters["next_eval"] = (steps // every + 1) * every
-        state_path = self.logdir / _STATE_FILE
-        if self.resumed and state_path.exists():
-            state = json.loads(state_path.read_text())
-            if state.get("steps") == self.counters["steps"]:
-                self._clock_offset = float(state["wall_clock"])
+    def __init__(self, trainer: DreamerV2Trainer):
+        self.trainer = trainer
+        self._seen: dict | None = None
+        self._offset, self._start = 0.0, time.perf_counter()
 
     @property
     def wall_clock(self) -> float:
-        return self._clock_offset + time.perf_counter() - self._clock_start
+        return self._offset + time.perf_counter() - self._start
 
-    def _make_single_env(self, seed: int):
-        env = super()._make_single_env(seed)
-        if self._eval_sink is None:
-            return env
-        self._eval_recorder = _EpisodeReturns(self._eval_sink)
-        if isinstance(env, TransformedEnv):
-            env.append_transform(self._eval_recorder)
-            return env
-        return TransformedEnv(env, self._eval_recorder)
+    def __call__(self) -> None:
+        last = self.trainer.evaluation.last
+        if last is None or last is self._seen:
+            return
+        self._seen = last
+        frames = int(self.trainer.collected_frames)
+        self.trainer.logger.log_scalar("eval_return_std", float(np.std(last["returns"])), step=frames)
+        self.trainer.logger.log_scalar("wall_clock", self.wall_clock, step=frames)
 
-    def evaluate(self, episodes: int | None = None, **kwargs: Any) -> dict[str, float]:
-        self._eval_sink, returns = [], None
-        try:
-            result = super().evaluate(episodes, **kwargs)
-            if self._eval_recorder is not None:
-                self._eval_recorder.flush()
-            returns = self._eval_sink
-        finally:
-            self._eval_sink, self._eval_recorder = None, None
-        if returns:
-            if not math.isclose(float(np.mean(returns)), result["eval_return"], rel_tol=1e-6, abs_tol=1e-6):
-                print(f"warning: recorded episode returns {returns} do not average to eval_return "
-                      f"{result['eval_return']}", file=sys.stderr)
-            result["eval_return_std"] = float(np.std(returns))
-            self.logger.log_scalar("eval_return_std", result["eval_return_std"], self.frames)
-        self.logger.log_scalar("wall_clock", self.wall_clock, self.frames)
-        return result
+    def state_dict(self) -> dict[str, float]:
+        return {"wall_clock": self.wall_clock}
 
-    def save_checkpoint(self) -> Path:
-        path = super().save_checkpoint()
-        state = {"steps": self.counters["steps"], "wall_clock": self.wall_clock}
-        (self.logdir / _STATE_FILE).write_text(json.dumps(state))
-        return path
+    def load_state_dict(self, state_dict: dict[str, float]) -> None:
+        self._offset, self._start = float(state_dict["wall_clock"]), time.perf_counter()
+
+    def register(self, trainer: Trainer, name: str = "short_budget") -> None:
+        trainer.register_op("post_steps", self)
+        trainer.register_module(name, self)
 
 
 def make_config(args: argparse.Namespace, seed: int) -> DreamerV2Config:
@@ -148,24 +95,24 @@ def make_config(args: argparse.Namespace, seed: int) -> DreamerV2Config:
     return cfg.replace(total_steps=total_steps, eval_every=eval_every, eval_episodes=args.eval_episodes)
 
 
-def train_seed(cfg: DreamerV2Config, logdir: Path, *, device: str, progress: bool) -> ShortBudgetTraining:
-    saved = logdir / "config.json"
-    if (logdir / "checkpoint.pt").exists() and saved.exists():
-        env = json.loads(saved.read_text()).get("env")
-        if env != cfg.env:
-            raise SystemExit(f"error: {logdir} holds a run on {env!r}, not {cfg.env!r}; choose another --logdir")
-    run = ShortBudgetTraining(cfg, logdir, device=device, progress=progress)
-    steps = run.counters["steps"]
+def train_seed(cfg: DreamerV2Config, logdir: Path, *, device: str, progress: bool) -> DreamerV2Trainer:
+    trainer = make_dreamerv2_trainer(cfg, logdir, device=device, progress=progress)
+    ShortBudgetRecords(trainer).register(trainer)
+    steps = trainer.steps
     if steps >= cfg.total_steps:
-        print(f"{logdir}: already trained for {run.frames} frames (budget {cfg.total_steps * cfg.action_repeat})")
-        return run
-    print(f"{'Resuming' if run.resumed else 'Starting'} {cfg.env} seed {cfg.seed} in {logdir} on {run.device}: "
-          f"{steps} / {cfg.total_steps} agent steps, {cfg.eval_episodes} evaluation episodes every "
+        print(f"{logdir}: already trained for {steps * cfg.action_repeat} frames "
+              f"(budget {cfg.total_steps * cfg.action_repeat})")
+        return trainer
+    # evenly spaced evaluations of the current budget, also when --frames grew
+    trainer.evaluation.every.every = cfg.eval_every
+    trainer.evaluation.every.next = (steps // cfg.eval_every + 1) * cfg.eval_every
+    print(f"{'Resuming' if trainer.resumed else 'Starting'} {cfg.env} seed {cfg.seed} in {logdir} on "
+          f"{trainer.device}: {steps} / {cfg.total_steps} agent steps, {cfg.eval_episodes} evaluation episodes every "
           f"{cfg.eval_every} agent steps", flush=True)
-    result = run.train()
+    result = trainer.train()
     if result["interrupted"]:
         raise KeyboardInterrupt
-    return run
+    return trainer
 
 
 # ---- tables -------------------------------------------------------------------------------------------------
@@ -325,11 +272,11 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = logdir / f"seed{cfg.seed}"
         if not interrupted:
             try:
-                run = train_seed(cfg, run_dir, device=args.device, progress=not args.no_progress)
-                device = str(run.device)
+                trainer = train_seed(cfg, run_dir, device=args.device, progress=not args.no_progress)
+                device = str(trainer.device)
             except KeyboardInterrupt:
                 interrupted = True
-            except (FileNotFoundError, CheckpointError, ValueError, ImportError) as err:
+            except (OSError, CheckpointError, ValueError, TypeError, ImportError) as err:
                 print(f"error: {err}", file=sys.stderr)
                 return 2
         rows += build_rows(run_dir, env=env, seed=cfg.seed, action_repeat=cfg.action_repeat,

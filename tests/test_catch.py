@@ -132,3 +132,18 @@ def test_catch_scale_draws_cells_as_blocks():
     assert torch.equal(b, a.repeat_interleave(2, -1).repeat_interleave(2, -2))
     with pytest.raises(ValueError, match="scale"):
         CatchEnv(size=8, scale=0)
+
+
+def test_vector_obs_adds_a_float_observation():
+    env = CatchEnv(size=8, seed=0, vector_obs=True)
+    check_env_specs(env)
+    td = env.rollout(3, policy=lambda td: td.set("action", RIGHT))
+    obs = td["next", "observation"]
+    assert obs.dtype == torch.float32 and obs.shape == (3, 3)
+    expected = torch.cat([td["next", "ball"], td["next", "paddle"]], -1).float() / 7
+    torch.testing.assert_close(obs, expected)
+    assert "observation" not in CatchEnv(size=8).observation_spec.keys()
+    wrapped = make_env("catch", vector_obs=True, seed=0)
+    check_env_specs(wrapped)
+    assert wrapped.observation_spec["observation"].shape == (3,)
+    assert make_env("catch:10", vector_obs=True).reset()["observation"].shape == (3,)

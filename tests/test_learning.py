@@ -1,7 +1,7 @@
 """DreamerV2 learns Catch from pixels through the real training loop (slow test).
 
 Each seed trains a small DreamerV2 (the ``debug`` preset with the overrides in ``CONFIG``) with
-``DreamerV2Training(...).train()`` (collector, replay, world-model / actor / critic updates, target critic,
+``make_dreamerv2_trainer(...).train()`` (collector, replay, world-model / actor / critic updates, target critic,
 checkpoint), then evaluates the greedy policy (actor mode) on ``EVAL_EPISODES`` fresh episodes and requires a mean
 return of at least ``THRESHOLD``.
 
@@ -40,7 +40,7 @@ import pytest
 import torch
 
 from torchrl_dreamer.config import DreamerV2Config
-from torchrl_dreamer.trainers import DreamerV2Training
+from torchrl_dreamer.trainers import make_dreamerv2_trainer
 
 SEEDS = (0, 1)
 THRESHOLD = 0.5
@@ -93,10 +93,10 @@ def one_thread():
 def test_dreamerv2_learns_catch(seed, tmp_path, one_thread):
     cfg = DreamerV2Config.preset("debug", **CONFIG, seed=seed)
     start = time.perf_counter()
-    run = DreamerV2Training(cfg, tmp_path / "run", device="cpu", progress=False)
-    result = run.train()
+    trainer = make_dreamerv2_trainer(cfg, tmp_path / "run", device="cpu", progress=False)
+    result = trainer.train()
     train_seconds = time.perf_counter() - start
-    evaluation = run.evaluate(episodes=EVAL_EPISODES)
+    evaluation = trainer.evaluation.evaluate(episodes=EVAL_EPISODES)
     print(f"\nDreamerV2 on Catch, seed {seed}: greedy return {evaluation['eval_return']:.3f} over {EVAL_EPISODES} "
           f"episodes after {result['steps']} agent steps and {result['updates']} updates ({train_seconds:.0f} s)")
     assert result["steps"] == cfg.total_steps and not result["interrupted"]

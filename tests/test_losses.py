@@ -107,6 +107,27 @@ def test_model_loss_key_renaming():
         loss.model_loss.set_keys(not_a_key="x")
 
 
+def test_model_loss_reads_observation_keys_from_the_world_model():
+    spec = Composite(camera=Unbounded((1, 16, 16), dtype=torch.uint8), proprio=Unbounded((3,)))
+    models = make_dreamerv2_models(spec, OneHot(3), **DEBUG_SIZES)
+    loss = DreamerV2ModelLoss(models.world_model)
+    assert loss.in_keys[:2] == ["camera", "proprio"]
+    assert {"reco_loss_camera", "reco_loss_proprio"} <= set(loss.out_keys)
+    for removed in ("pixels", "reco_pixels"):
+        with pytest.raises(ValueError):
+            loss.set_keys(**{removed: "x"})
+    batch = make_batch(2, 4, obs_key="camera")
+    with pytest.raises(KeyError, match="proprio"):
+        loss(batch.clone())
+    batch["proprio"] = torch.randn(2, 4, 3)
+    out = loss(batch)
+    assert set(loss.out_keys) == set(out.keys())
+    torch.testing.assert_close(out["image_loss"], out["reco_loss_camera"] + out["reco_loss_proprio"])
+    # a single entry: no per-entry diagnostics, the same out_keys as before
+    single = make_dreamerv2_models(PIXELS, OneHot(3), **DEBUG_SIZES).world_model
+    assert not any(k.startswith("reco_loss_") for k in DreamerV2ModelLoss(single).out_keys)
+
+
 def _capture_imagination(loss):
     captured = {}
     rssm = loss.model_loss.world_model.rssm

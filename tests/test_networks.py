@@ -7,11 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from torchrl_dreamer.modules import RSSMV2, count_parameters, straight_through_sample
+from torchrl_dreamer.modules import RSSMV2, ObsDecoderV2, ObsEncoderV2, count_parameters, straight_through_sample
 from torchrl_dreamer.modules.networks import (
     ConvDecoderV2,
     ConvEncoderV2,
     conv2d_patches,
+    conv_layout,
     conv_transpose2d_1x1,
     conv_transpose2d_subpixel,
 )
@@ -122,11 +123,17 @@ def test_kernels_in_float32_at_the_atari_sizes():
 # ---- encoder and decoder ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("channels,size", [(1, 64), (3, 32), (1, 16)])
-def test_conv_encoder_decoder_fast_path_matches_plain_modules(channels, size):
-    enc = ConvEncoderV2(channels, depth=4, image_size=size).double()
-    dec = ConvDecoderV2(10, 6, channels, depth=4, image_size=size).double()
-    pixels = torch.randint(0, 256, (2, 3, channels, size, size), dtype=torch.uint8)
+@pytest.mark.parametrize(
+    "channels,size,full_coverage",
+    [(1, 64, None), (1, 64, True), (3, 32, None), (1, 16, None), (3, (17, 20), None), (2, 84, None), (1, (48, 64), None)],
+)
+def test_conv_encoder_decoder_fast_path_matches_plain_modules(channels, size, full_coverage):
+    stack = dict(depth=4, image_size=size, full_coverage=full_coverage)
+    enc = ConvEncoderV2(channels, **stack).double()
+    dec = ConvDecoderV2(10, 6, channels, **stack).double()
+    assert enc.full_coverage == dec.full_coverage == (size != 64 or bool(full_coverage))
+    height, width = (size, size) if isinstance(size, int) else size
+    pixels = torch.randint(0, 256, (2, 3, channels, height, width), dtype=torch.uint8)
     state, belief = _leaf(2, 3, 10), _leaf(2, 3, 6)
     params = [*enc.parameters(), *dec.parameters(), state, belief]
     results = []
@@ -136,7 +143,7 @@ def test_conv_encoder_decoder_fast_path_matches_plain_modules(channels, size):
         loss = (embed.sin() * torch.linspace(-1, 1, embed.shape[-1], dtype=embed.dtype)).sum() + (image**2).sum()
         results.append((embed, image, torch.autograd.grad(loss, params)))
     (e1, i1, g1), (e2, i2, g2) = results
-    assert e1.shape == (2, 3, enc.embed_dim) and i1.shape == (2, 3, channels, size, size)
+    assert e1.shape == (2, 3, enc.embed_dim) and i1.shape == (2, 3, channels, height, width)
     torch.testing.assert_close(e1, e2, atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(i1, i2, atol=1e-10, rtol=1e-10)
     for a, b in zip(g1, g2):
@@ -176,6 +183,90 @@ def test_fast_path_in_float32_and_under_bf16_autocast():
     for a, b in zip(outs[True, "bf16"], outs[False, "bf16"]):
         assert a.dtype == b.dtype == torch.bfloat16
         torch.testing.assert_close(a.float(), b.float(), atol=0.1, rtol=0.05)
+
+
+# ---- image sizes and pixel coverage ------------------------------------------------------------
+
+
+def _input_gradient(enc, height, width):
+    """|d(random projection of the embedding) / d(input)| summed over channels: [H, W]."""
+    x = torch.rand(2, enc.in_channels, height, width, dtype=torch.float64, requires_grad=True)
+    embed = enc(x)
+    (grad,) = torch.autograd.grad((embed * torch.randn_like(embed)).sum(), x)
+    return grad.abs().sum((0, 1))
+
+
+@pytest.mark.parametrize(
+    "size,full_coverage,layers",
+    [
+        (16, None, 2),
+        ((17, 20), None, 2),
+        (32, None, 3),
+        (48, None, 4),
+        (64, True, 4),
+        (84, None, 4),
+        ((84, 16), None, 2),
+    ],
+)
+def test_full_coverage_stack_sees_every_pixel_and_decodes_the_input_shape(size, full_coverage, layers):
+    torch.manual_seed(6)
+    enc = ConvEncoderV2(2, depth=3, image_size=size, full_coverage=full_coverage).double()
+    dec = ConvDecoderV2(5, 4, 2, depth=3, image_size=size, full_coverage=full_coverage)
+    height, width = enc.image_size
+    assert enc.full_coverage and len(enc.layer_sizes) == layers + 1
+    assert min(enc.layer_sizes[-1]) <= 4 or layers == 4
+    assert torch.all(_input_gradient(enc, height, width) > 0)
+    assert dec(torch.zeros(3, 5), torch.zeros(3, 4)).shape == (3, 2, height, width)
+
+
+def test_reference_stack_at_64_never_sees_the_last_two_rows_and_columns():
+    """The paper's unpadded encoder (64 -> 31 -> 14 -> 6 -> 2) drops the first layer's output row 30."""
+    torch.manual_seed(7)
+    enc = ConvEncoderV2(1, depth=3).double()
+    assert not enc.full_coverage and enc.layer_sizes[-1] == (2, 2)
+    grad = _input_gradient(enc, 64, 64)
+    seen = grad > 0
+    assert not seen[62:].any() and not seen[:, 62:].any()
+    assert seen[:62, :62].all()
+
+
+def test_conv_layout_rules_and_errors():
+    assert conv_layout(64) == (False, [(64, 64), (31, 31), (14, 14), (6, 6), (2, 2)])
+    assert conv_layout(64, True)[1] == [(64, 64), (32, 32), (16, 16), (8, 8), (4, 4)]
+    assert conv_layout(84)[1][-1] == (5, 5) and conv_layout((17, 20))[1][-1] == (4, 5)
+    with pytest.raises(ValueError, match=r"at least 16 x 16.*8 x 16.*Resize.*size argument"):
+        conv_layout((8, 16))
+    with pytest.raises(ValueError, match="only at 64 x 64"):
+        ConvEncoderV2(1, image_size=32, full_coverage=False)
+    assert not ConvDecoderV2(4, 4, 1, depth=2, full_coverage=False).full_coverage
+
+
+# ---- several observation entries -------------------------------------------------------------
+
+
+def test_obs_encoder_stacks_images_along_channels_and_concatenates_vectors():
+    torch.manual_seed(8)
+    images, vectors = {"a": (1, 16, 20), ("b", "c"): (2, 16, 20)}, {"v": 3, "w": 2}
+    enc = ObsEncoderV2(images, vectors, cnn_depth=2, mlp_units=6, mlp_layers=1)
+    a = torch.randint(0, 256, (4, 1, 16, 20), dtype=torch.uint8)
+    b = torch.randint(0, 256, (4, 2, 16, 20), dtype=torch.uint8)
+    v, w = torch.randn(4, 3), torch.randn(4, 2)
+    embed = enc(a, b, v, w)
+    assert embed.shape == (4, enc.cnn.embed_dim + 6) == (4, enc.embed_dim)
+    torch.testing.assert_close(embed[:, : enc.cnn.embed_dim], enc.cnn(torch.cat([a, b], -3)))
+    torch.testing.assert_close(embed[:, enc.cnn.embed_dim :], enc.mlp(torch.cat([v, w], -1)))
+    with pytest.raises(ValueError, match="share H x W"):
+        ObsEncoderV2({"a": (1, 16, 16), "b": (1, 32, 32)}, {})
+
+
+def test_obs_decoder_splits_channels_and_features_per_entry():
+    dec = ObsDecoderV2(6, 4, {"a": (1, 16, 16), "b": (2, 16, 16)}, {"v": 3, "w": 2}, cnn_depth=2, mlp_units=5)
+    state, belief = torch.randn(7, 6), torch.randn(7, 4)
+    a, b, v, w = dec(state, belief)
+    image, vector = dec.cnn(state, belief), dec.mlp(state, belief)
+    assert torch.equal(torch.cat([a, b], -3), image) and torch.equal(torch.cat([v, w], -1), vector)
+    assert (a.shape, b.shape, v.shape, w.shape) == ((7, 1, 16, 16), (7, 2, 16, 16), (7, 3), (7, 2))
+    assert ObsDecoderV2(6, 4, {}, {"v": 3}, mlp_units=5, mlp_layers=1).cnn is None
 
 
 # ---- latent sampling -------------------------------------------------------------------------

@@ -120,7 +120,7 @@ def test_short_budget_command_on_catch_and_resume(tmp_path):
     md = (logdir / "results.md").read_text()
     assert md.count("| n/a | n/a |") == 6 and "| mean of 2 | 300 |" in md
     for seed in (0, 1):
-        assert (logdir / f"seed{seed}" / "checkpoint.pt").exists()
+        assert (logdir / f"seed{seed}" / "checkpoint.tdz").exists()
         evals = short_budget.read_scalar_csv(logdir / f"seed{seed}" / "scalars" / "eval_return.csv")
         assert list(evals) == [150, 300]
 

@@ -1,4 +1,4 @@
-"""The training example end to end: debug run, records, resume after SIGKILL, Ctrl-C, errors, Trainer hooks."""
+"""The one training path end to end: CLI and Python, user envs, stock TorchRL hooks, resume, SIGKILL, Ctrl-C."""
 from __future__ import annotations
 
 import json
@@ -12,9 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from torchrl.checkpoint import Checkpoint
+from torchrl.trainers import LogScalar
 
 from torchrl_dreamer.config import DreamerV2Config
-from torchrl_dreamer.trainers import CheckpointError, DreamerV2Training, make_dreamerv2_trainer
+from torchrl_dreamer.envs import CatchEnv
+from torchrl_dreamer.trainers import CHECKPOINT_FILE, CheckpointError, DreamerV2Trainer, make_dreamerv2_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "dreamerv2_atari.py"
@@ -22,37 +25,136 @@ METRICS = ["train_return", "train_length", "eval_return", "eval_length", "fps", 
            "discount_loss", "model_kl", "prior_ent", "post_ent", "model_loss", "model_grad_norm", "actor_loss",
            "actor_ent", "actor_grad_norm", "critic_loss", "critic_grad_norm", "critic", "critic_target",
            "critic_slow", "reward_mean", "reward_std"]
+QUIET = dict(eval_every=10**9, video_every=10**9, checkpoint_every=10**9)
 
 
-def _run(*args, timeout=240, **kwargs):
+def _run(*args, timeout=300, **kwargs):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, str(EXAMPLE), *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, **kwargs)
+                          timeout=timeout, cwd=ROOT, env=env, **kwargs)
+
+
+def _result(proc) -> dict:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _last(logdir: Path, name: str) -> tuple[int, float]:
+    frames, value = (logdir / "scalars" / f"{name}.csv").read_text().strip().splitlines()[-1].split(",")
+    return int(frames), float(value)
 
 
 @pytest.mark.slow
 def test_debug_run_end_to_end(tmp_path):
     logdir = tmp_path / "run"
     proc = _run("--preset", "debug", "--logdir", logdir)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = _result(proc)
     assert result["steps"] == 400 and result["updates"] > 0 and "last_eval" in result
-    assert "frame" in proc.stderr  # the tqdm progress bar
+    assert "frame" in proc.stderr or "it/s" in proc.stderr  # the progress bar
     for name in METRICS:
-        lines = (logdir / "scalars" / f"{name}.csv").read_text().strip().splitlines()
-        frames, value = lines[-1].split(",")
-        assert int(frames) > 0 and value not in ("nan", "inf"), name
+        frames, value = _last(logdir, name)
+        assert frames > 0 and value == value and abs(value) != float("inf"), name
     gifs = sorted((logdir / "videos").glob("openl_*.gif"))
-    assert gifs
+    assert gifs and sorted((logdir / "videos").glob("openl_*.pt"))  # the GIF and the logger's log_video
     with Image.open(gifs[-1]) as gif:
         assert gif.n_frames == 10  # batch_length frames: 5 observed, 5 imagined
-        assert gif.size == (2 * 16 * 4, 2 * 16 * 3)  # 4 sequences side by side, truth / model / error rows
+        assert gif.size == (2 * 16 * 4, 2 * 16 * 3)  # drawn at 2x: 4 sequences side by side, truth / model / error rows
     config = json.loads((logdir / "config.json").read_text())
     assert config["env"] == "catch" and config["rnn_hidden_dim"] == 32
-    state = torch.load(logdir / "checkpoint.pt", weights_only=False)
-    assert state["counters"]["steps"] == 400
+    assert Checkpoint.manifest(logdir / CHECKPOINT_FILE)["metadata"]["steps"] == 400
     # a finished run resumes and stops at once
     again = _run("--preset", "debug", "--logdir", logdir, "--no-progress")
-    assert again.returncode == 0 and "Resuming" in again.stdout
+    assert _result(again)["steps"] == 400 and "Resuming" in again.stdout
+
+
+@pytest.mark.slow
+def test_cartpole_from_the_readme_trains_and_evaluates(tmp_path):
+    proc = _run("--env", "gym:CartPole-v1", "--preset", "debug", "--total-steps", 600, "--prefill", 300,
+                "--eval-every", 600, "--logdir", tmp_path / "cartpole", "--no-progress")
+    result = _result(proc)
+    assert result["updates"] > 0 and result["last_eval"]["eval_length"] >= 8
+    assert _last(tmp_path / "cartpole", "image_loss")[1] > 0  # the vector observation is reconstructed
+    assert not (tmp_path / "cartpole" / "videos").exists() or not list((tmp_path / "cartpole" / "videos").glob("*.gif"))
+
+
+@pytest.mark.slow
+def test_dict_observation_env_from_a_factory_cli_and_python(tmp_path):
+    proc = _run("--env", "tests.user_envs:dict_catch", "--preset", "debug", "--total-steps", 300, "--prefill", 150,
+                "--logdir", tmp_path / "cli", "--no-progress", *sum(([f"--{k.replace('_', '-')}", v]
+                                                                     for k, v in QUIET.items()), []))
+    assert _result(proc)["updates"] > 0
+    from tests.user_envs import dict_catch
+
+    cfg = DreamerV2Config.preset("debug", total_steps=300, prefill=150, **QUIET)
+    trainer = make_dreamerv2_trainer(cfg, tmp_path / "py", env=dict_catch, device="cpu", progress=False)
+    world_model = trainer.models.world_model
+    assert world_model.cnn_keys == ["pixels"] and world_model.mlp_keys == ["observation"]
+    sample_keys = set()
+    trainer.register_op("process_optim_batch", lambda batch: sample_keys.update(batch.keys()))
+    assert trainer.train()["updates"] > 0
+    assert {"pixels", "observation"} <= sample_keys  # both observations are stored and sampled
+
+
+@pytest.mark.slow
+def test_user_atari_env_built_from_torchrl_transforms(tmp_path):
+    """GymEnv("ALE/Pong-v5") + ToTensorImage + GrayScale + InitTracker, 210 x 160 frames, as a factory."""
+    from tests.user_envs import pong_gray
+
+    args = dict(total_steps=120, prefill=80, train_every=20, batch_length=8, **QUIET)
+    cfg = DreamerV2Config.preset("debug", **args)
+    trainer = make_dreamerv2_trainer(cfg, tmp_path / "py", env=pong_gray, device="cpu", progress=False)
+    assert trainer.models.world_model.cnn_keys == ["pixels"]
+    assert trainer.train()["updates"] > 0
+    flags = sum(([f"--{k.replace('_', '-')}", v] for k, v in args.items()), [])
+    proc = _run("--env", "tests.user_envs:pong_gray", "--preset", "debug", *flags, "--logdir", tmp_path / "cli",
+                "--no-progress")
+    assert _result(proc)["updates"] > 0
+
+
+def test_env_instance_with_evaluation_on_the_same_env(tmp_path):
+    cfg = DreamerV2Config.preset("debug", total_steps=200, prefill=100, eval_every=100, video_every=10**9)
+    trainer = make_dreamerv2_trainer(cfg, tmp_path / "run", env=CatchEnv(size=8, scale=2, seed=1), device="cpu",
+                                     progress=False)
+    result = trainer.train()
+    assert result["steps"] == 200 and result["last_eval"]["eval_length"] == 7.0
+    assert trainer.config.env == "CatchEnv instance"
+    with pytest.raises(ValueError, match="factory"):
+        make_dreamerv2_trainer(cfg.replace(num_envs=2, train_every=10), tmp_path / "two", env=CatchEnv(size=8, scale=2),
+                               device="cpu", progress=False)
+
+
+def test_one_trainer_stock_and_user_hooks_and_compute_loss(tmp_path):
+    cfg = DreamerV2Config.preset("debug", total_steps=260, prefill=150, train_every=10, **QUIET)
+    trainer = make_dreamerv2_trainer(cfg, tmp_path / "run", device="cpu", progress=False)
+    assert isinstance(trainer, DreamerV2Trainer)
+    calls, methods = [], []
+    trainer.register_op("post_optim", lambda: calls.append(1))  # a user's own hook
+    LogScalar(key=("next", "reward"), logname="batch_reward", log_pbar=False).register(trainer)  # a stock one
+    compute_loss = trainer.compute_loss
+
+    def counting(batch, method=None):
+        methods.append(method)
+        return compute_loss(batch, method=method)
+
+    trainer.compute_loss = counting
+    result = trainer.train()
+    value_loss = trainer.loss_module.value_loss
+    # prefill 150 steps, pretrain 2, then one update per 10 steps: 2 + (260 - 150) // 10
+    assert result["updates"] == len(calls) == int(value_loss.num_updates) == 2 + 11
+    assert methods == ["model_loss", "actor_loss", "value_loss"] * result["updates"]
+    assert (tmp_path / "run" / "scalars" / "batch_reward.csv").exists()
+    assert (tmp_path / "run" / "scalars" / "model_loss.csv").exists()
+
+
+def test_prefill_counts_agent_steps_with_action_repeat(tmp_path):
+    cfg = DreamerV2Config.preset("debug", action_repeat=4, total_steps=200, prefill=160, pretrain=3, **QUIET)
+    trainer = make_dreamerv2_trainer(cfg, tmp_path / "run", device="cpu", progress=False)
+    first_update = []
+    trainer.register_op("post_optim", lambda: first_update.append(trainer.steps) if not first_update else None)
+    result = trainer.train()
+    assert first_update == [160]  # not at a quarter of the prefill
+    assert result["updates"] == 3 + (200 - 160) // 10 and result["frames"] == 800
+    assert trainer.collected_frames == 800
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 180):
@@ -62,62 +164,60 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 180):
             raise AssertionError(proc.stderr.read()[-3000:])
         if time.time() > deadline:
             proc.kill()
-            raise AssertionError("no checkpoint in time")
+            raise AssertionError(f"no {path.name} in time")
         time.sleep(0.2)
+
+
+def _popen(*args):
+    return subprocess.Popen([sys.executable, str(EXAMPLE), *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
 
 @pytest.mark.slow
 def test_resume_after_sigkill_continues_from_checkpoint(tmp_path):
     logdir = tmp_path / "run"
-    args = ["--preset", "debug", "--logdir", logdir, "--total-steps", 5000, "--checkpoint-every", 200,
-            "--eval-every", 1e9, "--video-every", 1e9, "--no-progress"]
-    proc = subprocess.Popen([sys.executable, str(EXAMPLE), *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    checkpoint = logdir / "checkpoint.pt"
+    proc = _popen("--preset", "debug", "--logdir", logdir, "--total-steps", 5000, "--checkpoint-every", 200,
+                  "--eval-every", 1e9, "--video-every", 1e9, "--no-progress")
+    checkpoint = logdir / CHECKPOINT_FILE
     _wait_for(checkpoint, proc)
-    time.sleep(1.0)  # let it run past the checkpoint, then kill it without warning
+    time.sleep(1.5)  # let it run past the checkpoint, then kill it without warning
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    state = torch.load(checkpoint, weights_only=False)
-    steps = state["counters"]["steps"]
-    assert steps >= 200 and state["counters"]["updates"] > 0
+    saved = Checkpoint.manifest(checkpoint)["metadata"]
+    assert saved["steps"] >= 200 and saved["updates"] > 0
 
     cfg = DreamerV2Config(**json.loads((logdir / "config.json").read_text()))
-    run = DreamerV2Training(cfg.replace(total_steps=steps + 60), logdir, device="cpu", progress=False)
-    assert run.resumed
-    assert run.counters == state["counters"]
-    assert len(run.replay) == state["replay_rows"]
-    for key, value in run.loss.state_dict().items():
-        torch.testing.assert_close(value, state["loss"][key], msg=key)
-    for name, opt in run.stepper.optimizers.items():
-        saved = state["optimizers"][name]["state"]
-        assert saved and all(
-            torch.equal(opt.state_dict()["state"][i]["exp_avg"], saved[i]["exp_avg"]) for i in saved
-        )
-    result = run.train()
-    assert result["steps"] == steps + 60
-    assert result["updates"] > state["counters"]["updates"]
-    assert len(run.replay) > state["replay_rows"]
-    final = torch.load(checkpoint, weights_only=False)
-    assert final["counters"]["steps"] == steps + 60
-    assert int(final["loss"]["value_loss.num_updates"]) == final["counters"]["updates"]
+    trainer = make_dreamerv2_trainer(cfg.replace(total_steps=saved["steps"] + 60), logdir, device="cpu",
+                                     progress=False)
+    assert trainer.resumed and (trainer.steps, trainer.updates) == (saved["steps"], saved["updates"])
+    assert trainer.collected_frames == saved["steps"]
+    rows = len(trainer.replay_buffer)
+    assert rows >= saved["steps"]  # every transition of the checkpoint, plus the final rows of episodes
+    updates_in_loss = int(trainer.loss_module.value_loss.num_updates)
+    assert updates_in_loss == saved["updates"]
+    optimizer_state = trainer.optimization_stepper.optimizers["model"].state_dict()["state"]
+    assert optimizer_state and all(int(s["step"]) == saved["updates"] for s in optimizer_state.values())
+    result = trainer.train()
+    assert result["steps"] == saved["steps"] + 60 and result["updates"] > saved["updates"]
+    assert len(trainer.replay_buffer) > rows
+    final = Checkpoint.manifest(checkpoint)["metadata"]
+    assert final["steps"] == saved["steps"] + 60 and final["updates"] == result["updates"]
 
 
 @pytest.mark.slow
-def test_ctrl_c_saves_checkpoint(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_and_sigterm_save_a_checkpoint(tmp_path, sig):
     logdir = tmp_path / "run"
-    args = ["--preset", "debug", "--logdir", logdir, "--total-steps", 100000, "--prefill", 50, "--no-progress",
-            "--eval-every", 1e9, "--video-every", 1e9, "--checkpoint-every", 1e9]
-    proc = subprocess.Popen([sys.executable, str(EXAMPLE), *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = _popen("--preset", "debug", "--logdir", logdir, "--total-steps", 100000, "--prefill", 50, "--no-progress",
+                  "--eval-every", 1e9, "--video-every", 1e9, "--checkpoint-every", 1e9)
     _wait_for(logdir / "scalars" / "train_return.csv", proc)
     time.sleep(1.0)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     assert "checkpoint saved" in out
-    state = torch.load(logdir / "checkpoint.pt", weights_only=False)
-    assert 0 < state["counters"]["steps"] < 100000
+    saved = Checkpoint.manifest(logdir / CHECKPOINT_FILE)["metadata"]
+    assert 0 < saved["steps"] < 100000
 
 
 def test_clear_errors(tmp_path):
@@ -129,52 +229,34 @@ def test_clear_errors(tmp_path):
     assert zero.returncode != 0 and "--total-steps must be >= 1" in zero.stderr + zero.stdout
     not_int = _run("--preset", "debug", "--batch-size", "2.5", "--logdir", tmp_path / "d")
     assert not_int.returncode == 2 and "integer" in not_int.stderr
-    missing = _run("--preset", "debug", "--logdir", tmp_path / "no" / "such" / "run")
-    assert missing.returncode == 2 and "parent of the log directory does not exist" in missing.stderr
     unknown_env = _run("--preset", "debug", "--env", "mujoco:ant", "--logdir", tmp_path / "e")
-    assert unknown_env.returncode == 2 and "Supported names" in unknown_env.stderr
+    assert unknown_env.returncode == 2 and "mujoco" in unknown_env.stderr
+    no_module = _run("--preset", "debug", "--env", "no_such_module:make", "--logdir", tmp_path / "f")
+    assert no_module.returncode == 2 and "no_such_module" in no_module.stderr
+    (tmp_path / "file").write_text("x")
+    a_file = _run("--preset", "debug", "--logdir", tmp_path / "file")
+    assert a_file.returncode == 2 and "existing file" in a_file.stderr
 
 
-def test_corrupt_checkpoint_is_reported(tmp_path):
+def test_corrupt_checkpoint_is_reported_and_nothing_is_written(tmp_path):
     logdir = tmp_path / "run"
     logdir.mkdir()
+    (logdir / CHECKPOINT_FILE).write_bytes(b"PK\x03\x04not a checkpoint")
     cfg = DreamerV2Config.preset("debug")
-    (logdir / "config.json").write_text(json.dumps(cfg.to_dict()))
-    (logdir / "checkpoint.pt").write_bytes(b"\x80\x02not a checkpoint")
     with pytest.raises(CheckpointError, match="corrupt"):
-        DreamerV2Training(cfg, logdir, device="cpu", progress=False)
+        make_dreamerv2_trainer(cfg, logdir, device="cpu", progress=False)
     proc = _run("--preset", "debug", "--logdir", logdir)
-    assert proc.returncode == 2 and "corrupt" in proc.stderr
-    torch.save({"version": 99}, logdir / "checkpoint.pt")
-    with pytest.raises(CheckpointError, match="unknown checkpoint format"):
-        DreamerV2Training(cfg, logdir, device="cpu", progress=False)
-
-
-@pytest.mark.slow
-def test_torchrl_trainer_with_hooks(tmp_path):
-    cfg = DreamerV2Config.preset("debug", total_steps=260, prefill=150, train_every=10)
-    trainer = make_dreamerv2_trainer(cfg, tmp_path / "run", device="cpu", progress=False)
-    calls = []
-    trainer.register_op("post_optim", lambda: calls.append(1))  # a user's own hook
-    critic = next(trainer.dreamer.loss.value_loss.critic.parameters())
-    trainer.train()
-    run = trainer.dreamer
-    assert trainer.collected_frames >= 260
-    assert len(calls) == int(run.loss.value_loss.num_updates) >= 10
-    target = next(run.loss.value_loss.target_critic.parameters())
-    assert torch.equal(target, critic) or int(run.loss.value_loss.num_updates) % cfg.target_update_interval != 1
-    assert len(run.replay) > 260
-    assert (tmp_path / "run" / "scalars" / "model_loss.csv").exists()
-    assert (tmp_path / "run" / "scalars" / "train_return.csv").exists()
+    assert proc.returncode == 2 and "corrupt" in proc.stderr and "Remove" not in proc.stderr
+    assert sorted(p.name for p in logdir.iterdir()) == [CHECKPOINT_FILE]
 
 
 def test_several_serial_envs(tmp_path):
-    cfg = DreamerV2Config.preset("debug", num_envs=2, total_steps=240, eval_every=10**9, video_every=10**9)
-    run = DreamerV2Training(cfg, tmp_path / "run", device="cpu", progress=False, parallel_envs=False)
-    result = run.train()
+    cfg = DreamerV2Config.preset("debug", num_envs=2, total_steps=240, **QUIET)
+    trainer = make_dreamerv2_trainer(cfg, tmp_path / "run", device="cpu", progress=False, parallel_envs=False)
+    result = trainer.train()
     assert result["steps"] == 240 and result["updates"] > 0
     # 2 envs x 120 steps of 15-step Catch episodes: 16 complete episodes, each with its final row
-    assert run.replay.num_episodes == 16
-    assert len(run.replay) == 240 + 16
+    assert trainer.replay_buffer.num_episodes == 16 and result["episodes"] == 16
+    assert len(trainer.replay_buffer) == 240 + 16
     with pytest.raises(ValueError, match="multiple of num_envs"):
-        DreamerV2Training(cfg.replace(num_envs=3), tmp_path / "other", device="cpu", progress=False)
+        make_dreamerv2_trainer(cfg.replace(num_envs=3), tmp_path / "other", device="cpu", progress=False)

@@ -45,6 +45,10 @@ class DreamerV2Config:
     mlp_units: int = 400
     mlp_layers: int = 4
     discount_head: bool = True
+    # observation keys: None picks them from the env's spec (uint8 [C, H, W] images -> CNN, float vectors -> MLP);
+    # otherwise comma-separated keys ("" for none), as the reference's cnn_keys / mlp_keys
+    cnn_keys: str | None = None
+    mlp_keys: str | None = None
     # world-model loss
     lambda_kl: float = 0.1
     lambda_reco: float = 1.0
@@ -78,6 +82,10 @@ class DreamerV2Config:
     batch_length: int = 50
     replay_capacity: int = 2_000_000
     prioritize_ends: bool = True
+    # False: episodes shorter than batch_length are trained on too (a sequence that reaches such an episode's end
+    # continues at another episode's start; the RSSM resets at is_init). Windows inside episodes of batch_length
+    # rows or more are the reference's either way. True: the reference exactly (shorter episodes never sampled).
+    strict_length: bool = False
     eval_every: int = 250_000
     eval_episodes: int = 1
     log_every: int = 10_000
@@ -120,6 +128,8 @@ class DreamerV2Config:
             mlp_units=self.mlp_units,
             mlp_layers=self.mlp_layers,
             discount_head=self.discount_head,
+            cnn_keys=_key_list(self.cnn_keys),
+            mlp_keys=_key_list(self.mlp_keys),
             min_std=self.min_std,
             device=device,
         )
@@ -167,6 +177,10 @@ class DreamerV2Config:
         return DreamerV2OptimizationStepper(
             loss, optimizers if optimizers is not None else self.make_optimizers(loss), precision=self.precision
         )
+
+
+def _key_list(keys: str | None) -> list[str] | None:
+    return None if keys is None else [key.strip() for key in keys.split(",") if key.strip()]
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -1,6 +1,8 @@
 """Run records: loggers, episode statistics and the open-loop prediction video."""
 from __future__ import annotations
 
+import importlib.util
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -13,21 +15,37 @@ __all__ = ["MultiLogger", "make_logger", "EpisodeTracker", "open_loop_video", "w
 
 
 class MultiLogger:
-    """Forwards scalars to several TorchRL loggers (CSV always, TensorBoard when installed).
+    """Forwards scalars, videos and hyperparameters to several TorchRL loggers (CSV always, TensorBoard when installed).
 
-    CSV files land in ``<logdir>/scalars/<name>.csv`` as ``step,value`` lines.
+    CSV files land in ``<logdir>/scalars/<name>.csv`` as ``step,value`` lines; the CSV logger stores videos as
+    ``<logdir>/videos/<name>_<step>.pt`` tensors.
     """
 
     def __init__(self, loggers: Sequence[Logger]):
         self.loggers = list(loggers)
+        self._warned_video = False
 
-    def log_scalar(self, name: str, value: float, step: int) -> None:
+    def log_scalar(self, name: str, value: float, step: int | None = None) -> None:
         for logger in self.loggers:
             logger.log_scalar(name, float(value), step=step)
 
     def log_scalars(self, values: dict[str, float], step: int) -> None:
         for name, value in values.items():
             self.log_scalar(name, value, step)
+
+    def log_video(self, name: str, video: torch.Tensor, step: int | None = None, **kwargs) -> None:
+        for logger in list(self.loggers):
+            if type(logger).__name__ == "TensorboardLogger" and importlib.util.find_spec("moviepy") is None:
+                if not self._warned_video:
+                    warnings.warn("TensorBoard videos need moviepy (pip install moviepy); the open-loop videos are "
+                                  "written as GIFs and CSV-logger tensors only.", stacklevel=2)
+                    self._warned_video = True
+                continue
+            logger.log_video(name, video, step=step, **kwargs)
+
+    def log_hparams(self, cfg: dict) -> None:
+        for logger in self.loggers:
+            logger.log_hparams(cfg)
 
 
 def make_logger(logdir: str | Path, *, tensorboard: bool = True) -> MultiLogger:
@@ -87,10 +105,11 @@ def open_loop_video(world_model, batch: TensorDictBase, *, context: int = 5, num
     """DreamerV2's "openl" video: ``context`` observed frames, then open-loop predictions.
 
     The model filters the first ``context`` observations, then rolls the prior
-    forward from the last posterior with the recorded actions and decodes.
+    forward from the last posterior with the recorded actions and decodes. The
+    frames are those of the world model's first image entry (``cnn_keys[0]``).
 
     Args:
-        world_model: a :class:`~torchrl_dreamer.modules.WorldModelV2` on images.
+        world_model: a :class:`~torchrl_dreamer.modules.WorldModelV2` with at least one image entry.
         batch (TensorDictBase): ``[B, T]`` replay sequences (``B >= 1``).
 
     Keyword Args:
@@ -99,11 +118,15 @@ def open_loop_video(world_model, batch: TensorDictBase, *, context: int = 5, num
 
     Returns: ``uint8 [T, C, 3 * H, n * W]``: rows truth / model / ``(model - truth + 1) / 2``.
     """
+    if not world_model.cnn_keys:
+        raise ValueError(
+            f"open_loop_video needs an image entry, but the world model only models vectors {world_model.mlp_keys}."
+        )
     batch = batch[:num_videos]
-    obs_key = world_model.obs_key
-    pixels = batch.get(obs_key)
+    key = world_model.cnn_keys[0]
+    pixels = batch.get(key)
     if pixels.ndim != 5:
-        raise ValueError("open_loop_video needs image observations [B, T, C, H, W].")
+        raise ValueError(f"open_loop_video needs images [B, T, C, H, W] under {key!r}, got {tuple(pixels.shape)}.")
     steps = pixels.shape[1]
     context = min(context, steps)
     observed = batch[:, :context].clone()
@@ -117,9 +140,9 @@ def open_loop_video(world_model, batch: TensorDictBase, *, context: int = 5, num
         state = rssm.sample(rssm.prior_logits(belief), straight_through=False)
         states.append(state[:, None])
         beliefs.append(belief[:, None])
-    model = world_model.decoder(torch.cat(states, 1), torch.cat(beliefs, 1)) + 0.5
-    truth = pixels.float() / 255.0
-    model = model.clamp(0, 1)
+    model = (world_model.decode(torch.cat(states, 1), torch.cat(beliefs, 1))[key] + 0.5).clamp(0, 1)
+    # uint8 frames as the networks see them (x / 255), float frames shifted back by the same 0.5
+    truth = pixels.float() / 255.0 if pixels.dtype == torch.uint8 else (pixels.float() + 0.5).clamp(0, 1)
     error = (model - truth + 1) / 2
     video = torch.cat([truth, model, error], -2)  # [B, T, C, 3H, W]
     video = video.permute(1, 2, 3, 0, 4).flatten(-2)  # [T, C, 3H, B*W]

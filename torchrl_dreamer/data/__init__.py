@@ -1,12 +1,15 @@
-"""DreamerV2 replay: per-environment FIFO streams of observation rows and the prioritize-ends sequence sampler."""
-from torchrl_dreamer.data.replay import DreamerReplayBuffer, make_replay_buffer, transitions_to_rows
+"""DreamerV2 replay: a TorchRL replay buffer of observation rows, episodes by trajectory id, end-favouring sequences."""
+from torchrl_dreamer.data.episodes import EpisodeTable
+from torchrl_dreamer.data.replay import DreamerReplayBuffer, make_replay_buffer
+from torchrl_dreamer.data.rows import transitions_to_rows
 from torchrl_dreamer.data.samplers import PrioritizeEndsSampler
-from torchrl_dreamer.data.writers import StreamWriter
+from torchrl_dreamer.data.writers import FifoWriter
 
 __all__ = [
     "DreamerReplayBuffer",
+    "EpisodeTable",
+    "FifoWriter",
     "PrioritizeEndsSampler",
-    "StreamWriter",
     "make_replay_buffer",
     "transitions_to_rows",
 ]

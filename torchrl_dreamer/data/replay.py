@@ -1,21 +1,20 @@
-"""DreamerV2 replay: one row per observation, per-environment FIFO streams on disk, end-favouring sequences.
+"""DreamerV2 replay: a TorchRL replay buffer of observation rows on disk, sampled as end-favouring sequences.
 
-Collector batches hold transitions ``(o_t, a_t, r_{t+1}, o_{t+1})``. The buffer stores one row per *observation*
-(pixels once, as uint8) and keeps the final observation of every episode::
+The buffer stores one row per observation, pixels once as uint8, including every episode's final observation
+(see :func:`~torchrl_dreamer.data.transitions_to_rows`), through one FIFO of ``capacity`` rows (see
+:class:`~torchrl_dreamer.data.FifoWriter`). Episodes are keyed by the collector's trajectory ids: with several envs
+or collector workers their rows interleave in storage, and the sampler's
+:class:`~torchrl_dreamer.data.EpisodeTable` keeps each episode's positions in order, so a sampled sequence never
+splices two environments. Sampling (:class:`~torchrl_dreamer.data.PrioritizeEndsSampler`) returns
+``[batch_size, seq_len]`` windows of one episode (or, with ``strict_length=False``, joined short episodes)::
 
-    transition t of one env      ->  row: o_t  a_t  is_init_t | next: r_{t+1} term_{t+1} trunc_{t+1} done_{t+1}
-    ... and if done_{t+1}        ->  row: o_{t+1}  0  False   | next: 0        False      False       False
-
-so an episode of ``N`` transitions has ``N + 1`` rows. Each environment writes its own stream (a FIFO segment of
-one :class:`~torchrl.data.LazyMemmapStorage`, see :class:`~torchrl_dreamer.data.StreamWriter`), so episodes
-stay contiguous even when a collector batch interleaves several envs or splits an episode over several batches.
-Sampling (:class:`~torchrl_dreamer.data.PrioritizeEndsSampler`) returns ``[batch_size, seq_len]`` windows of
-consecutive rows of one episode.
+    storage   a0 a1 b0 b1 b2 a2 a3 b3 a4 ...     (two envs, interleaved by the collector)
+    sample    a1 a2 a3 a4                         (the rows of one episode, in order)
 
 Checkpoints are small: the rows already live in memory-mapped files under ``scratch_dir``, and a checkpoint
-written there records only positions, the episode table and the RNG. A process killed right after a checkpoint
-restores a consistent buffer: rows written after the checkpoint are ignored, and so are the older rows they
-overwrote (found through the writer's persistent high-water marks).
+records only positions, the episode table and the RNG. A process killed right after a checkpoint restores a
+consistent buffer: rows written after the checkpoint are ignored, and so are the older rows they overwrote (found
+through the writer's persistent high-water mark).
 
 Reference: Hafner et al., "Mastering Atari with Discrete World Models" (ICLR 2021), section 6 of the spec.
 """
@@ -28,115 +27,69 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from tensordict import NestedKey, TensorDict, TensorDictBase, is_tensor_collection
-from torchrl.data import LazyMemmapStorage, ReplayBuffer
+from tensordict import NestedKey, TensorDictBase, is_tensor_collection, unravel_key
+from tensordict.nn.utils import _set_dispatch_td_nn_modules
+from torchrl.data import LazyMemmapStorage, TensorDictReplayBuffer
 
+from torchrl_dreamer.data.rows import NEXT_KEYS, next_key, step_rows
 from torchrl_dreamer.data.samplers import PrioritizeEndsSampler
-from torchrl_dreamer.data.writers import StreamWriter
+from torchrl_dreamer.data.writers import FifoWriter
 
-__all__ = ["DreamerReplayBuffer", "make_replay_buffer", "transitions_to_rows"]
+__all__ = ["DreamerReplayBuffer", "make_replay_buffer"]
 
 STATE_FILE = "replay_state.pt"
 ID_FILE = "storage_id"
-_NEXT_KEYS = ("reward", "terminated", "truncated", "done")
 
 
-def _next(key: NestedKey) -> tuple[str, ...]:
-    return ("next", *key) if isinstance(key, tuple) else ("next", key)
+class DreamerReplayBuffer(TensorDictReplayBuffer):
+    """DreamerV2's sequence replay as a TorchRL replay buffer: memmap rows, one FIFO, episodes by trajectory id.
 
-
-def transitions_to_rows(
-    steps: TensorDictBase,
-    *,
-    obs_keys: Sequence[NestedKey] = ("pixels",),
-    continues_episode: bool = False,
-) -> tuple[TensorDictBase, torch.Tensor]:
-    """Turns the transitions of one environment into observation rows, adding a final row after each episode end.
-
-    ``is_init`` is set on the first row of every episode: where the batch says so, after a ``("next", "done")``
-    and on the first row unless ``continues_episode``.
-
-    Args:
-        steps (TensorDictBase): transitions of one env, shape ``[T]``, with the obs keys at root and in ``"next"``,
-            ``"action"``, ``"is_init"`` and ``("next", "reward" | "terminated" | "truncated" | "done")``.
-        obs_keys (sequence of NestedKey, optional): observation keys. Defaults to ``("pixels",)``.
-        continues_episode (bool, optional): whether the first transition continues an episode of an earlier
-            batch. Defaults to ``False``.
-
-    Returns:
-        rows (TensorDictBase): shape ``[T + D]`` with ``D`` the number of episode ends.
-        episode_starts (torch.Tensor): int64 row offsets where an episode begins.
-
-    Examples:
-        >>> done = torch.tensor([False, True, False]).unsqueeze(-1)
-        >>> steps = TensorDict({"observation": torch.arange(3.).unsqueeze(-1), "action": torch.ones(3, 2),
-        ...     "is_init": torch.tensor([True, False, True]).unsqueeze(-1),
-        ...     "next": {"observation": torch.arange(1., 4.).unsqueeze(-1), "reward": torch.ones(3, 1),
-        ...              "terminated": done, "truncated": torch.zeros_like(done), "done": done}}, [3])
-        >>> rows, starts = transitions_to_rows(steps, obs_keys=("observation",))
-        >>> rows["observation"].squeeze(-1).tolist(), starts.tolist()  # the final observation 2. gets its own row
-        ([0.0, 1.0, 2.0, 2.0], [0, 3])
-    """
-    num_steps = steps.shape[0]
-    done = steps.get(("next", "done")).reshape(num_steps).bool()
-    starts = steps.get("is_init").reshape(num_steps).bool().clone()
-    starts[1:] |= done[:-1]
-    starts[0] |= not continues_episode
-    # Row of transition t = t + number of final rows inserted before it; a final row follows its done transition.
-    row_of_step = torch.arange(num_steps) + done.long().cumsum(0) - done.long()
-    step_rows = TensorDict({}, batch_size=[num_steps])
-    for key in obs_keys:
-        step_rows.set(key, steps.get(key))
-    step_rows.set("action", steps.get("action").float())  # random policies may emit integer one-hots
-    step_rows.set("is_init", starts.unsqueeze(-1))
-    step_rows.set(("next", "reward"), steps.get(("next", "reward")).reshape(num_steps, 1).float())
-    for flag in _NEXT_KEYS[1:]:
-        step_rows.set(("next", flag), steps.get(("next", flag)).reshape(num_steps, 1).bool())
-    rows = step_rows.new_zeros(num_steps + int(done.sum()))
-    rows[row_of_step] = step_rows
-    for key in obs_keys:
-        rows.get(key)[row_of_step[done] + 1] = steps.get(_next(key))[done]
-    return rows, row_of_step[starts]
-
-
-class DreamerReplayBuffer:
-    """DreamerV2's sequence replay on TorchRL parts: memmap storage, per-env FIFO streams, prioritize-ends sampling.
-
-    Built from a :class:`~torchrl.data.ReplayBuffer` with a :class:`~torchrl.data.LazyMemmapStorage` under
+    A :class:`~torchrl.data.TensorDictReplayBuffer` with a :class:`~torchrl.data.LazyMemmapStorage` under
     ``scratch_dir/storage`` (allocated lazily on disk: RAM does not grow with ``capacity``), a
-    :class:`~torchrl_dreamer.data.StreamWriter` (one FIFO stream of ``capacity // num_envs`` rows per env) and a
-    :class:`~torchrl_dreamer.data.PrioritizeEndsSampler`. Keys other than the stored ones (policy state, collector
-    info, ...) are ignored, so random-policy and policy batches share one schema.
+    :class:`~torchrl_dreamer.data.FifoWriter` and a :class:`~torchrl_dreamer.data.PrioritizeEndsSampler`. Keys other
+    than the stored ones (policy state, collector info, ...) are dropped, so random-policy and policy batches share
+    one schema. Usable as ``Collector(..., replay_buffer=rb)`` with ``extend_buffer=True`` (``extend`` of ``[T]`` or
+    ``[E, T]`` batches) or ``False`` (``add`` of ``[]`` or ``[E]`` steps); with a multi-process collector, iterate
+    it and ``extend`` here (the episode table lives in this process, so the buffer refuses :meth:`share`).
 
-    Episodes: an episode starts at an ``is_init`` step, after a ``("next", "done")`` step, or at a stream's first
-    row; it stays "ongoing" (and sampleable) until its final row is written, or until a new ``is_init`` arrives.
-    Sampling picks an episode uniformly among those (complete or ongoing) with at least ``seq_len`` stored rows,
-    then ``start = min(randint(0, L - seq_len + 1 + seq_len), L - seq_len)`` with ``L`` its stored rows (uniform
-    start when ``prioritize_ends=False``). Write through :meth:`extend` only: ``replay_buffer`` (the inner TorchRL
-    buffer) serves the sampling.
+    Writing (:meth:`extend`, :meth:`add`): transitions, time along the last dim, any leading dims being parallel
+    envs. A row continues the open episode of its trajectory id (``traj_key``) unless ``is_init`` is True; a
+    ``("next", "done")`` closes it after its final row. A new id, or an ``is_init`` row, starts a new episode, so
+    ids restarted by a new collector never continue an old episode. Batches without ``traj_key`` treat each leading
+    index as one stream, continued across calls. ``write_count`` counts transitions, ``len`` stored rows.
+
+    Sampling (:meth:`sample`, iteration): ``[batch_size, seq_len]`` windows, see
+    :class:`~torchrl_dreamer.data.PrioritizeEndsSampler`; ``is_init`` is True on each sequence's first row and on the
+    first row of each joined episode. Transforms (``transform``, :meth:`append_transform`) see the
+    ``[batch_size, seq_len]`` batch on ``device``; the sample also carries TorchRL's ``"index"`` (storage slots).
 
     Checkpoints: :meth:`dumps` / :meth:`loads` on ``scratch_dir`` itself, or :meth:`state_dict` /
     :meth:`load_state_dict`, save kilobytes (positions, episode table, RNG) since the rows stay in the memmap
-    files. After a SIGKILL, restoring the last checkpoint drops the rows written after it and the older rows they
-    overwrote; every env then starts a new episode. Positions are never reused, so an older checkpoint of the same
-    directory restores consistently too.
+    files. Restoring drops the rows written after the checkpoint and the older rows they overwrote, and closes the
+    open episodes (the rows that come next start new ones). Positions are never reused, so an older checkpoint of
+    the same directory restores consistently too.
 
     Args:
-        capacity (int, optional): rows (steps) kept over all envs. Defaults to ``2_000_000``.
+        capacity (int, optional): rows kept (FIFO over all envs). Defaults to ``2_000_000``.
         seq_len (int, optional): rows per sampled sequence. Defaults to ``50``.
         batch_size (int, optional): sequences per sample. Defaults to ``16``.
-        num_envs (int, optional): parallel envs in a collector batch (its leading dim). Defaults to ``1``.
         obs_keys (sequence of NestedKey, optional): observation keys. Defaults to ``("pixels",)``.
         scratch_dir (str or Path): directory of the memmap files and of in-place checkpoints. One buffer per
             directory; a fresh buffer's first write replaces the rows found there (older checkpoints of the
             directory are then refused).
         prioritize_ends (bool, optional): favour windows that touch the episode end. Defaults to ``True``.
-        device (torch.device or str, optional): where samples are moved (sampling itself is on CPU, pinned when
-            the device is CUDA). Defaults to ``"cpu"``.
+        strict_length (bool, optional): sample only episodes with at least ``seq_len`` rows (the reference);
+            ``False`` also samples shorter ones, joined to others. Defaults to ``True``.
+        traj_key (NestedKey, optional): trajectory ids in collector batches. Defaults to
+            ``("collector", "traj_ids")``.
+        device (torch.device or str, optional): where samples are moved (pinned first when CUDA).
+            Defaults to ``"cpu"``.
         seed (int, optional): seed of the sampling generator. Defaults to ``None`` (random seed).
+        transform (Transform or callable, optional): applied to sampled batches. Defaults to ``None``.
 
     Examples:
         >>> import tempfile
+        >>> from tensordict import TensorDict
         >>> T = 12
         >>> last = torch.arange(T).eq(T - 1).unsqueeze(-1)
         >>> batch = TensorDict({
@@ -145,9 +98,9 @@ class DreamerReplayBuffer:
         ...     "next": {"pixels": torch.zeros(T, 1, 8, 8, dtype=torch.uint8), "reward": torch.zeros(T, 1),
         ...              "terminated": last, "truncated": torch.zeros_like(last), "done": last}}, [T])
         >>> rb = DreamerReplayBuffer(capacity=1000, seq_len=8, batch_size=4, scratch_dir=tempfile.mkdtemp(), seed=0)
-        >>> rb.extend(batch)
-        >>> len(rb)  # 12 transitions + the final observation
-        13
+        >>> _ = rb.extend(batch)
+        >>> len(rb), rb.write_count  # 12 transitions + the final observation
+        (13, 12)
         >>> sample = rb.sample()
         >>> sample.shape, sample["pixels"].dtype
         (torch.Size([4, 8]), torch.uint8)
@@ -159,174 +112,225 @@ class DreamerReplayBuffer:
         capacity: int = 2_000_000,
         seq_len: int = 50,
         batch_size: int = 16,
-        num_envs: int = 1,
         obs_keys: Sequence[NestedKey] = ("pixels",),
         scratch_dir: str | Path,
         prioritize_ends: bool = True,
+        strict_length: bool = True,
+        traj_key: NestedKey = ("collector", "traj_ids"),
         device: torch.device | str = "cpu",
         seed: int | None = None,
+        transform: Any = None,
     ) -> None:
-        if min(seq_len, batch_size, num_envs) < 1 or not obs_keys:
-            raise ValueError("seq_len, batch_size and num_envs must be >= 1 and obs_keys non-empty.")
-        if capacity // num_envs < seq_len:
-            raise ValueError(f"capacity // num_envs = {capacity // num_envs} rows per env is less than {seq_len=}.")
+        if min(seq_len, batch_size) < 1 or not obs_keys:
+            raise ValueError("seq_len and batch_size must be >= 1 and obs_keys non-empty.")
+        if capacity < seq_len:
+            raise ValueError(f"capacity={capacity} rows is less than {seq_len=}.")
+        self.capacity = capacity
         self.seq_len = seq_len
-        self.batch_size = batch_size
-        self.num_envs = num_envs
-        self.obs_keys = tuple(obs_keys)
-        self.stream_capacity = capacity // num_envs
+        self.obs_keys = tuple(unravel_key(key) for key in obs_keys)
+        self.traj_key = unravel_key(traj_key)
         self.device = torch.device(device)
         self.scratch_dir = Path(scratch_dir).absolute()
         self.scratch_dir.mkdir(parents=True, exist_ok=True)
-        self._generator = torch.Generator()
+        generator = torch.Generator()
         if seed is None:
-            self._generator.seed()
+            generator.seed()
         else:
-            self._generator.manual_seed(seed)
-        self._storage = LazyMemmapStorage(
-            num_envs * self.stream_capacity, scratch_dir=self._storage_dir, existsok=True
-        )
-        self._writer = StreamWriter(
-            num_streams=num_envs,
-            stream_capacity=self.stream_capacity,
-            marks_path=self.scratch_dir / "write_marks.bin",
-        )
-        self._sampler = PrioritizeEndsSampler(
-            seq_len=seq_len,
-            num_streams=num_envs,
-            stream_capacity=self.stream_capacity,
-            prioritize_ends=prioritize_ends,
-        )
-        self.replay_buffer = ReplayBuffer(
-            storage=self._storage,
-            sampler=self._sampler,
-            writer=self._writer,
-            pin_memory=self.device.type == "cuda",
-            generator=self._generator,
+            generator.manual_seed(seed)
+        super().__init__(
+            storage=LazyMemmapStorage(capacity, scratch_dir=self._storage_dir, existsok=True),
+            sampler=PrioritizeEndsSampler(
+                seq_len=seq_len, traj_key=self.traj_key, strict_length=strict_length, prioritize_ends=prioritize_ends
+            ),
+            writer=FifoWriter(mark_path=self.scratch_dir / "write_mark.bin"),
+            batch_size=batch_size,
+            transform=transform,
+            generator=generator,
         )
         self._storage_id: str | None = None  # identifies the current contents of the storage files
         self._required_keys = [
             *self.obs_keys,
-            *(_next(key) for key in self.obs_keys),
+            *(next_key(key) for key in self.obs_keys),
             "action",
             "is_init",
-            *(("next", key) for key in _NEXT_KEYS),
+            *(("next", key) for key in NEXT_KEYS),
         ]
 
     @property
     def _storage_dir(self) -> Path:
         return self.scratch_dir / "storage"
 
-    @property
-    def storage(self) -> LazyMemmapStorage:
-        """The TorchRL storage (``num_envs * stream_capacity`` slots, stream after stream)."""
-        return self._storage
-
-    @property
-    def writer(self) -> StreamWriter:
-        """The per-stream FIFO writer."""
-        return self._writer
-
-    @property
-    def sampler(self) -> PrioritizeEndsSampler:
-        """The sequence sampler, which holds the episode table."""
-        return self._sampler
-
     # ---- writing ------------------------------------------------------------------------------------------
-    def extend(self, batch: TensorDictBase) -> None:
-        """Adds a collector batch of transitions, shape ``[num_envs, T]`` (or ``[T]`` with one env)."""
-        steps = self._select_steps(batch)
-        new_storage = not self._storage.initialized
-        if new_storage:
-            # New contents get a new id first: no checkpoint of the old contents can be applied to them.
-            self._set_storage_id(uuid.uuid4().hex)
-        for stream in range(self.num_envs):
-            rows, starts = transitions_to_rows(
-                steps[stream], obs_keys=self.obs_keys, continues_episode=self._sampler.is_open(stream)
-            )
-            first = self._writer.stream_end(stream)
-            self._writer.extend(rows, stream=stream)
-            closes = bool(steps[stream][-1].get(("next", "done")).all())
-            self._sampler.record(
-                stream, first=first, num_rows=len(rows), episode_starts=(starts + first).tolist(), closes_episode=closes
-            )
-            self._sampler.evict(stream, self._writer.stream_end(stream) - self.stream_capacity)
-        if new_storage:
-            self._write_storage_metadata()
+    def extend(self, tensordicts: TensorDictBase, *, update_priority: bool | None = None) -> torch.Tensor:
+        """Adds transitions, shape ``[T]`` or ``[E, T]`` (time last; more leading env dims are flattened).
 
-    def _select_steps(self, batch: TensorDictBase) -> TensorDictBase:
+        Returns:
+            the storage slots of the rows written (int64).
+        """
+        if len(self._transform):
+            tensordicts = self._transform.inv(tensordicts)
+        if tensordicts is None:
+            return torch.zeros(0, dtype=torch.long)
+        steps, keys = self._select_steps(tensordicts)
+        with self._replay_lock, self._write_lock:
+            rows, segments = self._rows_and_segments(steps, keys)
+            return self._write(rows, segments, count=steps.numel())
+
+    def add(self, data: TensorDictBase) -> torch.Tensor:
+        """Adds one step of one env (batch ``[]``) or of parallel envs (batch ``[E]``)."""
+        if not is_tensor_collection(data):
+            raise TypeError(f"Expected a TensorDict step, got {type(data).__name__}.")
+        return self.extend(data.unsqueeze(-1))
+
+    def share(self, shared: bool = True) -> DreamerReplayBuffer:
+        """Refuses sharing: the episode table lives in this process, so other processes cannot write rows.
+
+        With a multi-process collector, iterate it and extend the buffer here: ``for batch in collector:
+        rb.extend(batch)``.
+        """
+        if shared:
+            raise RuntimeError(
+                f"{type(self).__name__} cannot be shared with other processes (its episode table lives in this "
+                "one): do not pass it to a multi-process collector; iterate the collector and call "
+                "rb.extend(batch) instead."
+            )
+        return super().share(False)
+
+    def _select_steps(self, batch: TensorDictBase) -> tuple[TensorDictBase, torch.Tensor]:
+        """The stored keys of ``batch`` as ``[S, T]`` streams on CPU, and the episode key of every step."""
         if not is_tensor_collection(batch):
             raise TypeError(f"Expected a TensorDict of transitions, got {type(batch).__name__}.")
-        present = batch.keys(include_nested=True, leaves_only=True)
+        present = set(batch.keys(include_nested=True, leaves_only=True))
         missing = [key for key in self._required_keys if key not in present]
         if missing:
             raise KeyError(
                 f"The batch lacks the keys {missing} required by the replay buffer "
                 f"(required: {self._required_keys}). Add them (e.g. InitTracker for 'is_init') or fix obs_keys."
             )
-        steps = batch.select(*self._required_keys).to("cpu")
-        if steps.ndim == 1:
-            steps = steps.unsqueeze(0)
-        if steps.ndim != 2 or steps.shape[0] != self.num_envs or steps.shape[1] == 0:
-            raise ValueError(
-                f"Expected a batch of shape [num_envs={self.num_envs}, T] (or [T] with one env), got {batch.shape}."
-            )
-        return steps
+        has_ids = self.traj_key in present
+        steps = batch.select(*self._required_keys, *([self.traj_key] if has_ids else [])).to("cpu").contiguous()
+        if steps.ndim == 0:
+            raise ValueError("extend() takes transitions with a time dim, [T] or [E, T]: use add() for one step.")
+        steps = steps.reshape(-1, steps.shape[-1])
+        if has_ids:
+            keys = steps.get(self.traj_key).reshape(steps.shape).long()
+        else:  # one stream per leading index; negative keys never clash with trajectory ids
+            keys = (-1 - torch.arange(steps.shape[0])).unsqueeze(-1).expand(steps.shape)
+        return steps, keys
+
+    def _rows_and_segments(self, steps: TensorDictBase, keys: torch.Tensor) -> tuple[TensorDictBase, list]:
+        """Rows of all streams, and the segments ``(key, row offset, rows, new episode, closes)`` they form.
+
+        A segment is a run of steps of one stream with one key, cut before ``is_init`` and after ``done``: it
+        continues its key's open episode unless it starts with ``is_init``.
+        """
+        table = self._sampler.episodes
+        still_open: dict[int, bool] = {}  # keys touched by this batch
+        all_rows, segments, offset = [], [], 0
+        for stream, stream_keys in zip(steps.unbind(0), keys.unbind(0)):
+            num_steps = len(stream_keys)
+            is_init = stream.get("is_init").reshape(num_steps).bool()
+            done = stream.get(("next", "done")).reshape(num_steps).bool()
+            cut = torch.ones(num_steps, dtype=torch.bool)
+            cut[1:] = is_init[1:] | done[:-1] | (stream_keys[1:] != stream_keys[:-1])
+            bounds = cut.nonzero().squeeze(-1).tolist() + [num_steps]
+            starts = torch.zeros(num_steps, dtype=torch.bool)
+            pieces = []
+            for a, b in zip(bounds[:-1], bounds[1:]):
+                key = int(stream_keys[a])
+                starts[a] = bool(is_init[a]) or not still_open.get(key, table.is_open(key))
+                still_open[key] = not bool(done[b - 1])
+                pieces.append((key, a, b, bool(starts[a]), bool(done[b - 1])))
+            rows, row_of_step = step_rows(stream, starts, self.obs_keys)
+            for key, a, b, new_episode, closes in pieces:
+                first, last = int(row_of_step[a]), int(row_of_step[b - 1]) + 1 + closes
+                segments.append((key, offset + first, last - first, new_episode, closes))
+            all_rows.append(rows)
+            offset += len(rows)
+        return torch.cat(all_rows), segments
+
+    def _write(self, rows: TensorDictBase, segments: list, count: int) -> torch.Tensor:
+        new_storage = not self._storage.initialized
+        if new_storage:
+            # New contents get a new id first: no checkpoint of the old contents can be applied to them.
+            self._set_storage_id(uuid.uuid4().hex)
+        first = self._writer.end
+        slots = self._writer.extend(rows, count=count)
+        table = self._sampler.episodes
+        for key, offset, num_rows, new_episode, closes in segments:
+            table.append(key, first=first + offset, num_rows=num_rows, new_episode=new_episode, closes=closes)
+        table.evict(self._writer.end - self.capacity)
+        if new_storage:
+            self._write_storage_metadata()
+        return slots
 
     # ---- sampling -----------------------------------------------------------------------------------------
-    def sample(self, batch_size: int | None = None) -> TensorDictBase:
-        """Samples ``[batch_size, seq_len]`` rows (consecutive rows of one episode per sequence).
+    def sample(self, batch_size: int | None = None, return_info: bool = False) -> TensorDictBase:
+        """Samples ``[batch_size, seq_len]`` rows (``batch_size`` sequences, defaulting to the constructor's).
 
         Returns:
             a TensorDict of shape ``[batch_size, seq_len]`` on ``device`` with the obs keys, ``"action"``,
-            ``"is_init"``, ``("next", "reward")`` (float32) and ``("next", "terminated" | "truncated" | "done")``
-            (bool); trailing dim 1 on ``is_init``, rewards and flags.
+            ``"is_init"``, ``("next", "reward")`` (float32), ``("next", "terminated" | "truncated" | "done")``
+            (bool; trailing dim 1 on ``is_init``, rewards and flags) and ``"index"`` (int64 storage slots), after
+            the transforms; with ``return_info``, also the info dict.
 
         Raises:
-            RuntimeError: if no episode has ``seq_len`` stored rows yet.
+            RuntimeError: if no episode can be sampled yet.
         """
-        num_sequences = self.batch_size if batch_size is None else batch_size
-        data = self.replay_buffer.sample(num_sequences * self.seq_len)
-        data = data.reshape(num_sequences, self.seq_len)
+        return super().sample(batch_size, return_info=return_info)
+
+    def _sample(self, batch_size: int) -> tuple[TensorDictBase, dict]:
+        with self._replay_lock, self._write_lock:
+            index, info = self._sampler.sample(self._storage, batch_size * self.seq_len)
+            data = self._storage.get(index)
+        shape = (batch_size, self.seq_len)
+        data = data.reshape(shape)
+        data.set("is_init", data.get("is_init") | info.pop("is_init").reshape(*shape, 1))
+        info["index"] = index.reshape(shape)
+        if self.device.type == "cuda":
+            data = data.pin_memory()
         if self.device.type != "cpu":
             data = data.to(self.device, non_blocking=True)
-        return data
+        if len(self._transform):
+            with data.unlock_(), _set_dispatch_td_nn_modules(True):
+                data = self._transform(data)
+        return data, info
 
-    def can_sample(self) -> bool:
-        """Whether some episode has at least ``seq_len`` stored rows."""
-        return self._sampler.can_sample(self._storage, self.seq_len)
+    def can_sample(self, batch_size: int | None = None) -> bool:
+        """Whether some episode can be sampled (with ``strict_length``, one with ``seq_len`` stored rows)."""
+        num_sequences = self._batch_size if batch_size is None else batch_size
+        return self._sampler.can_sample(self._storage, num_sequences * self.seq_len)
 
     def __len__(self) -> int:
-        return self._sampler.num_rows()
+        return self._sampler.episodes.num_rows
 
     @property
     def num_episodes(self) -> int:
         """Episodes (complete or ongoing) with at least one stored row."""
-        return len(self._sampler.episodes()[0])
+        return self._sampler.episodes.num_episodes
 
     # ---- checkpointing ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Positions, episode table and RNG state; the rows themselves stay in the memmap files of ``scratch_dir``."""
+        """Positions, episode table, RNG and transform states; the rows stay in the memmap files of ``scratch_dir``."""
         return {
-            "num_envs": self.num_envs,
-            "stream_capacity": self.stream_capacity,
+            "capacity": self.capacity,
             "obs_keys": list(self.obs_keys),
             "storage_initialized": self._storage.initialized,
             "storage_id": self._storage_id,
             "writer": self._writer.state_dict(),
             "sampler": self._sampler.state_dict(),
-            "generator": self._generator.get_state(),
+            "generator": self._rng.get_state(),
+            "transforms": self._transform.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restores a :meth:`state_dict` taken on the rows now in ``scratch_dir`` (same directory, zero copy).
 
         Rows written after the state was taken (e.g. by a process killed later) are ignored, and so are the older
-        rows they overwrote: each stream resumes after its high-water mark and starts a new episode there.
+        rows they overwrote; open episodes are closed, so the next rows start new ones.
         """
-        for name in ("num_envs", "stream_capacity"):
-            if state_dict[name] != getattr(self, name):
-                raise ValueError(f"Checkpoint has {name}={state_dict[name]}, this buffer {getattr(self, name)}.")
+        if state_dict["capacity"] != self.capacity:
+            raise ValueError(f"Checkpoint has capacity={state_dict['capacity']}, this buffer {self.capacity}.")
         if [tuple(k) if isinstance(k, list) else k for k in state_dict["obs_keys"]] != list(self.obs_keys):
             raise ValueError(f"Checkpoint has obs_keys={state_dict['obs_keys']}, this buffer {self.obs_keys}.")
         if state_dict["storage_initialized"]:
@@ -341,14 +345,13 @@ class DreamerReplayBuffer:
                     warnings.simplefilter("ignore")
                     self._storage.loads(self._storage_dir)  # maps the existing files, no copy
             self._storage_id = found
-        saved_ends = state_dict["writer"]["stream_ends"].tolist()  # any device (map_location)
-        self._writer.load_state_dict(state_dict["writer"])
-        self._sampler.load_state_dict(state_dict["sampler"])
-        for stream, saved_end in enumerate(saved_ends):
-            if self._writer.stream_end(stream) > saved_end:
-                self._sampler.close(stream)  # rows after the checkpoint are lost: no episode can continue
-            self._sampler.evict(stream, self._writer.stream_end(stream) - self.stream_capacity)
-        self._generator.set_state(state_dict["generator"].cpu())
+        with self._replay_lock, self._write_lock:
+            self._writer.load_state_dict(state_dict["writer"])
+            self._sampler.load_state_dict(state_dict["sampler"])
+            self._sampler.episodes.close_all()
+            self._sampler.episodes.evict(self._writer.end - self.capacity)
+            self._rng.set_state(state_dict["generator"].cpu())
+            self._transform.load_state_dict(state_dict["transforms"])
 
     def dumps(self, path: str | Path) -> None:
         """Writes a checkpoint to the directory ``path``.
@@ -383,7 +386,7 @@ class DreamerReplayBuffer:
                 warnings.simplefilter("ignore")
                 self._storage.loads(path / "storage")
             self._write_storage_metadata()
-            self._writer.reset_marks(state["writer"]["stream_ends"].cpu().numpy())
+            self._writer.reset_mark(int(state["writer"]["end"]))
             self._set_storage_id(state["storage_id"])
         self.load_state_dict(state)
 
@@ -399,9 +402,9 @@ class DreamerReplayBuffer:
 
     def __repr__(self) -> str:
         return (
-            f"{type(self).__name__}(rows={len(self)}, episodes={self.num_episodes}, num_envs={self.num_envs}, "
-            f"stream_capacity={self.stream_capacity}, seq_len={self.seq_len}, batch_size={self.batch_size}, "
-            f"scratch_dir={str(self.scratch_dir)!r})"
+            f"{type(self).__name__}(rows={len(self)}, episodes={self.num_episodes}, capacity={self.capacity}, "
+            f"seq_len={self.seq_len}, batch_size={self._batch_size}, strict_length={self._sampler.strict_length}, "
+            f"write_count={self.write_count}, scratch_dir={str(self.scratch_dir)!r})"
         )
 
 
@@ -423,29 +426,33 @@ def make_replay_buffer(
     capacity: int = 2_000_000,
     seq_len: int = 50,
     batch_size: int = 16,
-    num_envs: int = 1,
     obs_keys: Sequence[NestedKey] = ("pixels",),
     scratch_dir: str | Path,
     prioritize_ends: bool = True,
+    strict_length: bool = True,
+    traj_key: NestedKey = ("collector", "traj_ids"),
     device: torch.device | str = "cpu",
     seed: int | None = None,
+    transform: Any = None,
 ) -> DreamerReplayBuffer:
     """Builds the DreamerV2 replay buffer (see :class:`DreamerReplayBuffer` for the arguments).
 
     Examples:
         >>> import tempfile
-        >>> rb = make_replay_buffer(capacity=10_000, num_envs=2, scratch_dir=tempfile.mkdtemp())
-        >>> rb.stream_capacity, len(rb), rb.can_sample()
-        (5000, 0, False)
+        >>> rb = make_replay_buffer(capacity=10_000, seq_len=50, scratch_dir=tempfile.mkdtemp())
+        >>> rb.capacity, len(rb), rb.can_sample()
+        (10000, 0, False)
     """
     return DreamerReplayBuffer(
         capacity=capacity,
         seq_len=seq_len,
         batch_size=batch_size,
-        num_envs=num_envs,
         obs_keys=obs_keys,
         scratch_dir=scratch_dir,
         prioritize_ends=prioritize_ends,
+        strict_length=strict_length,
+        traj_key=traj_key,
         device=device,
         seed=seed,
+        transform=transform,
     )

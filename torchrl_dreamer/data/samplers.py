@@ -8,197 +8,154 @@ steps from an episode of ``L`` stored steps as::
 so every start ``k < L - seq_len`` has probability ``1 / (L + 1)`` and the last one, the window that ends on the
 episode's final observation, has probability ``(seq_len + 1) / (L + 1)``. Without ``prioritize_ends`` the start is
 uniform over the ``L - seq_len + 1`` windows.
+
+Episodes shorter than ``seq_len``: the reference never samples them (``strict_length=True``, right for Atari, whose
+episodes are thousands of steps). With ``strict_length=False`` they are sampled too, as DreamerV3 and TorchRL's
+``SliceSampler(strict_length=False)`` allow sequences across episode boundaries, but without padding: the window
+takes the episode's rows from its first stored row and goes on at the first stored row of another uniformly drawn
+episode (possibly the same one), and so on, until ``seq_len`` rows::
+
+    episode rows      a0 a1 a2 | b0 b1 b2 b3 b4 | a0 a1 ...       (seq_len rows in all)
+    is_init            T  .  . |  T  .  .  .  . |  T  .
+
+``is_init`` is True on the first row of every joined segment, so the world model resets its state and previous
+action there and no latent state flows from one episode into the next.
 """
 from __future__ import annotations
 
-from collections import deque
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
-from torchrl.data.replay_buffers.samplers import Sampler
+from tensordict import NestedKey
+from torchrl.data.replay_buffers import SliceSampler
 from torchrl.data.replay_buffers.storages import Storage
+
+from torchrl_dreamer.data.episodes import EpisodeTable
 
 __all__ = ["PrioritizeEndsSampler"]
 
 
-class PrioritizeEndsSampler(Sampler):
-    """Samples windows of consecutive rows of one episode from per-stream FIFO storage.
+class PrioritizeEndsSampler(SliceSampler):
+    """Samples ``seq_len``-row windows of episodes kept in an :class:`~torchrl_dreamer.data.EpisodeTable`.
 
-    The sampler keeps the episode table: for every stream (environment), the absolute positions ``[start, end)``
-    of its episodes (see :class:`~torchrl_dreamer.data.StreamWriter` for positions and slots) and the first
-    position still in the storage. An episode's stored length is ``end - max(start, first stored position)``:
-    the head of an episode evicted by FIFO is gone, its tail stays sampleable while it has ``seq_len`` rows.
-    The last episode of a stream may be ongoing; it is sampleable like any other.
-
-    A call to :meth:`sample` with ``batch_size = num_sequences * seq_len`` returns the flat storage slots of
-    ``num_sequences`` windows, window after window.
+    A :class:`~torchrl.data.replay_buffers.SliceSampler` whose trajectories are not read from the storage but kept
+    in :attr:`episodes` by the replay buffer that writes the rows (the rows of one trajectory need not be contiguous
+    in storage). As with ``SliceSampler``, ``sample(storage, batch_size)`` takes ``batch_size`` in rows, a multiple
+    of ``slice_len = seq_len``, and returns the flat storage slots of ``batch_size // seq_len`` windows, window
+    after window, with ``info["is_init"]`` (bool, ``[batch_size, 1]``) True at each window's first row and at each
+    joined episode's first row.
 
     Args:
-        seq_len (int): rows per sampled sequence.
-        num_streams (int): number of streams.
-        stream_capacity (int): slots per stream.
+        seq_len (int): rows per sampled sequence (``slice_len``).
+        traj_key (NestedKey, optional): key of the collector's trajectory ids, read by the replay buffer.
+            Defaults to ``("collector", "traj_ids")``.
+        strict_length (bool, optional): sample only episodes with at least ``seq_len`` stored rows (the reference);
+            ``False`` also samples shorter ones, joined to other episodes (see the module docstring).
+            Defaults to ``True``.
         prioritize_ends (bool, optional): use the reference's end-favouring start distribution; ``False`` draws
             the start uniformly. Defaults to ``True``.
 
     Reference: Hafner et al., "Mastering Atari with Discrete World Models" (ICLR 2021), ``common/replay.py``.
 
     Examples:
-        >>> import torch
-        >>> sampler = PrioritizeEndsSampler(seq_len=3, num_streams=2, stream_capacity=10)
+        >>> from torchrl.data import LazyTensorStorage
+        >>> sampler = PrioritizeEndsSampler(seq_len=3, strict_length=False)
         >>> sampler._rng = torch.Generator().manual_seed(0)
-        >>> sampler.record(1, first=0, num_rows=5, episode_starts=[0], closes_episode=True)
-        >>> index, _ = sampler.sample(None, 6)  # two windows of 3 rows of stream 1 (slots 10..14)
-        >>> index.shape, bool(((index >= 10) & (index < 15)).all())
-        (torch.Size([6]), True)
+        >>> _ = sampler.episodes.append(0, first=0, num_rows=5, closes=True)   # an episode at positions 0..4
+        >>> _ = sampler.episodes.append(1, first=5, num_rows=2, closes=True)   # a short one at 5, 6
+        >>> index, info = sampler.sample(LazyTensorStorage(100), 6)  # two windows of 3 rows
+        >>> index.shape, info["is_init"].shape
+        (torch.Size([6]), torch.Size([6, 1]))
     """
 
     def __init__(
         self,
         *,
         seq_len: int,
-        num_streams: int,
-        stream_capacity: int,
+        traj_key: NestedKey = ("collector", "traj_ids"),
+        strict_length: bool = True,
         prioritize_ends: bool = True,
     ) -> None:
         if seq_len < 1:
             raise ValueError(f"seq_len must be >= 1, got {seq_len}.")
+        super().__init__(slice_len=seq_len, traj_key=traj_key, strict_length=strict_length)
         self.seq_len = seq_len
-        self.num_streams = num_streams
-        self.stream_capacity = stream_capacity
         self.prioritize_ends = prioritize_ends
-        self._empty()
+        self.episodes = EpisodeTable()
+        self._eligible_cache: tuple[int, np.ndarray, np.ndarray] | None = None
 
-    # ---- episode table ------------------------------------------------------------------------------------
-    def is_open(self, stream: int) -> bool:
-        """Whether the last episode of ``stream`` is ongoing (its final row has not been written)."""
-        return bool(self._open[stream])
-
-    def record(
-        self,
-        stream: int,
-        *,
-        first: int,
-        num_rows: int,
-        episode_starts: Sequence[int],
-        closes_episode: bool,
-    ) -> None:
-        """Registers ``num_rows`` rows written at positions ``[first, first + num_rows)`` of ``stream``.
-
-        Args:
-            stream (int): the stream written to.
-            first (int): position of the first row.
-            num_rows (int): number of rows.
-            episode_starts (sequence of int): sorted positions, within the rows, where an episode begins. Rows
-                before the first of them continue the stream's ongoing episode.
-            closes_episode (bool): whether the last row ends its episode (no row may continue it).
-        """
-        if num_rows == 0:
-            return
-        starts, ends = self._starts[stream], self._ends[stream]
-        bounds = [int(p) for p in episode_starts] + [first + num_rows]
-        if bounds[0] != first:
-            if not self._open[stream] or not ends or ends[-1] != first:
-                raise RuntimeError(
-                    f"Rows at position {first} of stream {stream} continue no ongoing episode: "
-                    "the first row must start an episode."
-                )
-            ends[-1] = bounds[0]
-        for start, end in zip(bounds[:-1], bounds[1:]):
-            starts.append(start)
-            ends.append(end)
-        self._open[stream] = not closes_episode
-        self._table = None
-
-    def close(self, stream: int) -> None:
-        """Ends the ongoing episode of ``stream`` without a final row (its next row starts a new episode)."""
-        self._open[stream] = False
-
-    def evict(self, stream: int, first_stored: int) -> None:
-        """Marks positions below ``first_stored`` of ``stream`` as gone (FIFO); drops fully evicted episodes."""
-        if first_stored <= self._first_stored[stream]:
-            return
-        self._first_stored[stream] = first_stored
-        starts, ends = self._starts[stream], self._ends[stream]
-        while ends and ends[0] <= first_stored:
-            starts.popleft()
-            ends.popleft()
-        self._table = None
-
-    def episodes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Returns ``(stream, first stored position, stored length)`` of every episode with stored rows."""
-        streams, firsts, lengths = [], [], []
-        for stream in range(self.num_streams):
-            count = len(self._starts[stream])
-            start = np.fromiter(self._starts[stream], np.int64, count)
-            end = np.fromiter(self._ends[stream], np.int64, count)
-            first = np.maximum(start, self._first_stored[stream])
-            streams.append(np.full(count, stream, np.int64))
-            firsts.append(first)
-            lengths.append(end - first)
-        return np.concatenate(streams), np.concatenate(firsts), np.concatenate(lengths)
-
-    def num_rows(self) -> int:
-        """Number of stored rows that belong to an episode."""
-        return int(self.episodes()[2].sum())
-
-    def _eligible(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        if self._table is None:
-            stream, first, length = self.episodes()
-            keep = length >= self.seq_len
-            self._table = (stream[keep], first[keep], length[keep])
-        return self._table
+    def _eligible(self) -> tuple[np.ndarray, np.ndarray]:
+        """Ids and stored lengths of the episodes that may be drawn."""
+        version = self.episodes.version
+        if self._eligible_cache is None or self._eligible_cache[0] != version:
+            ids, lengths = self.episodes.lengths()
+            keep = lengths >= (self.seq_len if self.strict_length else 1)
+            self._eligible_cache = (version, ids[keep], lengths[keep])
+        return self._eligible_cache[1:]
 
     # ---- TorchRL sampler API ------------------------------------------------------------------------------
     def _sampleable_count(self, storage: Storage, batch_size: int) -> int:
         return len(self._eligible()[0])
 
     def sample(self, storage: Storage, batch_size: int) -> tuple[torch.Tensor, dict]:
-        if batch_size % self.seq_len:
-            raise ValueError(f"batch_size ({batch_size}) must be a multiple of seq_len ({self.seq_len}).")
-        num_sequences = batch_size // self.seq_len
-        stream, first, length = self._eligible()
-        if not len(stream):
-            _, _, stored = self.episodes()
+        seq_len, num_sequences = self._adjusted_batch_size(batch_size)
+        ids, lengths = self._eligible()
+        if not len(ids):
+            _, stored = self.episodes.lengths()
             raise RuntimeError(
-                f"Cannot sample sequences of seq_len={self.seq_len}: no episode has that many stored rows yet "
+                f"Cannot sample sequences of seq_len={seq_len}: no episode has that many stored rows yet "
                 f"({int(stored.sum())} rows in {len(stored)} episodes, longest {int(stored.max(initial=0))}). "
                 "Collect more steps first."
             )
-        episode = torch.randint(len(stream), (num_sequences,), generator=self._rng).numpy()
-        num_windows = length[episode] - self.seq_len + 1
-        high = num_windows + self.seq_len if self.prioritize_ends else num_windows
-        # floor(u * high) is randint(0, high); the clamp folds the extra draws onto the last window.
+        episode = torch.randint(len(ids), (num_sequences,), generator=self._rng).numpy()
         u = torch.rand(num_sequences, generator=self._rng, dtype=torch.float64).numpy()
-        offset = np.minimum((u * high).astype(np.int64), num_windows - 1)
-        positions = (first[episode] + offset)[:, None] + np.arange(self.seq_len)
-        index = self.stream_capacity * stream[episode][:, None] + positions % self.stream_capacity
-        return torch.as_tensor(index.reshape(-1)), {}
+        positions = np.empty((num_sequences, seq_len), np.int64)
+        is_init = np.zeros((num_sequences, seq_len), bool)
+        for i, (chosen, length) in enumerate(zip(ids[episode], lengths[episode])):
+            rows = self.episodes.positions(int(chosen))
+            if length >= seq_len:
+                num_windows = length - seq_len + 1
+                high = num_windows + seq_len if self.prioritize_ends else num_windows
+                # floor(u * high) is randint(0, high); the min folds the extra draws onto the last window.
+                start = min(int(u[i] * high), num_windows - 1)
+                positions[i] = rows[start : start + seq_len]
+                is_init[i, 0] = True
+            else:
+                self._join(rows, positions[i], is_init[i], ids)
+        index = torch.from_numpy(positions % storage.max_size).reshape(-1)
+        return index, {"is_init": torch.from_numpy(is_init).reshape(-1, 1)}
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "starts": [torch.tensor(list(s), dtype=torch.int64) for s in self._starts],
-            "ends": [torch.tensor(list(e), dtype=torch.int64) for e in self._ends],
-            "first_stored": torch.as_tensor(self._first_stored),
-            "open": torch.as_tensor(self._open),
-        }
+    def _join(self, rows: np.ndarray, positions: np.ndarray, is_init: np.ndarray, ids: np.ndarray) -> None:
+        """Fills one window with whole episodes from their first stored row, drawing the next ones uniformly."""
+        filled = 0
+        while True:
+            take = min(len(rows), len(positions) - filled)
+            positions[filled : filled + take] = rows[:take]
+            is_init[filled] = True
+            filled += take
+            if filled == len(positions):
+                return
+            chosen = int(torch.randint(len(ids), (), generator=self._rng))
+            rows = self.episodes.positions(int(ids[chosen]))
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if len(state_dict["starts"]) != self.num_streams:
-            raise ValueError(f"Checkpoint has {len(state_dict['starts'])} streams, this sampler {self.num_streams}.")
-        self._starts = [deque(s.tolist()) for s in state_dict["starts"]]
-        self._ends = [deque(e.tolist()) for e in state_dict["ends"]]
-        self._first_stored = state_dict["first_stored"].cpu().numpy().astype(np.int64)
-        self._open = state_dict["open"].cpu().numpy().astype(bool)
-        self._table = None
+    def extend(self, index: torch.Tensor) -> None:
+        """No-op: the replay buffer records rows in :attr:`episodes` with their trajectories."""
+
+    def add(self, index: int) -> None:
+        """No-op: the replay buffer records rows in :attr:`episodes` with their trajectories."""
 
     def _empty(self) -> None:
-        self._starts = [deque() for _ in range(self.num_streams)]
-        self._ends = [deque() for _ in range(self.num_streams)]
-        self._first_stored = np.zeros(self.num_streams, np.int64)
-        self._open = np.zeros(self.num_streams, bool)
-        self._table = None
+        self.episodes = EpisodeTable()
+        self._eligible_cache = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"episodes": self.episodes.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.episodes.load_state_dict(state_dict["episodes"])
+        self._eligible_cache = None
 
     def dumps(self, path: str | Path) -> None:
         path = Path(path)
@@ -212,5 +169,5 @@ class PrioritizeEndsSampler(Sampler):
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(seq_len={self.seq_len}, prioritize_ends={self.prioritize_ends}, "
-            f"episodes={sum(len(s) for s in self._starts)})"
+            f"strict_length={self.strict_length}, traj_key={self.traj_key}, episodes={self.episodes.num_episodes})"
         )

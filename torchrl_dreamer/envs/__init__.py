@@ -4,11 +4,16 @@ from __future__ import annotations
 from torchrl_dreamer.envs.atari import make_atari_env, make_atari_gymnasium_env
 from torchrl_dreamer.envs.catch import CatchEnv
 from torchrl_dreamer.envs.factory import SUPPORTED_ENV_NAMES, make_env
+from torchrl_dreamer.envs.resolve import EnvFactory, EnvLike, load_factory, prepare_env
 from torchrl_dreamer.envs.suites import make_dmc_env, make_gym_env
 
 __all__ = [
     "SUPPORTED_ENV_NAMES",
     "CatchEnv",
+    "EnvFactory",
+    "EnvLike",
+    "load_factory",
+    "prepare_env",
     "make_atari_env",
     "make_atari_gymnasium_env",
     "make_dmc_env",

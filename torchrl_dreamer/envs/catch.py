@@ -22,12 +22,15 @@ class CatchEnv(EnvBase):
 
     Keys: ``"pixels"`` uint8 ``[1, size * scale, size * scale]`` (ball and paddle 255, background 0), ``"action"`` one-hot ``[3]``,
     ``("next", "reward")`` float32 ``[1]``, ``"done"`` / ``"terminated"`` / ``"truncated"`` bool ``[1]`` (never
-    truncated), plus the state entries ``"ball"`` (row, column) and ``"paddle"`` (centre column), int64.
+    truncated), plus the state entries ``"ball"`` (row, column) and ``"paddle"`` (centre column), int64. With
+    ``vector_obs=True`` also ``"observation"``, float32 ``[3]``: (ball row, ball column, paddle centre) / (size - 1),
+    a dict observation (image + vector) for tests.
 
     Args:
         size: side of the grid, at least 3. Defaults to 16.
         scale: pixels per grid cell side (``catch:8`` with ``scale=2`` renders 16 x 16 frames). Defaults to 1.
         seed: seed of the ball's starting column. Defaults to None (unseeded).
+        vector_obs: also emit the float ``"observation"`` entry. Defaults to False.
         device: device of the tensors. Defaults to ``"cpu"``.
 
     Example:
@@ -40,7 +43,13 @@ class CatchEnv(EnvBase):
     """
 
     def __init__(
-        self, *, size: int = 16, scale: int = 1, seed: int | None = None, device: torch.device | str = "cpu"
+        self,
+        *,
+        size: int = 16,
+        scale: int = 1,
+        seed: int | None = None,
+        vector_obs: bool = False,
+        device: torch.device | str = "cpu",
     ) -> None:
         if size < 3:
             raise ValueError(f"CatchEnv needs size >= 3, got {size}.")
@@ -49,6 +58,7 @@ class CatchEnv(EnvBase):
         super().__init__(device=device, batch_size=torch.Size([]))
         self.size = size
         self.scale = scale
+        self.vector_obs = vector_obs
         self._generator = torch.Generator()
         self._make_specs()
         if seed is not None:
@@ -66,6 +76,10 @@ class CatchEnv(EnvBase):
             ),
             device=device,
         )
+        if self.vector_obs:
+            self.observation_spec["observation"] = Bounded(
+                low=0.0, high=1.0, shape=(3,), dtype=torch.float32, device=device
+            )
         self.action_spec = OneHot(3, dtype=torch.int64, device=device)
         self.reward_spec = Unbounded(shape=(1,), dtype=torch.float32, device=device)
         done = Categorical(n=2, shape=(1,), dtype=torch.bool, device=device)
@@ -87,7 +101,10 @@ class CatchEnv(EnvBase):
         return pixels
 
     def _observation(self, ball: torch.Tensor, paddle: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"pixels": self.render(ball, paddle), "ball": ball, "paddle": paddle}
+        obs = {"pixels": self.render(ball, paddle), "ball": ball, "paddle": paddle}
+        if self.vector_obs:
+            obs["observation"] = torch.cat([ball, paddle]).to(torch.float32) / (self.size - 1)
+        return obs
 
     def _reset(self, tensordict: TensorDictBase | None = None, **kwargs) -> TensorDictBase:
         column = int(torch.randint(self.size, (), generator=self._generator))

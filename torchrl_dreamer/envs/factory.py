@@ -34,6 +34,7 @@ def make_env(name: str, *, seed: int | None = None, device: torch.device | str =
     ``gym:<gymnasium id>``    :func:`make_gym_env`, float32 ``"observation"``, actions one-hot or in [-1, 1]
     ``dmc:<domain>-<task>``   :func:`make_dmc_env`, uint8 RGB ``"pixels"`` [3, 64, 64], action repeat 2
     ``catch`` / ``catch:N``   :class:`CatchEnv` on an N x N grid (default 16), uint8 ``"pixels"`` [1, N, N]
+                              (``vector_obs=True`` adds a float32 ``"observation"`` [3])
     ========================  ===============================================================================
 
     Args:
@@ -41,7 +42,8 @@ def make_env(name: str, *, seed: int | None = None, device: torch.device | str =
         seed: seed of the environment. Defaults to None.
         device: device of the output tensors. Defaults to ``"cpu"``.
         **kwargs: forwarded to the suite's builder, e.g. ``full_action_space=False`` or ``max_episode_steps`` for
-            Atari, ``gymnasium.make`` kwargs for ``gym:``, ``action_repeat`` / ``size`` for ``dmc:``.
+            Atari, ``gymnasium.make`` kwargs for ``gym:``, ``action_repeat`` / ``size`` for ``dmc:``, ``scale`` /
+            ``vector_obs`` for ``catch``.
 
     Returns:
         A TorchRL env with batch size ``[]``, a one-hot ``"action"`` for discrete actions and ``"is_init"``.

@@ -3,9 +3,10 @@ from torchrl_dreamer.modules.actor import ActorV2, DiscreteActorHead, TruncatedN
 from torchrl_dreamer.modules.builders import (
     DEBUG_SIZES,
     DreamerV2Models,
-    infer_obs_key,
     is_discrete_action_spec,
     make_dreamerv2_models,
+    reco_key,
+    select_obs_keys,
 )
 from torchrl_dreamer.modules.models import (
     DreamerV2Policy,
@@ -22,7 +23,10 @@ from torchrl_dreamer.modules.networks import (
     FeatHead,
     MLPDecoderV2,
     MLPEncoderV2,
+    conv_layout,
     count_parameters,
     glorot_init_,
+    preprocess_obs,
 )
+from torchrl_dreamer.modules.observation import ObsDecoderV2, ObsEncoderV2
 from torchrl_dreamer.modules.rssm import LayerNormGRUCell, RSSMV2, straight_through_sample

@@ -2,7 +2,7 @@
 
 Key layout of a training batch ``[B, T]`` (TorchRL's transition convention)::
 
-    root:   pixels o_t, action a_t (taken at o_t), is_init
+    root:   observation entries o_t (e.g. pixels), action a_t (taken at o_t), is_init
     next:   reward r_{t+1}, terminated                      (outcome of a_t)
 
 Model step ``t`` filters ``o_t`` from ``(z_{t-1}, h_{t-1}, a_{t-1})``, so it
@@ -10,8 +10,8 @@ predicts the reward and the terminal flag *entering* ``o_t``, i.e.
 ``("next", "reward")[t - 1]``: the losses do that shift.  The world model
 writes, at root and aligned with ``o_t``: ``encoded_latents``, ``state``
 (flattened one-hot ``z_t``), ``belief`` (``h_t``), ``prior_logits``,
-``posterior_logits``, ``reco_pixels``, ``reward_pred``, ``continue_pred``
-(discount logits).
+``posterior_logits``, one ``reco_<entry>`` per observation entry (e.g.
+``reco_pixels``), ``reward_pred``, ``continue_pred`` (discount logits).
 """
 from __future__ import annotations
 
@@ -97,17 +97,21 @@ class WorldModelV2(TensorDictSequential):
     """The DreamerV2 world model: encoder, RSSM filter, decoder, reward and discount heads.
 
     A :class:`~tensordict.nn.TensorDictSequential` of TensorDictModules; the
-    underlying networks are reachable as ``encoder``, ``rssm``, ``decoder``,
+    underlying networks are reachable as ``encoder`` (an
+    :class:`~torchrl_dreamer.modules.observation.ObsEncoderV2`), ``rssm``,
+    ``decoder`` (an :class:`~torchrl_dreamer.modules.observation.ObsDecoderV2`),
     ``reward_head`` and ``continue_head`` (``None`` without a discount head).
+    The observation entries it models are ``obs_keys`` (``cnn_keys``, then
+    ``mlp_keys``); their reconstructions are written under ``reco_keys``.
 
     Examples:
         >>> from torchrl_dreamer.modules import make_dreamerv2_models, DEBUG_SIZES
         >>> from torchrl.data import Composite, Unbounded, OneHot
         >>> import torch
         >>> obs = Composite(pixels=Unbounded((1, 64, 64), dtype=torch.uint8))
-        >>> models = make_dreamerv2_models(obs, OneHot(4), **DEBUG_SIZES)
-        >>> isinstance(models.world_model, WorldModelV2)
-        True
+        >>> wm = make_dreamerv2_models(obs, OneHot(4), **DEBUG_SIZES).world_model
+        >>> wm.obs_keys, wm.reco_keys
+        (['pixels'], {'pixels': 'reco_pixels'})
     """
 
     def __init__(
@@ -143,8 +147,28 @@ class WorldModelV2(TensorDictSequential):
         return self.module[4].module if self.has_continue_head else None
 
     @property
-    def obs_key(self) -> NestedKey:
-        return self.module[0].in_keys[0]
+    def obs_keys(self) -> list[NestedKey]:
+        """The observation entries encoded and reconstructed: ``cnn_keys`` then ``mlp_keys``."""
+        return list(self.module[0].in_keys)
+
+    @property
+    def cnn_keys(self) -> list[NestedKey]:
+        """The image entries (one CNN over all of them, stacked along channels)."""
+        return self.obs_keys[: len(self.encoder.cnn_shapes)]
+
+    @property
+    def mlp_keys(self) -> list[NestedKey]:
+        """The vector entries (one MLP over all of them, concatenated)."""
+        return self.obs_keys[len(self.encoder.cnn_shapes) :]
+
+    @property
+    def reco_keys(self) -> dict[NestedKey, NestedKey]:
+        """``{observation key: key of its reconstruction}``."""
+        return dict(zip(self.obs_keys, self.module[2].out_keys))
+
+    def decode(self, state: torch.Tensor, belief: torch.Tensor) -> dict[NestedKey, torch.Tensor]:
+        """The reconstruction of every observation entry from model states, ``{observation key: mean}``."""
+        return dict(zip(self.obs_keys, self.decoder(state, belief)))
 
 
 class RSSMPosteriorStepV2(TensorDictModuleBase):

@@ -4,13 +4,16 @@ Every network takes arbitrary leading batch dimensions (e.g. ``[B, T]``) and
 uses the reference initialisation: Keras glorot-uniform weights, zero biases.
 Images enter as ``uint8`` and are normalised inside the encoder as
 ``x / 255 - 0.5``; the decoder predicts the mean of a unit-variance Gaussian
-over each normalised pixel.
+over each normalised pixel. Any image of at least 16 x 16 pixels is accepted
+(:func:`conv_layout`): the reference stack at 64 x 64, a padded one that sees
+every pixel elsewhere.
 
 Reference: Hafner et al., "Mastering Atari with Discrete World Models"
 (ICLR 2021), appendix and ``common/nets.py`` of the reference code.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -26,14 +29,19 @@ __all__ = [
     "MLPDecoderV2",
     "FeatHead",
     "normalise_pixels",
+    "preprocess_obs",
+    "conv_layout",
+    "MIN_IMAGE_SIZE",
     "conv2d_patches",
     "conv_transpose2d_1x1",
     "conv_transpose2d_subpixel",
 ]
 
-# Decoder kernels that map a 1x1 map back to the image size (stride 2, no padding):
-# out = (in - 1) * 2 + kernel.  64: 1 -> 5 -> 13 -> 30 -> 64 (the paper's decoder).
-_DECODER_KERNELS = {64: (5, 5, 6, 6), 32: (5, 6, 6), 16: (6, 6)}
+# The reference decoder's kernels (stride 2, no padding, out = (in - 1) * 2 + kernel): 1 -> 5 -> 13 -> 30 -> 64.
+_REFERENCE_KERNELS = (5, 5, 6, 6)
+#: Smallest image side the convolution stacks accept.
+MIN_IMAGE_SIZE = 16
+_MAX_LAYERS = 4
 
 
 def glorot_init_(module: nn.Module) -> nn.Module:
@@ -64,6 +72,27 @@ def glorot_init_(module: nn.Module) -> nn.Module:
 def normalise_pixels(pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Maps uint8 pixels in ``[0, 255]`` to floats in ``[-0.5, 0.5]`` (``x / 255 - 0.5``)."""
     return pixels.to(dtype) / 255.0 - 0.5
+
+
+def preprocess_obs(obs: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """What the networks see of an observation: ``uint8`` -> ``x / 255 - 0.5``, other values as floats.
+
+    Args:
+        obs (Tensor): any observation entry.
+        dtype (torch.dtype, optional): output dtype. Default: float32 for ``uint8`` and integer
+            inputs, the input's own dtype for floating ones.
+
+    Examples:
+        >>> preprocess_obs(torch.tensor([0, 255], dtype=torch.uint8))
+        tensor([-0.5000,  0.5000])
+        >>> preprocess_obs(torch.tensor([1, 2])).dtype
+        torch.float32
+    """
+    if obs.dtype == torch.uint8:
+        return normalise_pixels(obs, dtype or torch.float32)
+    if dtype is None:
+        return obs if obs.is_floating_point() else obs.float()
+    return obs.to(dtype)
 
 
 # ---- convolution kernels ------------------------------------------------------------------
@@ -233,24 +262,68 @@ class FeatHead(nn.Module):
         return self.mlp(torch.cat([state, belief], -1))
 
 
-class ConvEncoderV2(nn.Module):
-    """Image encoder: stride-2 convolutions with kernel 4, no padding, ELU.
+def conv_layout(
+    image_size: int | tuple[int, int], full_coverage: bool | None = None
+) -> tuple[bool, list[tuple[int, int]]]:
+    """Chooses the convolution stack for an image size; returns it with the map size after each layer.
 
-    At 64x64 with depth 48: channels 48, 96, 192, 384 and spatial sizes
-    64 -> 31 -> 14 -> 6 -> 2, flattened to a 1536-dimensional embedding.
-    Smaller square images (32, 16) use fewer layers (3, 2).
+    * Reference stack (``full_coverage=None`` at exactly 64 x 64, or ``False``): 4 unpadded
+      convolutions, 64 -> 31 -> 14 -> 6 -> 2. It never sees input rows and columns 62 and 63
+      (the second layer drops the first layer's last output row).
+    * Full-coverage stack (every other size, or ``True``): padding 1, so each layer maps a side
+      ``n`` to ``n // 2`` and every input pixel reaches the embedding. Layers are added until the
+      smaller side is at most 4, with at most 4 layers: 16 -> 8 -> 4 (2 layers), 32 -> 3 layers,
+      48 -> 24 -> 12 -> 6 -> 3 and 84 -> 42 -> 21 -> 10 -> 5 (4 layers).
+
+    Args:
+        image_size (int or (int, int)): ``H`` (square) or ``(H, W)``, each at least 16.
+        full_coverage (bool, optional): see above. Default: ``None``.
+
+    Returns: ``(full_coverage, sizes)`` with ``sizes[0] = (H, W)`` and ``sizes[i]`` after layer ``i``.
+
+    Examples:
+        >>> conv_layout(64)
+        (False, [(64, 64), (31, 31), (14, 14), (6, 6), (2, 2)])
+        >>> conv_layout((17, 20))
+        (True, [(17, 20), (8, 10), (4, 5)])
+    """
+    height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if min(height, width) < MIN_IMAGE_SIZE:
+        raise ValueError(
+            f"Images must be at least {MIN_IMAGE_SIZE} x {MIN_IMAGE_SIZE} pixels, got {height} x {width}: add a resize "
+            "transform to the env (torchrl.envs.Resize, which needs torchvision, or torch.nn.functional.interpolate in "
+            "a torchrl.envs.UnaryTransform) or build it larger (make_env's suites take a size argument)."
+        )
+    reference = (height, width) == (64, 64)
+    if full_coverage is False and not reference:
+        raise ValueError(f"The reference (unpadded) stack exists only at 64 x 64, got {height} x {width}.")
+    if reference and not full_coverage:
+        return False, [(64, 64), (31, 31), (14, 14), (6, 6), (2, 2)]
+    sizes = [(height, width)]
+    while len(sizes) <= _MAX_LAYERS and min(sizes[-1]) > 4:
+        sizes.append((sizes[-1][0] // 2, sizes[-1][1] // 2))
+    return True, sizes
+
+
+class ConvEncoderV2(nn.Module):
+    """Image encoder: stride-2 convolutions with kernel 4 and ELU (see :func:`conv_layout`).
+
+    Reference stack at 64x64 with depth 48: channels 48, 96, 192, 384, no padding,
+    64 -> 31 -> 14 -> 6 -> 2, flattened to a 1536-dimensional embedding. Full-coverage
+    stack (every other size): padding 1, channels ``depth * 2**i``, e.g. 84 -> 42 -> 21 -> 10 -> 5.
 
     Args:
         in_channels (int): image channels (1 for grayscale Atari, 3 for RGB).
 
     Keyword Args:
         depth (int): channels of the first layer, doubled at each layer. Default: ``48``.
-        image_size (int): input height/width, one of 16, 32, 64. Default: ``64``.
+        image_size (int or (int, int)): input ``H`` (square) or ``(H, W)``, at least 16. Default: ``64``.
+        full_coverage (bool, optional): the stack, see :func:`conv_layout`. Default: ``None``.
         fast_path (bool): compute the convolutions with the kernels of :func:`conv2d_patches`
             and channels-last activations (same function, same parameters); ``False`` runs
             the plain ``nn.Sequential``. Can be changed at any time. Default: ``True``.
 
-    Inputs: ``uint8`` pixels ``[*batch, C, H, W]``.
+    Inputs: pixels ``[*batch, C, H, W]``: ``uint8`` (normalised to ``x / 255 - 0.5``) or floats (used as they are).
 
     Returns: embedding ``[*batch, embed_dim]``.
 
@@ -258,42 +331,52 @@ class ConvEncoderV2(nn.Module):
         >>> enc = ConvEncoderV2(1, depth=4)
         >>> enc(torch.zeros(2, 3, 1, 64, 64, dtype=torch.uint8)).shape
         torch.Size([2, 3, 128])
+        >>> ConvEncoderV2(3, depth=4, image_size=(17, 20)).embed_dim  # 8 channels x 4 x 5
+        160
     """
 
-    def __init__(self, in_channels: int, *, depth: int = 48, image_size: int = 64, fast_path: bool = True):
+    def __init__(
+        self,
+        in_channels: int,
+        *,
+        depth: int = 48,
+        image_size: int | tuple[int, int] = 64,
+        full_coverage: bool | None = None,
+        fast_path: bool = True,
+    ):
         super().__init__()
-        if image_size not in _DECODER_KERNELS:
-            raise ValueError(f"image_size must be one of {sorted(_DECODER_KERNELS)}, got {image_size}.")
-        num_layers = len(_DECODER_KERNELS[image_size])
+        self.full_coverage, self.layer_sizes = conv_layout(image_size, full_coverage)
         layers: list[nn.Module] = []
-        channels, size = in_channels, image_size
-        for i in range(num_layers):
-            layers += [nn.Conv2d(channels, depth * 2**i, 4, stride=2), nn.ELU()]
-            channels, size = depth * 2**i, (size - 4) // 2 + 1
+        channels = in_channels
+        for i in range(len(self.layer_sizes) - 1):
+            layers += [nn.Conv2d(channels, depth * 2**i, 4, stride=2, padding=int(self.full_coverage)), nn.ELU()]
+            channels = depth * 2**i
         self.convs = nn.Sequential(*layers)
         self.in_channels = in_channels
-        self.image_size = image_size
-        self.embed_dim = channels * size * size
+        self.image_size = self.layer_sizes[0]
+        self.embed_dim = channels * math.prod(self.layer_sizes[-1])
         self.fast_path = fast_path
         glorot_init_(self)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         batch = pixels.shape[:-3]
-        if pixels.shape[-3:] != (self.in_channels, self.image_size, self.image_size):
+        if pixels.shape[-3:] != (self.in_channels, *self.image_size):
             raise ValueError(
-                f"Expected images of shape [*, {self.in_channels}, {self.image_size}, {self.image_size}], "
+                f"Expected images of shape [*, {self.in_channels}, {self.image_size[0]}, {self.image_size[1]}], "
                 f"got {tuple(pixels.shape)}."
             )
-        x = normalise_pixels(pixels.reshape(-1, *pixels.shape[-3:]), self.convs[0].weight.dtype)
+        x = preprocess_obs(pixels.reshape(-1, *pixels.shape[-3:]), self.convs[0].weight.dtype)
         if not self.fast_path:
             return self.convs(x).reshape(*batch, self.embed_dim)
         # Same layers, CPU-friendly kernels: the first (few input channels) and last (few
-        # output pixels) convolutions as patch matrix products, the others on channels-last
-        # activations; every activation stays channels-last.
+        # output pixels) convolutions as patch matrix products (on the padded input for the
+        # full-coverage stack), the others on channels-last activations; every activation
+        # stays channels-last.
         convs = [m for m in self.convs if isinstance(m, nn.Conv2d)]
         for i, conv in enumerate(convs):
             if i in (0, len(convs) - 1):
-                x = F.elu(conv2d_patches(x, conv.weight, conv.bias, stride=2))
+                padded = F.pad(x, (conv.padding[0],) * 4) if conv.padding[0] else x
+                x = F.elu(conv2d_patches(padded, conv.weight, conv.bias, stride=2))
             else:
                 # ELU in place on the fresh convolution output (the convolution's backward does not need it)
                 x = F.elu_(conv(x.contiguous(memory_format=torch.channels_last)))
@@ -301,11 +384,13 @@ class ConvEncoderV2(nn.Module):
 
 
 class ConvDecoderV2(nn.Module):
-    """Image decoder: dense to ``32 * depth``, then stride-2 transposed convolutions.
+    """Image decoder: a dense layer, then stride-2 transposed convolutions mirroring :class:`ConvEncoderV2`.
 
-    At 64x64 with depth 48: dense 1624 -> 1536, reshape to ``1536 x 1 x 1``,
-    transposed convs with kernels 5, 5, 6, 6 and channels 192, 96, 48, C
-    (1 -> 5 -> 13 -> 30 -> 64), ELU between them and none on the last.
+    Reference stack at 64x64 with depth 48: dense 1624 -> 1536, reshape to ``1536 x 1 x 1``,
+    transposed convs with kernels 5, 5, 6, 6 and channels 192, 96, 48, C (1 -> 5 -> 13 -> 30 -> 64).
+    Full-coverage stack: dense to the encoder's last map (``C_L x h x w``), then transposed convs
+    with kernel 4, padding 1 and an output padding of 0 or 1 that lands exactly on each of the
+    encoder's sizes (e.g. 5 -> 10 -> 21 -> 42 -> 84). ELU between layers, none on the last.
 
     Args:
         state_dim (int): stochastic state size.
@@ -314,11 +399,12 @@ class ConvDecoderV2(nn.Module):
 
     Keyword Args:
         depth (int): base channel count. Default: ``48``.
-        image_size (int): output size, one of 16, 32, 64. Default: ``64``.
-        fast_path (bool): compute the first transposed convolution with
-            :func:`conv_transpose2d_1x1`, the last with :func:`conv_transpose2d_subpixel` and
-            the others on channels-last activations (same function, same parameters);
-            ``False`` runs the plain ``nn.Sequential``. Can be changed at any time. Default: ``True``.
+        image_size (int or (int, int)): output ``H`` (square) or ``(H, W)``, at least 16. Default: ``64``.
+        full_coverage (bool, optional): the stack, see :func:`conv_layout`. Default: ``None``.
+        fast_path (bool): compute the reference stack's first transposed convolution with
+            :func:`conv_transpose2d_1x1`, the last with :func:`conv_transpose2d_subpixel` (cropped by
+            the padding) and the others on channels-last activations (same function, same
+            parameters); ``False`` runs the plain ``nn.Sequential``. Can be changed at any time. Default: ``True``.
 
     Returns: the predicted mean of the normalised image, ``[*batch, C, H, W]``.
 
@@ -326,6 +412,8 @@ class ConvDecoderV2(nn.Module):
         >>> dec = ConvDecoderV2(8, 4, 1, depth=4)
         >>> dec(torch.zeros(2, 8), torch.zeros(2, 4)).shape
         torch.Size([2, 1, 64, 64])
+        >>> ConvDecoderV2(8, 4, 3, depth=4, image_size=(17, 20))(torch.zeros(2, 8), torch.zeros(2, 4)).shape
+        torch.Size([2, 3, 17, 20])
     """
 
     def __init__(
@@ -335,43 +423,56 @@ class ConvDecoderV2(nn.Module):
         out_channels: int,
         *,
         depth: int = 48,
-        image_size: int = 64,
+        image_size: int | tuple[int, int] = 64,
+        full_coverage: bool | None = None,
         fast_path: bool = True,
     ):
         super().__init__()
-        if image_size not in _DECODER_KERNELS:
-            raise ValueError(f"image_size must be one of {sorted(_DECODER_KERNELS)}, got {image_size}.")
-        kernels = _DECODER_KERNELS[image_size]
-        self.hidden = 32 * depth
-        self.linear = nn.Linear(state_dim + belief_dim, self.hidden)
+        self.full_coverage, sizes = conv_layout(image_size, full_coverage)
+        num_layers = len(sizes) - 1
+        if self.full_coverage:
+            self.in_shape = (depth * 2 ** (num_layers - 1), *sizes[-1])
+            kernels = (4,) * num_layers
+        else:
+            self.in_shape, kernels = (32 * depth, 1, 1), _REFERENCE_KERNELS
+        self.linear = nn.Linear(state_dim + belief_dim, math.prod(self.in_shape))
         layers: list[nn.Module] = []
-        channels = self.hidden
+        channels = self.in_shape[0]
         for i, kernel in enumerate(kernels):
-            last = i == len(kernels) - 1
-            out = out_channels if last else depth * 2 ** (len(kernels) - 2 - i)
-            layers.append(nn.ConvTranspose2d(channels, out, kernel, stride=2))
+            last = i == num_layers - 1
+            out = out_channels if last else depth * 2 ** (num_layers - 2 - i)
+            (h_in, w_in), (h_out, w_out) = sizes[num_layers - i], sizes[num_layers - 1 - i]
+            extra = (h_out - 2 * h_in, w_out - 2 * w_in) if self.full_coverage else 0  # padding 1: out = 2 in + extra
+            pad = int(self.full_coverage)
+            layers.append(nn.ConvTranspose2d(channels, out, kernel, stride=2, padding=pad, output_padding=extra))
             if not last:
                 layers.append(nn.ELU())
             channels = out
         self.deconvs = nn.Sequential(*layers)
-        self.out_shape = (out_channels, image_size, image_size)
+        self.out_shape = (out_channels, *sizes[0])
         self.fast_path = fast_path
         glorot_init_(self)
 
     def forward(self, state: torch.Tensor, belief: torch.Tensor) -> torch.Tensor:
         batch = state.shape[:-1]
-        x = self.linear(torch.cat([state, belief], -1)).reshape(-1, self.hidden, 1, 1)
+        x = self.linear(torch.cat([state, belief], -1)).reshape(-1, *self.in_shape)
         if not self.fast_path:
             return self.deconvs(x).reshape(*batch, *self.out_shape)
-        # Same layers, CPU-friendly kernels: the first transposed convolution (1x1 input) as
-        # a matrix product, the last (few output channels) as a sub-pixel convolution, the
-        # others on channels-last activations.
+        # Same layers, CPU-friendly kernels: a transposed convolution of a 1x1 input as a matrix
+        # product, the last (few output channels) as a sub-pixel convolution cropped by the
+        # padding (its output padding keeps one more row/column at the bottom/right), the others
+        # on channels-last activations.
         deconvs = [m for m in self.deconvs if isinstance(m, nn.ConvTranspose2d)]
-        x = F.elu(conv_transpose2d_1x1(x, deconvs[0].weight, deconvs[0].bias))
-        for deconv in deconvs[1:-1]:
-            # ELU in place on the fresh convolution output (the convolution's backward does not need it)
-            x = F.elu_(deconv(x.contiguous(memory_format=torch.channels_last)))
-        x = conv_transpose2d_subpixel(x, deconvs[-1].weight, deconvs[-1].bias)
+        height, width = self.out_shape[1:]
+        for i, deconv in enumerate(deconvs):
+            if i == len(deconvs) - 1:
+                pad = deconv.padding[0]
+                x = conv_transpose2d_subpixel(x, deconv.weight, deconv.bias)[..., pad : pad + height, pad : pad + width]
+            elif x.shape[-2:] == (1, 1):
+                x = F.elu(conv_transpose2d_1x1(x, deconv.weight, deconv.bias))
+            else:
+                # ELU in place on the fresh convolution output (the convolution's backward does not need it)
+                x = F.elu_(deconv(x.contiguous(memory_format=torch.channels_last)))
         return x.reshape(*batch, *self.out_shape)
 
 

@@ -16,7 +16,7 @@ from torchrl_dreamer.objectives.functional import (
     gaussian_nll,
     transition_targets,
 )
-from torchrl_dreamer.modules.networks import normalise_pixels
+from torchrl_dreamer.modules.networks import preprocess_obs
 
 __all__ = ["DreamerV2ModelLoss"]
 
@@ -31,12 +31,14 @@ class DreamerV2ModelLoss(LossModule):
                      + \\beta_r\\,\\mathcal{L}_r + \\beta_\\gamma\\,\\mathcal{L}_\\gamma
 
     * ``L_kl``: :func:`balanced_kl_loss` (balance 0.8, free nats after averaging);
-    * ``L_img = -mean sum_pixels log N(x; x_hat, 1)`` with ``x = pixels / 255 - 0.5``;
+    * ``L_img = sum_k -mean sum_(dims of k) log N(x_k; x_hat_k, 1)`` over the world model's
+      observation entries ``k`` (``x = pixels / 255 - 0.5`` for ``uint8`` images, vectors as floats);
     * ``L_r = -mean log N(f(r); r_hat, 1)`` with ``f = tanh`` on Atari;
     * ``L_gamma``: Bernoulli NLL of the discount logits against ``gamma * (1 - terminal)``.
 
     Renaming a key with :meth:`set_keys` changes what the loss reads; the
-    world model's own keys are chosen when it is built.
+    observation entries and their reconstructions are the world model's
+    (``world_model.reco_keys``), chosen when it is built.
 
     The world model filters ``o_t`` at step ``t``, so the reward and terminal
     targets are those *entering* ``o_t`` (see :func:`transition_targets`).
@@ -63,7 +65,8 @@ class DreamerV2ModelLoss(LossModule):
     ``loss_model_reward``, ``loss_model_continue`` (their sum is ``model_loss``) and
     the detached diagnostics ``kl_loss`` (before scaling), ``image_loss``,
     ``reward_loss``, ``discount_loss``, ``model_kl``, ``prior_ent``, ``post_ent``,
-    ``model_loss``.
+    ``model_loss``; with several observation entries also ``reco_loss_<name>`` per
+    entry (``image_loss`` is their sum).
 
     Examples:
         >>> import torch
@@ -89,21 +92,18 @@ class DreamerV2ModelLoss(LossModule):
         """Tensordict keys read and written by the loss; change them with :meth:`set_keys`.
 
         Attributes:
-            pixels: the observation (images or vectors). Default: ``"pixels"``.
             action: the action taken at each observation. Default: ``"action"``.
             is_init: episode-start flags. Default: ``"is_init"``.
             reward: the true reward. Default: ``("next", "reward")``.
             terminated: the true terminal flag. Default: ``("next", "terminated")``.
-            reco_pixels, reward_pred, continue_pred, prior_logits, posterior_logits:
+            reward_pred, continue_pred, prior_logits, posterior_logits:
                 model outputs read back by the loss.
         """
 
-        pixels: NestedKey = "pixels"
         action: NestedKey = "action"
         is_init: NestedKey = "is_init"
         reward: NestedKey = ("next", "reward")
         terminated: NestedKey = ("next", "terminated")
-        reco_pixels: NestedKey = "reco_pixels"
         reward_pred: NestedKey = "reward_pred"
         continue_pred: NestedKey = "continue_pred"
         prior_logits: NestedKey = "prior_logits"
@@ -148,7 +148,7 @@ class DreamerV2ModelLoss(LossModule):
     @property
     def in_keys(self):
         keys = self.tensor_keys
-        return [keys.pixels, keys.action, keys.is_init, keys.reward, keys.terminated]
+        return [*self.world_model.obs_keys, keys.action, keys.is_init, keys.reward, keys.terminated]
 
     @property
     def out_keys(self):
@@ -158,6 +158,7 @@ class DreamerV2ModelLoss(LossModule):
             "loss_model_reward",
             "loss_model_continue",
             *self.diagnostic_keys,
+            *self._reco_diagnostic_keys(),
         ]
 
     diagnostic_keys = (
@@ -170,6 +171,11 @@ class DreamerV2ModelLoss(LossModule):
         "post_ent",
         "model_loss",
     )
+
+    def _reco_diagnostic_keys(self) -> list[str]:
+        """``reco_loss_<name>`` per observation entry (reconstruction ``reco_<name>``), when there are several."""
+        reco_keys = list(self.world_model.reco_keys.values())
+        return [f"reco_loss_{key.removeprefix('reco_')}" for key in reco_keys] if len(reco_keys) > 1 else []
 
     def forward(self, tensordict: TensorDictBase) -> TensorDict:
         keys = self.tensor_keys
@@ -187,10 +193,8 @@ class DreamerV2ModelLoss(LossModule):
             post, prior, balance=self.kl_balance, free_nats=self.free_nats, free_avg=self.free_avg
         )
 
-        obs = tensordict.get(keys.pixels)
-        reco = tensordict.get(keys.reco_pixels)
-        target = normalise_pixels(obs) if obs.dtype == torch.uint8 else obs
-        image_loss = gaussian_nll(reco, target, event_dims=reco.ndim - tensordict.ndim).mean()
+        reco_losses = self._reconstruction_losses(tensordict)
+        image_loss = sum(reco_losses)
 
         reward, mask, terminal = transition_targets(
             tensordict.get(keys.reward), tensordict.get(keys.terminated), tensordict.get(keys.is_init)
@@ -222,6 +226,16 @@ class DreamerV2ModelLoss(LossModule):
             "post_ent": categorical_entropy(post).mean(),
             "model_loss": model_loss,
         }
+        metrics.update(zip(self._reco_diagnostic_keys(), reco_losses))
         out = TensorDict(losses, [])
         out.update({k: v.detach() for k, v in metrics.items()})
         return out
+
+    def _reconstruction_losses(self, tensordict: TensorDictBase) -> list[torch.Tensor]:
+        """``-mean_bt sum_(dims of k) log N(x_k; x_hat_k, 1)`` for each observation entry ``k``."""
+        losses = []
+        for obs_key, reco_key in self.world_model.reco_keys.items():
+            reco = tensordict.get(reco_key)
+            target = preprocess_obs(tensordict.get(obs_key))
+            losses.append(gaussian_nll(reco, target, event_dims=reco.ndim - tensordict.ndim).mean())
+        return losses

@@ -1,10 +1,20 @@
-"""Optimisers, the DreamerV2 optimisation stepper and trainer hooks."""
+"""Optimisers, the DreamerV2 optimisation stepper, the TorchRL trainer and its hooks."""
 from torchrl_dreamer.trainers.optim import DreamerV2Optimizer
 from torchrl_dreamer.trainers.stepper import DreamerV2OptimizationStepper, make_dreamerv2_optimizers
-from torchrl_dreamer.trainers.training import CheckpointError, DreamerV2Training, resolve_device
 from torchrl_dreamer.trainers.hooks import (
-    DreamerReplayHook,
+    CheckpointHook,
     EpisodeReturnHook,
+    EvaluationHook,
+    Every,
+    OpenLoopVideoHook,
     TargetCriticHook,
+    TrainMetricsHook,
+    UpdateSchedule,
+)
+from torchrl_dreamer.trainers.trainer import (
+    CHECKPOINT_FILE,
+    CheckpointError,
+    DreamerV2Trainer,
     make_dreamerv2_trainer,
+    resolve_device,
 )

@@ -1,71 +1,171 @@
-"""DreamerV2 as a TorchRL :class:`~torchrl.trainers.Trainer`: hooks and one builder.
+"""DreamerV2's behaviour as TorchRL :class:`~torchrl.trainers.Trainer` hooks.
 
-The trainer collects ``train_every`` agent steps per batch (random actions for
-the first ``prefill``), stores them in the DreamerV2 replay, samples one
-``[batch_size, batch_length]`` batch and runs one
-:class:`DreamerV2OptimizationStepper` update per collected batch, copies the
-target critic in a ``post_optim`` hook and logs episode returns and losses.
-Add your own hooks with ``trainer.register_op(stage, fn)``.
+Every hook is a :class:`~torchrl.trainers.TrainerHookBase`: ``register(trainer)`` puts it at its default stage and
+registers its state for checkpoints. Schedules count agent steps summed over all envs (the paper's units); the
+logged x-axis is frames (``frame_skip`` x agent steps), as the Trainer's ``collected_frames``.
+
+============================  ======================  ==========================================================
+hook                          stages                  what it does
+============================  ======================  ==========================================================
+:class:`UpdateSchedule`       batch_process,          counts agent steps; during the random prefill and between
+                              process_optim_batch,    updates it stops the optimisation loop; after the prefill
+                              post_optim              it lets through ``pretrain`` updates, then one update per
+                                                      ``train_every`` agent steps
+:class:`TargetCriticHook`     post_optim              the slow critic's hard copy (update 0 and every N)
+:class:`EpisodeReturnHook`    pre_steps_log           ``train_return`` / ``train_length`` of finished episodes
+:class:`TrainMetricsHook`     post_optim_complete_    the updates' metrics averaged over ``log_every`` steps,
+                              log, post_steps         and ``fps``
+:class:`EvaluationHook`       post_steps              greedy (actor mode) episodes every ``eval_every`` steps
+:class:`OpenLoopVideoHook`    post_steps              the "openl" video through ``logger.log_video`` and a GIF
+:class:`CheckpointHook`       post_steps              an atomic :class:`~torchrl.checkpoint.Checkpoint` archive
+============================  ======================  ==========================================================
 """
 from __future__ import annotations
 
+import os
+import time
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import numpy as np
 import torch
 from tensordict import TensorDictBase
+from torchrl.checkpoint import Checkpoint
+from torchrl.envs import EnvBase
+from torchrl.envs.utils import ExplorationType, set_exploration_type, step_mdp
 from torchrl.trainers import Trainer, TrainerHookBase
 
-from torchrl_dreamer.config import DreamerV2Config
-from torchrl_dreamer.data import DreamerReplayBuffer
-from torchrl_dreamer.objectives import DreamerV2ValueLoss
-from torchrl_dreamer.record import EpisodeTracker
+from torchrl_dreamer.record import EpisodeTracker, open_loop_video, write_gif
 
-__all__ = ["DreamerReplayHook", "TargetCriticHook", "EpisodeReturnHook", "make_dreamerv2_trainer"]
+__all__ = [
+    "UpdateSchedule",
+    "TargetCriticHook",
+    "EpisodeReturnHook",
+    "TrainMetricsHook",
+    "EvaluationHook",
+    "OpenLoopVideoHook",
+    "CheckpointHook",
+    "Every",
+]
 
 
-class DreamerReplayHook(TrainerHookBase):
-    """Stores collector batches in a :class:`~torchrl_dreamer.data.DreamerReplayBuffer` and samples training batches.
+class Every:
+    """Fires once each time a counter passes a multiple of ``every`` (state: the next threshold).
 
-    Stages: ``batch_process`` (extend) and ``process_optim_batch`` (sample; stops the
-    optimisation loop while no episode is long enough).
+    Examples:
+        >>> every = Every(100)
+        >>> [every.due(s) for s in (50, 100, 150, 320, 330)]
+        [False, True, False, True, False]
     """
 
-    def __init__(self, replay_buffer: DreamerReplayBuffer):
+    def __init__(self, every: int) -> None:
+        self.every = int(every)
+        self.next = self.every
+
+    def due(self, count: int) -> bool:
+        if count < self.next:
+            return False
+        self.next = (count // self.every + 1) * self.every
+        return True
+
+    def state_dict(self) -> dict[str, int]:
+        return {"next": self.next}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.next = int(state_dict["next"])
+
+
+def _num_steps(batch: TensorDictBase) -> int:
+    mask = batch.get(("collector", "mask"), None)
+    return int(mask.sum()) if mask is not None else batch.numel()
+
+
+class UpdateSchedule(TrainerHookBase):
+    """Random prefill, ``pretrain`` updates, then one update per ``train_every`` agent steps.
+
+    The number of updates due after ``steps`` agent steps is ``0`` during the prefill and
+    ``pretrain + (steps - prefill) // train_every`` after it (reference: ``train_every`` counts agent steps over all
+    envs; the prefill's random actions come from the collector's ``init_random_frames``). Registered first at
+    ``process_optim_batch``, it raises ``StopIteration`` (the Trainer's signal to end its optimisation loop) when
+    no update is due or when the replay cannot sample yet; the sampling itself is a stock
+    :class:`~torchrl.trainers.ReplayBufferTrainer` registered after it.
+
+    Args:
+        replay_buffer: the replay (``can_sample()``).
+
+    Keyword Args:
+        prefill (int): agent steps of random actions before the first update.
+        pretrain (int): updates right after the prefill.
+        train_every (int): agent steps per update after that.
+
+    Examples:
+        >>> class Replay:
+        ...     def can_sample(self): return True
+        >>> schedule = UpdateSchedule(Replay(), prefill=100, pretrain=5, train_every=10)
+        >>> schedule.steps = 150
+        >>> schedule.updates_due()
+        10
+    """
+
+    def __init__(self, replay_buffer: Any, *, prefill: int, pretrain: int, train_every: int) -> None:
         self.replay_buffer = replay_buffer
+        self.prefill, self.pretrain, self.train_every = int(prefill), int(pretrain), int(train_every)
+        self.steps = 0
+        self.updates = 0
+        self.updates_in_batch = 0
+        self._starved_warned = False
 
-    def extend(self, batch: TensorDictBase) -> TensorDictBase:
-        self.replay_buffer.extend(batch)
-        return batch
+    def updates_due(self) -> int:
+        if self.steps < self.prefill:
+            return 0
+        return self.pretrain + (self.steps - self.prefill) // self.train_every - self.updates
 
-    def sample(self, batch: TensorDictBase) -> TensorDictBase:
-        if not self.replay_buffer.can_sample():
+    def count(self, batch: TensorDictBase) -> None:
+        self.steps += _num_steps(batch)
+        self.updates_in_batch = 0
+
+    def gate(self, batch: TensorDictBase) -> None:
+        if self.updates_due() <= 0:
             raise StopIteration
-        return self.replay_buffer.sample()
+        if not self.replay_buffer.can_sample():
+            if not self._starved_warned:
+                warnings.warn(
+                    f"{self.steps} agent steps collected and updates are due, but the replay cannot sample a "
+                    f"training sequence yet ({self.replay_buffer!r}); no update runs until it can.",
+                    stacklevel=2,
+                )
+                self._starved_warned = True
+            raise StopIteration
 
-    def state_dict(self) -> dict[str, Any]:
-        return self.replay_buffer.state_dict()
+    def done_update(self) -> None:
+        self.updates += 1
+        self.updates_in_batch += 1
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.replay_buffer.load_state_dict(state_dict)
+    def state_dict(self) -> dict[str, int]:
+        return {"steps": self.steps, "updates": self.updates}
 
-    def register(self, trainer: Trainer, name: str = "dreamer_replay") -> None:
-        trainer.register_op("batch_process", self.extend)
-        trainer.register_op("process_optim_batch", self.sample)
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.steps, self.updates = int(state_dict["steps"]), int(state_dict["updates"])
+
+    def register(self, trainer: Trainer, name: str = "update_schedule") -> None:
+        trainer.register_op("batch_process", self.count)
+        trainer.register_op("process_optim_batch", self.gate)
+        trainer.register_op("post_optim", self.done_update)
         trainer.register_module(name, self)
 
 
 class TargetCriticHook(TrainerHookBase):
-    """Counts updates and hard-copies the critic into the target critic (at update 0 and every N)."""
+    """Hard-copies the critic into the slow target critic at update 0 and every ``target_update_interval``."""
 
-    def __init__(self, value_loss: DreamerV2ValueLoss):
+    def __init__(self, value_loss: Any) -> None:
         self.value_loss = value_loss
 
     def __call__(self) -> None:
         self.value_loss.update_target()
 
     def state_dict(self) -> dict[str, Any]:
-        return {}
+        return {}  # the update counter is a buffer of the value loss, saved with the loss module
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         pass
@@ -74,83 +174,271 @@ class TargetCriticHook(TrainerHookBase):
         trainer.register_op("post_optim", self)
 
 
-class EpisodeReturnHook(TrainerHookBase):
-    """Logs ``train_return`` and ``train_length`` of the episodes finished in each collected batch."""
+class _LoggingHook(TrainerHookBase):
+    """A hook that writes to the trainer's logger at the trainer's frame count."""
 
-    def __init__(self, num_envs: int = 1):
+    trainer: Trainer | None = None
+
+    def _log(self, values: dict[str, float]) -> None:
+        logger = getattr(self.trainer, "logger", None)
+        if logger is None:
+            return
+        for name, value in values.items():
+            logger.log_scalar(name, float(value), step=int(self.trainer.collected_frames))
+
+
+class EpisodeReturnHook(_LoggingHook):
+    """Logs ``train_return`` and ``train_length`` of every episode finished in a collected batch.
+
+    Args:
+        num_envs (int): parallel envs (the leading dim of collected batches).
+    """
+
+    def __init__(self, num_envs: int = 1) -> None:
         self.tracker = EpisodeTracker(num_envs)
+        self.episodes = 0
+        self.last_return = float("nan")
 
-    def __call__(self, batch: TensorDictBase) -> dict[str, float] | None:
-        finished = self.tracker.update(batch)
-        if not finished:
-            return None
-        returns, lengths = zip(*finished)
-        return {"train_return": sum(returns) / len(returns), "train_length": sum(lengths) / len(lengths)}
+    def __call__(self, batch: TensorDictBase) -> None:
+        for episode_return, length in self.tracker.update(batch):
+            self.episodes += 1
+            self.last_return = episode_return
+            self._log({"train_return": episode_return, "train_length": length})
+        if self.trainer is not None and self.trainer.progress_bar:
+            self.trainer._pbar_str["last_return"] = round(self.last_return, 2)
 
     def state_dict(self) -> dict[str, Any]:
-        return self.tracker.state_dict()
+        return {**self.tracker.state_dict(), "episodes": self.episodes, "last_return": self.last_return}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.tracker.load_state_dict(state_dict)
+        self.episodes, self.last_return = int(state_dict["episodes"]), float(state_dict["last_return"])
 
     def register(self, trainer: Trainer, name: str = "episode_returns") -> None:
+        self.trainer = trainer
         trainer.register_op("pre_steps_log", self)
         trainer.register_module(name, self)
 
 
-def make_dreamerv2_trainer(
-    config: DreamerV2Config,
-    logdir: str | Path,
-    *,
-    device: str | torch.device = "auto",
-    progress: bool = True,
-) -> Trainer:
-    """Builds DreamerV2 training as a TorchRL :class:`~torchrl.trainers.Trainer`.
-
-    The components (models, losses, optimisers, replay, collector, loggers) are
-    the same as those of :class:`~torchrl_dreamer.trainers.DreamerV2Training`.
-    Registered hooks: :class:`DreamerReplayHook`, the optimisation stepper
-    (three optimisers), :class:`TargetCriticHook`, :class:`EpisodeReturnHook`;
-    the trainer logs the stepper's metrics to ``logdir`` (CSV).
+class TrainMetricsHook(_LoggingHook):
+    """Averages the updates' metrics over ``log_every`` agent steps, then logs them with ``fps`` (frames / s).
 
     Args:
-        config (DreamerV2Config): hyperparameters.
-        logdir (str | Path): run directory (its parent must exist).
+        schedule (UpdateSchedule): the step and update counters.
 
     Keyword Args:
-        device: ``"auto"``, ``"cpu"`` or ``"cuda"``. Default: ``"auto"``.
-        progress (bool): the trainer's progress bar. Default: ``True``.
-
-    Returns: a :class:`~torchrl.trainers.Trainer`; call ``trainer.train()``.
-
-    Examples:
-        >>> import tempfile
-        >>> cfg = DreamerV2Config.preset("debug", total_steps=200)
-        >>> trainer = make_dreamerv2_trainer(cfg, tempfile.mkdtemp() + "/run", device="cpu", progress=False)
-        >>> trainer.train()
-        >>> trainer.collected_frames >= 200
-        True
+        log_every (int): agent steps between two logs.
     """
-    from torchrl.record.loggers import CSVLogger
 
-    from torchrl_dreamer.trainers.training import DreamerV2Training
+    def __init__(self, schedule: UpdateSchedule, *, log_every: int) -> None:
+        self.schedule = schedule
+        self.every = Every(log_every)
+        self._sums: dict[str, torch.Tensor] = {}
+        self._count = 0
+        self._clock = (time.perf_counter(), 0)
 
-    run = DreamerV2Training(config, logdir, device=device, progress=False)
-    run.stepper.update_target = False  # the TargetCriticHook does it
-    trainer = Trainer(
-        collector=run._make_collector(),
-        total_frames=config.total_steps * config.action_repeat,
-        frame_skip=config.action_repeat,
-        optim_steps_per_batch=1,
-        loss_module=run.loss,
-        optimization_stepper=run.stepper,
-        logger=CSVLogger(exp_name="", log_dir=str(run.logdir)),
-        progress_bar=progress,
-        log_interval=config.log_every * config.action_repeat,
-        save_trainer_interval=config.checkpoint_every * config.action_repeat,
-    )
-    DreamerReplayHook(run.replay).register(trainer)
-    TargetCriticHook(run.loss.value_loss).register(trainer)
-    EpisodeReturnHook(config.num_envs).register(trainer)
-    trainer.dreamer = run  # the models, losses and replay, for inspection
-    return trainer
+    def accumulate(self, optim_steps: int, average_losses: TensorDictBase | None) -> None:
+        count = self.schedule.updates_in_batch
+        if average_losses is None or not count:
+            return
+        for key, value in average_losses.items():
+            self._sums[key] = self._sums.get(key, 0.0) + value * count
+        self._count += count
+
+    def __call__(self) -> None:
+        steps = self.schedule.steps
+        if not self.every.due(steps):
+            return
+        values = {key: float(total / self._count) for key, total in self._sums.items()} if self._count else {}
+        start, start_steps = self._clock
+        now = time.perf_counter()
+        if start_steps:
+            values["fps"] = (steps - start_steps) * self.trainer.frame_skip / max(now - start, 1e-9)
+        self._log(values)
+        self._sums, self._count, self._clock = {}, 0, (now, steps)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"every": self.every.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.every.load_state_dict(state_dict["every"])
+
+    def register(self, trainer: Trainer, name: str = "train_metrics") -> None:
+        self.trainer = trainer
+        trainer.register_op("post_optim_complete_log", self.accumulate)
+        trainer.register_op("post_steps", self)
+        trainer.register_module(name, self)
+
+
+class EvaluationHook(_LoggingHook):
+    """Greedy-policy (actor mode) episodes every ``eval_every`` agent steps; logs ``eval_return``/``eval_length``.
+
+    Args:
+        policy: the acting policy.
+        make_env (callable): ``make_env(seed)`` returns the evaluation env, prepared with ``is_init`` and the
+            policy's primer.
+        schedule (UpdateSchedule): the step counter.
+
+    Keyword Args:
+        eval_every (int): agent steps between evaluations.
+        episodes (int): episodes per evaluation.
+        seed (int): base seed of the evaluation envs. Default: ``10_000``.
+        max_steps (int): step limit of an evaluation episode. Default: ``108_000``.
+        device: where the policy runs. Default: ``"cpu"``.
+        after (callable, optional): called after each evaluation (e.g. to reset a collector sharing the env).
+    """
+
+    def __init__(
+        self,
+        policy: Any,
+        make_env: Callable[[int], EnvBase],
+        schedule: UpdateSchedule,
+        *,
+        eval_every: int,
+        episodes: int,
+        seed: int = 10_000,
+        max_steps: int = 108_000,
+        device: torch.device | str = "cpu",
+        after: Callable[[], None] | None = None,
+    ) -> None:
+        self.policy, self.make_env, self.schedule = policy, make_env, schedule
+        self.every = Every(eval_every)
+        self.episodes, self.seed, self.max_steps = episodes, seed, max_steps
+        self.device = torch.device(device)
+        self.after = after
+        self.last: dict[str, Any] | None = None
+
+    @torch.no_grad()
+    def evaluate(self, episodes: int | None = None) -> dict[str, Any]:
+        """Runs greedy episodes now; returns ``eval_return``, ``eval_length`` (means) and ``returns`` (a list)."""
+        episodes = self.episodes if episodes is None else episodes
+        env = self.make_env(self.seed + self.schedule.steps)
+        returns, lengths = [], []
+        with set_exploration_type(ExplorationType.DETERMINISTIC):
+            for _ in range(episodes):
+                td, total, length = env.reset(), 0.0, 0
+                for length in range(1, self.max_steps + 1):
+                    td = env.step(self.policy(td.to(self.device)).to(env.device))
+                    total += float(td.get(("next", "reward")).sum())
+                    if bool(td.get(("next", "done")).any()):
+                        break
+                    td = step_mdp(td)
+                returns.append(total)
+                lengths.append(length)
+        if self.after is not None:
+            self.after()
+        self.last = {"eval_return": float(np.mean(returns)), "eval_length": float(np.mean(lengths)),
+                     "returns": returns}
+        return self.last
+
+    def __call__(self) -> None:
+        if self.every.due(self.schedule.steps):
+            result = self.evaluate()
+            self._log({"eval_return": result["eval_return"], "eval_length": result["eval_length"]})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"every": self.every.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.every.load_state_dict(state_dict["every"])
+
+    def register(self, trainer: Trainer, name: str = "evaluation") -> None:
+        self.trainer = trainer
+        trainer.register_op("post_steps", self)
+        trainer.register_module(name, self)
+
+
+class OpenLoopVideoHook(TrainerHookBase):
+    """DreamerV2's open-loop prediction video every ``video_every`` agent steps.
+
+    Logged with the trainer logger's ``log_video("openl", ...)`` (``[1, T, C, 3H, nW]`` uint8) and written as
+    ``<videos_dir>/openl_<frames>.gif``. Does nothing for a world model without image observations.
+    """
+
+    def __init__(self, world_model: Any, replay_buffer: Any, schedule: UpdateSchedule, *, video_every: int,
+                 videos_dir: str | Path | None = None, num_videos: int = 6) -> None:
+        self.world_model, self.replay_buffer, self.schedule = world_model, replay_buffer, schedule
+        self.every = Every(video_every)
+        self.videos_dir = Path(videos_dir) if videos_dir is not None else None
+        self.num_videos = num_videos
+        self.trainer: Trainer | None = None
+
+    @torch.no_grad()
+    def record(self) -> torch.Tensor | None:
+        """Returns the video ``[T, C, 3H, nW]`` (and logs/writes it), or None without images or data."""
+        if not getattr(self.world_model, "cnn_keys", None) or not self.replay_buffer.can_sample():
+            return None
+        batch = self.replay_buffer.sample()[: self.num_videos]
+        video = open_loop_video(self.world_model, batch, context=min(5, batch.shape[1] // 2))
+        frames = int(self.trainer.collected_frames) if self.trainer is not None else self.schedule.steps
+        logger = getattr(self.trainer, "logger", None)
+        if logger is not None:
+            logger.log_video("openl", video.unsqueeze(0), step=frames)
+        if self.videos_dir is not None:
+            write_gif(video, self.videos_dir / f"openl_{frames}.gif")
+        return video
+
+    def __call__(self) -> None:
+        if self.every.due(self.schedule.steps):
+            self.record()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"every": self.every.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.every.load_state_dict(state_dict["every"])
+
+    def register(self, trainer: Trainer, name: str = "open_loop_video") -> None:
+        self.trainer = trainer
+        trainer.register_op("post_steps", self)
+        trainer.register_module(name, self)
+
+
+class CheckpointHook(TrainerHookBase):
+    """Saves a :class:`~torchrl.checkpoint.Checkpoint` archive atomically every ``checkpoint_every`` agent steps.
+
+    The archive is written to ``<path>.tmp`` (TorchRL stages it and publishes it there), flushed to disk, then
+    renamed over ``path`` with one ``os.replace``: a process killed at any moment leaves either the previous
+    checkpoint or the new one, never a partial file. The manifest's metadata carries ``metadata()`` (e.g. the
+    step counters and the config), readable with ``Checkpoint.manifest(path)`` without loading anything.
+
+    Args:
+        checkpoint (Checkpoint): the components to save.
+        path (str | Path): the archive's path.
+        schedule (UpdateSchedule): the step counter.
+
+    Keyword Args:
+        checkpoint_every (int): agent steps between two saves.
+        metadata (callable, optional): returns the JSON metadata of each save.
+    """
+
+    def __init__(self, checkpoint: Checkpoint, path: str | Path, schedule: UpdateSchedule, *,
+                 checkpoint_every: int, metadata: Callable[[], dict[str, Any]] | None = None) -> None:
+        self.checkpoint, self.path, self.schedule = checkpoint, Path(path), schedule
+        self.every = Every(checkpoint_every)
+        self.metadata = metadata
+
+    def save(self) -> Path:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        self.checkpoint.save(tmp, format="archive", metadata=self.metadata() if self.metadata else None)
+        with open(tmp, "rb") as file:
+            os.fsync(file.fileno())
+        os.replace(tmp, self.path)
+        return self.path
+
+    def load(self, map_location: Any = "cpu") -> None:
+        self.checkpoint.load(self.path, map_location=map_location)
+
+    def __call__(self) -> None:
+        if self.every.due(self.schedule.steps):
+            self.save()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"every": self.every.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.every.load_state_dict(state_dict["every"])
+
+    def register(self, trainer: Trainer, name: str = "checkpointer") -> None:
+        trainer.register_op("post_steps", self)
+        trainer.register_module(name, self)

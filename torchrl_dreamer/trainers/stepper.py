@@ -45,10 +45,14 @@ class DreamerV2OptimizationStepper(OptimizationStepper):
     2. imagination from the (stop-gradient) posterior states with the updated
        world model, actor loss, backward, actor optimiser step;
     3. critic loss on the same imagined trajectory, backward, critic step;
-    4. target-critic hard copy at update 0 and every ``target_update_interval``.
 
-    Usable inside a TorchRL :class:`~torchrl.trainers.Trainer` (as its
-    ``optimization_stepper``) or on its own with ``step(None, batch)``.
+    Each loss is computed through the trainer's ``compute_loss(batch, method=...)``
+    (``"model_loss"``, ``"actor_loss"``, ``"value_loss"``), as TorchRL's TD3
+    trainer does, so that a distributed learner backend sees every loss; on its
+    own (``step(None, batch)``) the stepper calls the loss's sub-losses directly.
+    The target critic is not copied here: :class:`~torchrl_dreamer.trainers.TargetCriticHook`
+    does it after each step (call ``loss.value_loss.update_target()`` yourself
+    when stepping by hand).
 
     Args:
         loss (DreamerV2Loss): the composite loss.
@@ -58,7 +62,6 @@ class DreamerV2OptimizationStepper(OptimizationStepper):
     Keyword Args:
         precision (str): ``"fp32"`` or ``"bf16"`` autocast for the forward passes
             (the paper trained in mixed precision). Default: ``"fp32"``.
-        update_target (bool): do step 4 here; ``False`` when a trainer hook does it. Default: ``True``.
 
     Returns (``step``): detached metrics named as the reference's, with
     ``model_grad_norm``, ``actor_grad_norm`` and ``critic_grad_norm``.
@@ -70,7 +73,6 @@ class DreamerV2OptimizationStepper(OptimizationStepper):
         optimizers: dict[str, torch.optim.Optimizer],
         *,
         precision: str = "fp32",
-        update_target: bool = True,
     ):
         if precision not in _PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(_PRECISIONS)}, got {precision!r}.")
@@ -80,7 +82,6 @@ class DreamerV2OptimizationStepper(OptimizationStepper):
         self.loss = loss
         self.optimizers = optimizers
         self.precision = precision
-        self.update_target = update_target
 
     def _autocast(self, device: torch.device):
         dtype = _PRECISIONS[self.precision]
@@ -95,23 +96,26 @@ class DreamerV2OptimizationStepper(OptimizationStepper):
         optimizer.step()
         return getattr(optimizer, "last_grad_norm", torch.zeros(())).detach()
 
+    def _compute(self, trainer: Any, batch: TensorDictBase, method: str):
+        if trainer is not None:
+            return trainer.compute_loss(batch, method=method)
+        return getattr(self.loss, method)(batch)
+
     def step(self, trainer: Any, sub_batch: TensorDictBase) -> TensorDictBase:
         device = next(self.loss.parameters()).device
         batch = sub_batch.to(device) if sub_batch.device != device else sub_batch
         with self._autocast(device):
-            model_out = self.loss.model_loss(batch)
+            model_out = self._compute(trainer, batch, "model_loss")
         model_loss = sum(v for k, v in model_out.items() if k.startswith("loss_"))
         model_norm = self._optimise(self.optimizers["model"], model_loss)
 
         with self._autocast(device):
-            actor_out, trajectory = self.loss.actor_loss(batch)
+            actor_out, trajectory = self._compute(trainer, batch, "actor_loss")
         actor_norm = self._optimise(self.optimizers["actor"], actor_out["loss_actor"])
 
         with self._autocast(device):
-            value_out = self.loss.value_loss(trajectory)
+            value_out = self._compute(trainer, trajectory, "value_loss")
         critic_norm = self._optimise(self.optimizers["critic"], value_out["loss_value"])
-        if self.update_target:
-            self.loss.value_loss.update_target()
 
         metrics = TensorDict({}, [])
         for out in (model_out, actor_out, value_out):

@@ -1,0 +1,404 @@
+"""DreamerV2 training on TorchRL's :class:`~torchrl.trainers.Trainer`: one loop, behaviour as hooks.
+
+Data flow (every piece a TorchRL one, each injectable)::
+
+    user env (+ InitTracker + the policy's primer) --Collector--> [num_envs, train_every / num_envs] transitions
+        --> ReplayBufferTrainer.extend --> DreamerReplayBuffer (memmap, one row per observation)
+        --> UpdateSchedule (prefill, pretrain, train_every) --> ReplayBufferTrainer.sample --> [B, L] sequences
+        --> DreamerV2OptimizationStepper (model, actor, critic steps through trainer.compute_loss)
+        --> TargetCriticHook, EpisodeReturnHook, TrainMetricsHook, EvaluationHook, OpenLoopVideoHook,
+            CheckpointHook
+
+:func:`make_dreamerv2_trainer` builds all of it from a :class:`~torchrl_dreamer.config.DreamerV2Config` in one run
+directory: ``config.json``, ``checkpoint.tdz`` (an atomic :class:`~torchrl.checkpoint.Checkpoint` archive),
+``replay/`` (memory-mapped rows), ``scalars/*.csv``, ``tb/`` (TensorBoard, when installed) and ``videos/``.
+Building it again on the same directory resumes the run.
+"""
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+from typing import Any
+
+import torch
+from torchrl.checkpoint import Checkpoint, GlobalRNGState
+from torchrl.collectors import Collector
+from torchrl.envs import EnvBase, ParallelEnv, SerialEnv
+from torchrl.trainers import ReplayBufferTrainer, Trainer
+
+from torchrl_dreamer.config import DreamerV2Config
+from torchrl_dreamer.data import make_replay_buffer
+from torchrl_dreamer.envs.resolve import EnvFactory, EnvLike, prepare_env
+from torchrl_dreamer.record import make_logger
+from torchrl_dreamer.trainers.hooks import (
+    CheckpointHook,
+    EpisodeReturnHook,
+    EvaluationHook,
+    OpenLoopVideoHook,
+    TargetCriticHook,
+    TrainMetricsHook,
+    UpdateSchedule,
+)
+
+__all__ = ["DreamerV2Trainer", "make_dreamerv2_trainer", "resolve_device", "CheckpointError", "CHECKPOINT_FILE"]
+
+CHECKPOINT_FILE = "checkpoint.tdz"
+CONFIG_FILE = "config.json"
+# fields that may differ when a run is resumed
+_RESUMABLE_CHANGES = {"total_steps", "eval_every", "log_every", "video_every", "checkpoint_every", "eval_episodes"}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or does not match the run."""
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; validates explicit requests."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was requested but CUDA is not available; use --device cpu or auto.")
+    return device
+
+
+class DreamerV2Trainer(Trainer):
+    """A TorchRL :class:`~torchrl.trainers.Trainer` that trains DreamerV2; its behaviour is a set of hooks.
+
+    The components are injected, as in TorchRL's algorithm trainers (``SACTrainer``, ``DQNTrainer``); the
+    DreamerV2 hooks (:mod:`torchrl_dreamer.trainers.hooks`) are registered at their default stages. Register
+    stock TorchRL hooks (``LogScalar``, ``UpdateWeights``, ``CountFramesLog``...) or your own with
+    :meth:`register_op` / ``hook.register(trainer)`` before calling :meth:`train`.
+
+    Ctrl-C and SIGTERM stop the loop at the end of the current iteration (a second one stops at once); the run's
+    state is then checkpointed. :func:`make_dreamerv2_trainer` builds every component from a config.
+
+    Args:
+        collector: a TorchRL collector over the prepared env (``init_random_frames`` = the prefill).
+        loss_module (DreamerV2Loss): the composite loss (``model_loss``, ``actor_loss``, ``value_loss``).
+        optimization_stepper (DreamerV2OptimizationStepper): one update of the three optimisers.
+        replay_buffer (DreamerReplayBuffer): the sequence replay.
+        total_steps (int): agent steps to train for (summed over envs).
+        action_repeat (int): frames per agent step (the logged x-axis is frames).
+
+    Keyword Args:
+        prefill, pretrain, train_every: see :class:`UpdateSchedule`.
+        logger: a logger with ``log_scalar(name, value, step)`` and ``log_video``. Default: ``None``.
+        checkpoint (Checkpoint, optional): the components to save; the trainer registers its own ones into it.
+        checkpoint_path (str | Path, optional): the archive to write; ``None`` disables checkpoints.
+        checkpoint_every, log_every, eval_every, video_every (int): agent steps between two of each.
+        policy (optional): the acting policy, for evaluation.
+        make_eval_env (callable, optional): ``make_eval_env(seed)`` returns the evaluation env; ``None`` disables
+            evaluation.
+        eval_episodes (int): episodes per evaluation. Default: ``1``.
+        eval_after (callable, optional): called after each evaluation.
+        videos_dir (str | Path, optional): where the GIFs go. Default: ``None`` (logger only).
+        num_envs (int): parallel envs in a collected batch. Default: ``1``.
+        device: where the policy runs for evaluation. Default: ``"cpu"``.
+        progress_bar (bool): a tqdm bar. Default: ``True``.
+        seed (int, optional): the evaluation envs' base seed offset. Default: ``0``.
+    """
+
+    def __init__(
+        self,
+        *,
+        collector: Any,
+        loss_module: Any,
+        optimization_stepper: Any,
+        replay_buffer: Any,
+        total_steps: int,
+        action_repeat: int = 1,
+        prefill: int = 50_000,
+        pretrain: int = 1,
+        train_every: int = 16,
+        logger: Any = None,
+        checkpoint: Checkpoint | None = None,
+        checkpoint_path: str | Path | None = None,
+        checkpoint_every: int = 100_000,
+        log_every: int = 10_000,
+        eval_every: int = 250_000,
+        video_every: int = 250_000,
+        policy: Any = None,
+        make_eval_env: Any = None,
+        eval_episodes: int = 1,
+        eval_after: Any = None,
+        videos_dir: str | Path | None = None,
+        num_envs: int = 1,
+        device: torch.device | str = "cpu",
+        progress_bar: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            collector=collector,
+            total_frames=total_steps * action_repeat,
+            frame_skip=action_repeat,
+            optim_steps_per_batch=None,  # the UpdateSchedule ends each optimisation loop
+            loss_module=loss_module,
+            optimization_stepper=optimization_stepper,
+            replay_buffer=replay_buffer,
+            logger=logger,
+            progress_bar=progress_bar,
+            log_interval=log_every * action_repeat,
+            auto_log_optim_steps=False,  # TrainMetricsHook averages over the logging interval
+        )
+        self.total_steps = total_steps
+        self.schedule = UpdateSchedule(replay_buffer, prefill=prefill, pretrain=pretrain, train_every=train_every)
+        self.schedule.register(self)
+        # Stock TorchRL replay hook: extend with each collected batch, sample once per due update.
+        replay_hook = ReplayBufferTrainer(replay_buffer)
+        self.register_op("batch_process", replay_hook.extend)
+        self.register_op("process_optim_batch", replay_hook.sample)
+        self.register_module("replay_buffer", replay_hook)
+        TargetCriticHook(loss_module.value_loss).register(self)
+        self.episode_returns = EpisodeReturnHook(num_envs)
+        self.episode_returns.register(self)
+        TrainMetricsHook(self.schedule, log_every=log_every).register(self)
+        self.evaluation = None
+        if make_eval_env is not None:
+            if policy is None:
+                raise ValueError("make_eval_env needs the acting policy: pass policy=.")
+            self.evaluation = EvaluationHook(
+                policy, make_eval_env, self.schedule,
+                eval_every=eval_every, episodes=eval_episodes, seed=seed + 10_000, device=device, after=eval_after,
+            )
+            self.evaluation.register(self)
+        self.video = OpenLoopVideoHook(
+            loss_module.model_loss.world_model, replay_buffer, self.schedule, video_every=video_every,
+            videos_dir=videos_dir,
+        )
+        self.video.register(self)
+        self.register_op("setup", self._resume_progress_bar)
+        self.checkpointer = None
+        self._resumed_from: Path | None = None
+        if checkpoint_path is not None:
+            checkpoint = Checkpoint() if checkpoint is None else checkpoint
+            self.checkpointer = CheckpointHook(
+                checkpoint, checkpoint_path, self.schedule, checkpoint_every=checkpoint_every,
+                metadata=lambda: {"steps": self.schedule.steps, "updates": self.schedule.updates},
+            )
+            self.checkpointer.register(self)  # last at post_steps: saves after evaluation and video
+            self._register_checkpoint_components(checkpoint)
+        self.interrupted = False
+
+    def register_module(self, module_name: str, module: Any) -> None:
+        """Registers a stateful hook; with a checkpoint, its state is saved and, on a resumed run, restored now."""
+        super().register_module(module_name, module)
+        checkpointer = getattr(self, "checkpointer", None)
+        if checkpointer is None:
+            return
+        name = f"trainer_module.{module_name}"
+        checkpointer.checkpoint.register(name, module)
+        if self._resumed_from is not None and name in Checkpoint.manifest(self._resumed_from)["components"]:
+            checkpointer.checkpoint.load(self._resumed_from, components=[name])
+
+    def _register_checkpoint_components(self, checkpoint: Checkpoint) -> None:
+        components = {"loss_module": self.loss_module, "rng": GlobalRNGState()}
+        components.update({f"trainer_module.{name}": module for name, module in self._modules.items()})
+        for name, component in components.items():
+            if name not in checkpoint:
+                checkpoint.register(name, component)
+
+    def _resume_progress_bar(self) -> None:
+        if self.progress_bar and self.collected_frames:
+            self._pbar.update(min(self.collected_frames, self.total_frames))
+
+    @property
+    def steps(self) -> int:
+        """Agent steps collected (summed over envs)."""
+        return self.schedule.steps
+
+    @property
+    def updates(self) -> int:
+        """Updates done."""
+        return self.schedule.updates
+
+    def load_checkpoint(self, map_location: Any = "cpu") -> None:
+        """Restores every registered component from the checkpoint archive (models, optimisers, replay, hooks)."""
+        if self.checkpointer is None:
+            raise CheckpointError("This trainer has no checkpoint_path.")
+        self.checkpointer.load(map_location=map_location)
+        self.collected_frames = self.schedule.steps * self.frame_skip
+        self._resumed_from = self.checkpointer.path
+
+    def save_checkpoint(self) -> Path | None:
+        """Writes the checkpoint archive now (atomically); None without a checkpoint path."""
+        return self.checkpointer.save() if self.checkpointer is not None else None
+
+    def train(self) -> dict[str, Any]:
+        """Trains until ``total_steps``; checkpoints on the way and when stopped (Ctrl-C and SIGTERM included).
+
+        Returns: the counters ``steps``, ``frames``, ``updates``, ``episodes``, ``interrupted`` and, after an
+        evaluation, ``last_eval``.
+        """
+        handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+        def stop(signum, frame):
+            if self.interrupted:  # a second signal: stop now
+                raise KeyboardInterrupt
+            self.interrupted = True
+            self.request_stop("interrupted")
+
+        for sig in handlers:
+            signal.signal(sig, stop)
+        try:
+            if self.schedule.steps < self.total_steps:
+                super().train()
+            else:
+                self.collector.shutdown()
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+        self.save_checkpoint()
+        result = {"steps": self.steps, "frames": self.steps * self.frame_skip, "updates": self.updates,
+                  "episodes": self.episode_returns.episodes, "interrupted": self.interrupted}
+        if self.evaluation is not None and self.evaluation.last is not None:
+            result["last_eval"] = {k: v for k, v in self.evaluation.last.items() if k != "returns"}
+        return result
+
+
+def _reconcile_config(config: DreamerV2Config, logdir: Path, resuming: bool) -> DreamerV2Config:
+    """A resumed run keeps its saved config (schedules excepted)."""
+    path = logdir / CONFIG_FILE
+    if not (resuming and path.exists()):
+        return config
+    saved = json.loads(path.read_text())
+    given = config.to_dict()
+    changed = {k for k in given if k in saved and given[k] != saved[k] and k not in _RESUMABLE_CHANGES}
+    if "env" in changed:
+        raise ValueError(
+            f"{logdir} holds a run on {saved['env']!r}, not {given['env']!r}: a run's env cannot change; "
+            "use another --logdir."
+        )
+    if changed:
+        print(f"Resuming {logdir}: keeping the saved values of {sorted(changed)} (use another --logdir to change them).")
+    keep = {k: v for k, v in saved.items() if k not in _RESUMABLE_CHANGES and k in given}
+    return config.replace(**keep)
+
+
+def _saved_counters(path: Path) -> dict[str, Any]:
+    try:
+        manifest = Checkpoint.manifest(path)
+        return {"steps": int(manifest["metadata"]["steps"]), "updates": int(manifest["metadata"]["updates"])}
+    except Exception as err:  # truncated or foreign files surface as many error types
+        raise CheckpointError(
+            f"Cannot resume from {path}: the checkpoint is corrupt or not a DreamerV2 checkpoint "
+            f"({type(err).__name__}: {err}). Use another --logdir to start a new run."
+        ) from err
+
+
+def make_dreamerv2_trainer(
+    config: DreamerV2Config,
+    logdir: str | Path,
+    *,
+    env: EnvLike | None = None,
+    device: str | torch.device = "auto",
+    progress: bool = True,
+    parallel_envs: bool = True,
+) -> DreamerV2Trainer:
+    """Builds a :class:`DreamerV2Trainer` and all its components from a config, in a run directory.
+
+    A directory holding a checkpoint is resumed: models, optimisers, target critic, replay, counters, hooks and
+    RNG states are restored, and the saved config is kept (schedules excepted).
+
+    Args:
+        config (DreamerV2Config): hyperparameters.
+        logdir (str | Path): the run directory (created with its parents).
+
+    Keyword Args:
+        env: the environment: a TorchRL :class:`~torchrl.envs.EnvBase` (one env), a callable returning one (any
+            number of envs, in worker processes with ``parallel_envs``), a :func:`~torchrl_dreamer.envs.make_env`
+            name or ``"package.module:function"``. Default: ``config.env``. ``InitTracker`` and the policy's
+            primer are added when missing.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``. Default: ``"auto"``.
+        progress (bool): a progress bar. Default: ``True``.
+        parallel_envs (bool): several envs in worker processes (``ParallelEnv``) rather than in this process
+            (``SerialEnv``). Default: ``True``.
+
+    Returns: a :class:`DreamerV2Trainer`; call ``trainer.train()``.
+
+    Examples:
+        >>> import tempfile
+        >>> cfg = DreamerV2Config.preset("debug", total_steps=200, eval_every=10**9, video_every=10**9)
+        >>> trainer = make_dreamerv2_trainer(cfg, tempfile.mkdtemp() + "/run", device="cpu", progress=False)
+        >>> trainer.train()["steps"]
+        200
+    """
+    logdir = Path(logdir).expanduser().absolute()
+    if logdir.exists() and not logdir.is_dir():
+        raise FileExistsError(f"The log directory {logdir} is an existing file; choose another --logdir.")
+    if env is not None:
+        config = config.replace(env=EnvFactory(env).description if not isinstance(env, str) else env, env_kwargs={})
+    checkpoint_path = logdir / CHECKPOINT_FILE
+    resuming = checkpoint_path.exists()
+    saved = _saved_counters(checkpoint_path) if resuming else {"steps": 0, "updates": 0}
+    config = _reconcile_config(config, logdir, resuming)
+    factory = EnvFactory(env if env is not None else config.env, **(config.env_kwargs if env is None else {}))
+    if config.train_every % config.num_envs:
+        raise ValueError(f"train_every ({config.train_every}) must be a multiple of num_envs ({config.num_envs}).")
+    if factory.is_instance and config.num_envs > 1:
+        raise ValueError("An env instance runs one env: pass a factory (a function returning the env) for num_envs > 1.")
+    device = resolve_device(device)
+    torch.manual_seed(config.seed)
+
+    probe = factory(config.seed)
+    models = config.make_models(probe.observation_spec, probe.action_spec, device=device)
+    if not factory.is_instance:
+        probe.close()
+    loss = config.make_loss(models)
+    stepper = config.make_stepper(loss)
+    replay = make_replay_buffer(
+        capacity=config.replay_capacity, seq_len=config.batch_length, batch_size=config.batch_size,
+        obs_keys=models.world_model.obs_keys, scratch_dir=logdir / "replay", prioritize_ends=config.prioritize_ends,
+        strict_length=config.strict_length, device=device, seed=config.seed,
+    )
+    primer = models.policy.make_tensordict_primer
+
+    def make_train_env(seed: int) -> EnvBase:
+        if config.num_envs == 1:
+            base = factory(seed)
+        else:
+            batched = ParallelEnv if parallel_envs else SerialEnv
+            base = batched(config.num_envs, factory)
+            base.set_seed(seed)
+        return prepare_env(base, primer())
+
+    def make_eval_env(seed: int) -> EnvBase:
+        return prepare_env(factory(seed), primer())
+
+    # new seeds after a resume, so that the environments do not replay the same episodes
+    collector = Collector(
+        make_train_env(config.seed + 1 + saved["steps"]),
+        models.policy,
+        frames_per_batch=config.train_every,
+        total_frames=-1,
+        init_random_frames=max(0, config.prefill - saved["steps"]),
+        policy_device=device,
+        env_device="cpu",
+        storing_device="cpu",
+    )
+    trainer = DreamerV2Trainer(
+        collector=collector, loss_module=loss, optimization_stepper=stepper, replay_buffer=replay,
+        total_steps=config.total_steps, action_repeat=config.action_repeat, prefill=config.prefill,
+        pretrain=config.pretrain, train_every=config.train_every, logger=make_logger(logdir),
+        checkpoint_path=checkpoint_path, checkpoint_every=config.checkpoint_every, log_every=config.log_every,
+        eval_every=config.eval_every, video_every=config.video_every, policy=models.policy,
+        make_eval_env=make_eval_env,
+        eval_episodes=config.eval_episodes, eval_after=collector.reset if factory.is_instance else None,
+        videos_dir=logdir / "videos", num_envs=config.num_envs, device=device, progress_bar=progress,
+        seed=config.seed,
+    )
+    trainer.config, trainer.logdir, trainer.models, trainer.resumed = config, logdir, models, resuming
+    trainer.device = device
+    if resuming:
+        try:
+            trainer.load_checkpoint(map_location=device)
+        except Exception as err:
+            raise CheckpointError(
+                f"Cannot resume from {checkpoint_path}: {type(err).__name__}: {err}. The run directory is left as "
+                "it is; use another --logdir to start a new run."
+            ) from err
+    else:
+        logdir.mkdir(parents=True, exist_ok=True)
+        (logdir / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
+    return trainer
