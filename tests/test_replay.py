@@ -784,3 +784,16 @@ def test_sample_to_cuda(tmp_path):
     rb.extend(FakeEnvs([[12]]).batch(12))
     sample = rb.sample()
     assert sample.device.type == "cuda" and sample["pixels"].dtype == torch.uint8
+
+
+def test_env_without_a_truncated_flag(tmp_path):
+    """TorchRL's default done spec has no ``truncated``: the buffer stores ``done and not terminated``."""
+    rb = make(tmp_path, capacity=1000, seq_len=5, batch_size=2)
+    envs = FakeEnvs([[4], [6]], extras=False)
+    batch = envs.batch(12)
+    truncated = batch["next", "done"] & ~batch["next", "terminated"]
+    del batch["next", "truncated"]
+    rb.extend(batch)
+    assert len(rb) == rb.write_count + int(batch["next", "done"].sum())
+    stored = rb.storage[torch.arange(len(rb))]
+    assert int(stored["next", "truncated"].sum()) == int(truncated.sum())

@@ -85,7 +85,7 @@ class DreamerV2Config:
     # False: episodes shorter than batch_length are trained on too (a sequence that reaches such an episode's end
     # continues at another episode's start; the RSSM resets at is_init). Windows inside episodes of batch_length
     # rows or more are the reference's either way. True: the reference exactly (shorter episodes never sampled).
-    strict_length: bool = False
+    strict_length: bool = True
     eval_every: int = 250_000
     eval_episodes: int = 1
     log_every: int = 10_000
@@ -240,5 +240,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         video_every=200,
         checkpoint_every=200,
         target_update_interval=10,
+        strict_length=False,
     ),
 }

@@ -201,6 +201,11 @@ class DreamerReplayBuffer(TensorDictReplayBuffer):
         if not is_tensor_collection(batch):
             raise TypeError(f"Expected a TensorDict of transitions, got {type(batch).__name__}.")
         present = set(batch.keys(include_nested=True, leaves_only=True))
+        if ("next", "truncated") not in present and {("next", "done"), ("next", "terminated")} <= present:
+            # envs without a truncated flag (TorchRL's default done spec): done and not terminated
+            done, terminated = batch.get(("next", "done")), batch.get(("next", "terminated"))
+            batch = batch.clone(False).set(("next", "truncated"), done & ~terminated)
+            present.add(("next", "truncated"))
         missing = [key for key in self._required_keys if key not in present]
         if missing:
             raise KeyError(

@@ -132,7 +132,8 @@ class UpdateSchedule(TrainerHookBase):
             if not self._starved_warned:
                 warnings.warn(
                     f"{self.steps} agent steps collected and updates are due, but the replay cannot sample a "
-                    f"training sequence yet ({self.replay_buffer!r}); no update runs until it can.",
+                    f"training sequence yet ({self.replay_buffer!r}); no update runs until it can. With episodes "
+                    "shorter than the sequence length, set strict_length=False (--strict-length false).",
                     stacklevel=2,
                 )
                 self._starved_warned = True
@@ -211,8 +212,14 @@ class EpisodeReturnHook(_LoggingHook):
         return {**self.tracker.state_dict(), "episodes": self.episodes, "last_return": self.last_return}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.tracker.load_state_dict(state_dict)
+        # the episodes in progress at the checkpoint do not continue: a resumed collector starts new ones
         self.episodes, self.last_return = int(state_dict["episodes"]), float(state_dict["last_return"])
+        self.restart()
+
+    def restart(self) -> None:
+        """Forgets the partial returns of the episodes in progress (after a collector reset or a resume)."""
+        self.tracker.returns[:] = 0.0
+        self.tracker.lengths[:] = 0
 
     def register(self, trainer: Trainer, name: str = "episode_returns") -> None:
         self.trainer = trainer
@@ -285,6 +292,7 @@ class EvaluationHook(_LoggingHook):
         seed (int): base seed of the evaluation envs. Default: ``10_000``.
         max_steps (int): step limit of an evaluation episode. Default: ``108_000``.
         device: where the policy runs. Default: ``"cpu"``.
+        owns_env (bool): close each evaluation env after use. Default: ``True``.
         after (callable, optional): called after each evaluation (e.g. to reset a collector sharing the env).
     """
 
@@ -299,13 +307,14 @@ class EvaluationHook(_LoggingHook):
         seed: int = 10_000,
         max_steps: int = 108_000,
         device: torch.device | str = "cpu",
+        owns_env: bool = True,
         after: Callable[[], None] | None = None,
     ) -> None:
         self.policy, self.make_env, self.schedule = policy, make_env, schedule
         self.every = Every(eval_every)
         self.episodes, self.seed, self.max_steps = episodes, seed, max_steps
         self.device = torch.device(device)
-        self.after = after
+        self.owns_env, self.after = owns_env, after
         self.last: dict[str, Any] | None = None
 
     @torch.no_grad()
@@ -314,17 +323,21 @@ class EvaluationHook(_LoggingHook):
         episodes = self.episodes if episodes is None else episodes
         env = self.make_env(self.seed + self.schedule.steps)
         returns, lengths = [], []
-        with set_exploration_type(ExplorationType.DETERMINISTIC):
-            for _ in range(episodes):
-                td, total, length = env.reset(), 0.0, 0
-                for length in range(1, self.max_steps + 1):
-                    td = env.step(self.policy(td.to(self.device)).to(env.device))
-                    total += float(td.get(("next", "reward")).sum())
-                    if bool(td.get(("next", "done")).any()):
-                        break
-                    td = step_mdp(td)
-                returns.append(total)
-                lengths.append(length)
+        try:
+            with set_exploration_type(ExplorationType.DETERMINISTIC):
+                for _ in range(episodes):
+                    td, total, length = env.reset(), 0.0, 0
+                    for length in range(1, self.max_steps + 1):
+                        td = env.step(self.policy(td.to(self.device)).to(env.device))
+                        total += float(td.get(("next", "reward")).sum())
+                        if bool(td.get(("next", "done")).any()):
+                            break
+                        td = step_mdp(td)
+                    returns.append(total)
+                    lengths.append(length)
+        finally:
+            if self.owns_env:
+                env.close()
         if self.after is not None:
             self.after()
         self.last = {"eval_return": float(np.mean(returns)), "eval_length": float(np.mean(lengths)),
@@ -400,7 +413,7 @@ class CheckpointHook(TrainerHookBase):
     The archive is written to ``<path>.tmp`` (TorchRL stages it and publishes it there), flushed to disk, then
     renamed over ``path`` with one ``os.replace``: a process killed at any moment leaves either the previous
     checkpoint or the new one, never a partial file. The manifest's metadata carries ``metadata()`` (e.g. the
-    step counters and the config), readable with ``Checkpoint.manifest(path)`` without loading anything.
+    step counters), readable with ``Checkpoint.manifest(path)`` without loading anything.
 
     Args:
         checkpoint (Checkpoint): the components to save.
@@ -419,6 +432,8 @@ class CheckpointHook(TrainerHookBase):
         self.metadata = metadata
 
     def save(self) -> Path:
+        for stale in self.path.parent.glob(f".{self.path.name}.tmp.*"):  # left by a process killed mid-save
+            Checkpoint._remove_path(stale)
         tmp = self.path.with_name(self.path.name + ".tmp")
         self.checkpoint.save(tmp, format="archive", metadata=self.metadata() if self.metadata else None)
         with open(tmp, "rb") as file:

@@ -92,7 +92,7 @@ class DreamerV2Trainer(Trainer):
         make_eval_env (callable, optional): ``make_eval_env(seed)`` returns the evaluation env; ``None`` disables
             evaluation.
         eval_episodes (int): episodes per evaluation. Default: ``1``.
-        eval_after (callable, optional): called after each evaluation.
+        eval_owns_env (bool): close each evaluation env after use (``False`` when it is the training env).
         videos_dir (str | Path, optional): where the GIFs go. Default: ``None`` (logger only).
         num_envs (int): parallel envs in a collected batch. Default: ``1``.
         device: where the policy runs for evaluation. Default: ``"cpu"``.
@@ -122,7 +122,7 @@ class DreamerV2Trainer(Trainer):
         policy: Any = None,
         make_eval_env: Any = None,
         eval_episodes: int = 1,
-        eval_after: Any = None,
+        eval_owns_env: bool = True,
         videos_dir: str | Path | None = None,
         num_envs: int = 1,
         device: torch.device | str = "cpu",
@@ -160,7 +160,8 @@ class DreamerV2Trainer(Trainer):
                 raise ValueError("make_eval_env needs the acting policy: pass policy=.")
             self.evaluation = EvaluationHook(
                 policy, make_eval_env, self.schedule,
-                eval_every=eval_every, episodes=eval_episodes, seed=seed + 10_000, device=device, after=eval_after,
+                eval_every=eval_every, episodes=eval_episodes, seed=seed + 10_000, device=device,
+                owns_env=eval_owns_env,
             )
             self.evaluation.register(self)
         self.video = OpenLoopVideoHook(
@@ -217,7 +218,13 @@ class DreamerV2Trainer(Trainer):
         """Restores every registered component from the checkpoint archive (models, optimisers, replay, hooks)."""
         if self.checkpointer is None:
             raise CheckpointError("This trainer has no checkpoint_path.")
-        self.checkpointer.load(map_location=map_location)
+        try:
+            self.checkpointer.load(map_location=map_location)
+        except Exception as err:
+            raise CheckpointError(
+                f"Cannot resume from {self.checkpointer.path}: {type(err).__name__}: {err}. The run directory is "
+                "left as it is; use another --logdir to start a new run."
+            ) from err
         self.collected_frames = self.schedule.steps * self.frame_skip
         self._resumed_from = self.checkpointer.path
 
@@ -239,6 +246,7 @@ class DreamerV2Trainer(Trainer):
             self.interrupted = True
             self.request_stop("interrupted")
 
+        self.interrupted, self._stop_training, self._stop_reason = False, False, None
         for sig in handlers:
             signal.signal(sig, stop)
         try:
@@ -246,6 +254,12 @@ class DreamerV2Trainer(Trainer):
                 super().train()
             else:
                 self.collector.shutdown()
+        except Exception:
+            # A signal sent to the whole process group can take env workers down mid-collection: the state is
+            # still consistent (steps and updates are counted per finished batch), so checkpoint it below.
+            if not self.interrupted:
+                raise
+            self.collector.shutdown()
         finally:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
@@ -255,6 +269,17 @@ class DreamerV2Trainer(Trainer):
         if self.evaluation is not None and self.evaluation.last is not None:
             result["last_eval"] = {k: v for k, v in self.evaluation.last.items() if k != "returns"}
         return result
+
+
+class _WorkerEnv:
+    """Builds the env in a worker process that leaves Ctrl-C to the main process (which stops and checkpoints)."""
+
+    def __init__(self, factory: EnvFactory) -> None:
+        self.factory = factory
+
+    def __call__(self) -> EnvBase:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        return self.factory()
 
 
 def _reconcile_config(config: DreamerV2Config, logdir: Path, resuming: bool) -> DreamerV2Config:
@@ -342,6 +367,11 @@ def make_dreamerv2_trainer(
     torch.manual_seed(config.seed)
 
     probe = factory(config.seed)
+    if probe.batch_size != torch.Size([]):
+        raise ValueError(
+            f"The env {factory.description} has batch size {tuple(probe.batch_size)}: pass a single env (batch size ()) "
+            "and set --num-envs for several."
+        )
     models = config.make_models(probe.observation_spec, probe.action_spec, device=device)
     if not factory.is_instance:
         probe.close()
@@ -358,8 +388,10 @@ def make_dreamerv2_trainer(
         if config.num_envs == 1:
             base = factory(seed)
         else:
-            batched = ParallelEnv if parallel_envs else SerialEnv
-            base = batched(config.num_envs, factory)
+            if parallel_envs:
+                base = ParallelEnv(config.num_envs, _WorkerEnv(factory))
+            else:
+                base = SerialEnv(config.num_envs, factory)
             base.set_seed(seed)
         return prepare_env(base, primer())
 
@@ -384,21 +416,18 @@ def make_dreamerv2_trainer(
         checkpoint_path=checkpoint_path, checkpoint_every=config.checkpoint_every, log_every=config.log_every,
         eval_every=config.eval_every, video_every=config.video_every, policy=models.policy,
         make_eval_env=make_eval_env,
-        eval_episodes=config.eval_episodes, eval_after=collector.reset if factory.is_instance else None,
+        eval_episodes=config.eval_episodes, eval_owns_env=not factory.is_instance,
         videos_dir=logdir / "videos", num_envs=config.num_envs, device=device, progress_bar=progress,
         seed=config.seed,
     )
+    if factory.is_instance:  # evaluation ran on the training env: restart its episode
+        trainer.evaluation.after = lambda: (collector.reset(), trainer.episode_returns.restart())
     trainer.config, trainer.logdir, trainer.models, trainer.resumed = config, logdir, models, resuming
     trainer.device = device
     if resuming:
-        try:
-            trainer.load_checkpoint(map_location=device)
-        except Exception as err:
-            raise CheckpointError(
-                f"Cannot resume from {checkpoint_path}: {type(err).__name__}: {err}. The run directory is left as "
-                "it is; use another --logdir to start a new run."
-            ) from err
-    else:
-        logdir.mkdir(parents=True, exist_ok=True)
-        (logdir / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
+        trainer.load_checkpoint(map_location=device)
+    logdir.mkdir(parents=True, exist_ok=True)
+    tmp = logdir / (CONFIG_FILE + ".tmp")
+    tmp.write_text(json.dumps(config.to_dict(), indent=2))
+    tmp.replace(logdir / CONFIG_FILE)
     return trainer
