@@ -1,8 +1,16 @@
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from tensordict import TensorDict
+
+# the tests import their user-env factories as ``tests.user_envs``, under ``pytest`` as under ``python -m pytest``
+ROOT = str(Path(__file__).resolve().parents[1])
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
 
 
 @pytest.fixture(autouse=True)
