@@ -188,6 +188,37 @@ class _LoggingHook(TrainerHookBase):
             logger.log_scalar(name, float(value), step=int(self.trainer.collected_frames))
 
 
+class _PeriodicHook(_LoggingHook):
+    """Runs :meth:`run` at ``post_steps`` each time the agent-step counter passes a multiple of ``every``.
+
+    Its state (the next threshold) is checkpointed with the run.
+    """
+
+    default_name = "periodic"
+
+    def __init__(self, schedule: UpdateSchedule, every: int) -> None:
+        self.schedule = schedule
+        self.every = Every(every)
+
+    def run(self) -> None:
+        raise NotImplementedError
+
+    def __call__(self) -> None:
+        if self.every.due(self.schedule.steps):
+            self.run()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"every": self.every.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.every.load_state_dict(state_dict["every"])
+
+    def register(self, trainer: Trainer, name: str | None = None) -> None:
+        self.trainer = trainer
+        trainer.register_op("post_steps", self)
+        trainer.register_module(name or self.default_name, self)
+
+
 class EpisodeReturnHook(_LoggingHook):
     """Logs ``train_return`` and ``train_length`` of every episode finished in a collected batch.
 
@@ -227,7 +258,7 @@ class EpisodeReturnHook(_LoggingHook):
         trainer.register_module(name, self)
 
 
-class TrainMetricsHook(_LoggingHook):
+class TrainMetricsHook(_PeriodicHook):
     """Averages the updates' metrics over ``log_every`` agent steps, then logs them with ``fps`` (frames / s).
 
     Args:
@@ -237,9 +268,10 @@ class TrainMetricsHook(_LoggingHook):
         log_every (int): agent steps between two logs.
     """
 
+    default_name = "train_metrics"
+
     def __init__(self, schedule: UpdateSchedule, *, log_every: int) -> None:
-        self.schedule = schedule
-        self.every = Every(log_every)
+        super().__init__(schedule, log_every)
         self._sums: dict[str, torch.Tensor] = {}
         self._count = 0
         self._clock = (time.perf_counter(), 0)
@@ -252,10 +284,8 @@ class TrainMetricsHook(_LoggingHook):
             self._sums[key] = self._sums.get(key, 0.0) + value * count
         self._count += count
 
-    def __call__(self) -> None:
+    def run(self) -> None:
         steps = self.schedule.steps
-        if not self.every.due(steps):
-            return
         values = {key: float(total / self._count) for key, total in self._sums.items()} if self._count else {}
         start, start_steps = self._clock
         now = time.perf_counter()
@@ -264,20 +294,12 @@ class TrainMetricsHook(_LoggingHook):
         self._log(values)
         self._sums, self._count, self._clock = {}, 0, (now, steps)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"every": self.every.state_dict()}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.every.load_state_dict(state_dict["every"])
-
-    def register(self, trainer: Trainer, name: str = "train_metrics") -> None:
-        self.trainer = trainer
+    def register(self, trainer: Trainer, name: str | None = None) -> None:
         trainer.register_op("post_optim_complete_log", self.accumulate)
-        trainer.register_op("post_steps", self)
-        trainer.register_module(name, self)
+        super().register(trainer, name)
 
 
-class EvaluationHook(_LoggingHook):
+class EvaluationHook(_PeriodicHook):
     """Greedy-policy (actor mode) episodes every ``eval_every`` agent steps; logs ``eval_return``/``eval_length``.
 
     Args:
@@ -310,8 +332,8 @@ class EvaluationHook(_LoggingHook):
         owns_env: bool = True,
         after: Callable[[], None] | None = None,
     ) -> None:
-        self.policy, self.make_env, self.schedule = policy, make_env, schedule
-        self.every = Every(eval_every)
+        super().__init__(schedule, eval_every)
+        self.policy, self.make_env = policy, make_env
         self.episodes, self.seed, self.max_steps = episodes, seed, max_steps
         self.device = torch.device(device)
         self.owns_env, self.after = owns_env, after
@@ -344,24 +366,14 @@ class EvaluationHook(_LoggingHook):
                      "returns": returns}
         return self.last
 
-    def __call__(self) -> None:
-        if self.every.due(self.schedule.steps):
-            result = self.evaluate()
-            self._log({"eval_return": result["eval_return"], "eval_length": result["eval_length"]})
+    def run(self) -> None:
+        result = self.evaluate()
+        self._log({"eval_return": result["eval_return"], "eval_length": result["eval_length"]})
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"every": self.every.state_dict()}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.every.load_state_dict(state_dict["every"])
-
-    def register(self, trainer: Trainer, name: str = "evaluation") -> None:
-        self.trainer = trainer
-        trainer.register_op("post_steps", self)
-        trainer.register_module(name, self)
+    default_name = "evaluation"
 
 
-class OpenLoopVideoHook(TrainerHookBase):
+class OpenLoopVideoHook(_PeriodicHook):
     """DreamerV2's open-loop prediction video every ``video_every`` agent steps.
 
     Logged with the trainer logger's ``log_video("openl", ...)`` (``[1, T, C, 3H, nW]`` uint8) and written as
@@ -370,11 +382,10 @@ class OpenLoopVideoHook(TrainerHookBase):
 
     def __init__(self, world_model: Any, replay_buffer: Any, schedule: UpdateSchedule, *, video_every: int,
                  videos_dir: str | Path | None = None, num_videos: int = 6) -> None:
-        self.world_model, self.replay_buffer, self.schedule = world_model, replay_buffer, schedule
-        self.every = Every(video_every)
+        super().__init__(schedule, video_every)
+        self.world_model, self.replay_buffer = world_model, replay_buffer
         self.videos_dir = Path(videos_dir) if videos_dir is not None else None
         self.num_videos = num_videos
-        self.trainer: Trainer | None = None
 
     @torch.no_grad()
     def record(self) -> torch.Tensor | None:
@@ -391,23 +402,13 @@ class OpenLoopVideoHook(TrainerHookBase):
             write_gif(video, self.videos_dir / f"openl_{frames}.gif")
         return video
 
-    def __call__(self) -> None:
-        if self.every.due(self.schedule.steps):
-            self.record()
+    def run(self) -> None:
+        self.record()
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"every": self.every.state_dict()}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.every.load_state_dict(state_dict["every"])
-
-    def register(self, trainer: Trainer, name: str = "open_loop_video") -> None:
-        self.trainer = trainer
-        trainer.register_op("post_steps", self)
-        trainer.register_module(name, self)
+    default_name = "open_loop_video"
 
 
-class CheckpointHook(TrainerHookBase):
+class CheckpointHook(_PeriodicHook):
     """Saves a :class:`~torchrl.checkpoint.Checkpoint` archive atomically every ``checkpoint_every`` agent steps.
 
     The archive is written to ``<path>.tmp`` (TorchRL stages it and publishes it there), flushed to disk, then
@@ -427,8 +428,8 @@ class CheckpointHook(TrainerHookBase):
 
     def __init__(self, checkpoint: Checkpoint, path: str | Path, schedule: UpdateSchedule, *,
                  checkpoint_every: int, metadata: Callable[[], dict[str, Any]] | None = None) -> None:
-        self.checkpoint, self.path, self.schedule = checkpoint, Path(path), schedule
-        self.every = Every(checkpoint_every)
+        super().__init__(schedule, checkpoint_every)
+        self.checkpoint, self.path = checkpoint, Path(path)
         self.metadata = metadata
 
     def save(self) -> Path:
@@ -444,16 +445,7 @@ class CheckpointHook(TrainerHookBase):
     def load(self, map_location: Any = "cpu") -> None:
         self.checkpoint.load(self.path, map_location=map_location)
 
-    def __call__(self) -> None:
-        if self.every.due(self.schedule.steps):
-            self.save()
+    def run(self) -> None:
+        self.save()
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"every": self.every.state_dict()}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.every.load_state_dict(state_dict["every"])
-
-    def register(self, trainer: Trainer, name: str = "checkpointer") -> None:
-        trainer.register_op("post_steps", self)
-        trainer.register_module(name, self)
+    default_name = "checkpointer"
