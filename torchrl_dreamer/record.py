@@ -29,10 +29,6 @@ class MultiLogger:
         for logger in self.loggers:
             logger.log_scalar(name, float(value), step=step)
 
-    def log_scalars(self, values: dict[str, float], step: int) -> None:
-        for name, value in values.items():
-            self.log_scalar(name, value, step)
-
     def log_video(self, name: str, video: torch.Tensor, step: int | None = None, **kwargs) -> None:
         for logger in list(self.loggers):
             if type(logger).__name__ == "TensorboardLogger" and importlib.util.find_spec("moviepy") is None:
