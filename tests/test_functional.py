@@ -5,16 +5,17 @@ import math
 
 import pytest
 import torch
+from tensordict import TensorDict
 from torch import distributions as D
 
 from torchrl_dreamer.objectives import (
+    DreamerV2LambdaEstimator,
     balanced_kl_loss,
     bernoulli_nll,
     categorical_entropy,
     categorical_kl,
     discount_weights,
     gaussian_nll,
-    lambda_return,
     transition_targets,
 )
 
@@ -89,21 +90,34 @@ def _loop_lambda_return(reward, value, discount, lmbda):
     return torch.stack(out)
 
 
+def _lambda_return(reward, value, discount, lmbda):
+    """DreamerV2's estimator on time-major [H] / [H + 1] tensors (it reads [*B, H, 1])."""
+    est = DreamerV2LambdaEstimator(gamma=0.999, lmbda=lmbda)
+    td = TensorDict({"reward": reward.T[..., None], "discount": discount.T[..., None]}, [reward.shape[1], reward.shape[0]])
+    return est.value_estimate(td, next_value=value[1:].T[..., None])[..., 0].T
+
+
 def test_lambda_return_against_loop_and_hand_values():
+    """TorchRL's td_lambda_return_estimate under DreamerV2's index convention (reward and discount at the state)."""
     reward, value, discount = torch.randn(15, 8), torch.randn(16, 8), torch.rand(15, 8)
     torch.testing.assert_close(
-        lambda_return(reward, value, discount, lmbda=0.95), _loop_lambda_return(reward, value, discount, 0.95)
+        _lambda_return(reward, value, discount, 0.95), _loop_lambda_return(reward, value, discount, 0.95)
     )
     # hand computed, H = 2: V_1 = r_1 + g_1 * v_2; V_0 = r_0 + g_0 * ((1 - l) v_1 + l V_1)
-    r, v, g = torch.tensor([1.0, 2.0]), torch.tensor([10.0, 20.0, 30.0]), torch.tensor([0.5, 0.9])
+    r, v, g = torch.tensor([[1.0], [2.0]]), torch.tensor([[10.0], [20.0], [30.0]]), torch.tensor([[0.5], [0.9]])
     v1 = 2.0 + 0.9 * 30.0
     v0 = 1.0 + 0.5 * (0.05 * 20.0 + 0.95 * v1)
-    torch.testing.assert_close(lambda_return(r, v, g, lmbda=0.95), torch.tensor([v0, v1]))
+    torch.testing.assert_close(_lambda_return(r, v, g, 0.95), torch.tensor([[v0], [v1]]))
     # lambda = 0: one-step TD targets; lambda = 1: discounted Monte-Carlo with bootstrap
-    torch.testing.assert_close(lambda_return(r, v, g, lmbda=0.0), r + g * v[1:])
-    torch.testing.assert_close(lambda_return(r, v, g, lmbda=1.0), torch.tensor([1 + 0.5 * (2 + 0.9 * 30), 2 + 0.9 * 30]))
-    with pytest.raises(ValueError):
-        lambda_return(r, v[:2], g)
+    torch.testing.assert_close(_lambda_return(r, v, g, 0.0), r + g * v[1:])
+    torch.testing.assert_close(_lambda_return(r, v, g, 1.0), torch.tensor([[1 + 0.5 * (2 + 0.9 * 30)], [2 + 0.9 * 30]]))
+
+
+def test_lambda_return_without_learned_discount_uses_gamma():
+    est = DreamerV2LambdaEstimator(gamma=0.5, lmbda=0.0)
+    td = TensorDict({"reward": torch.ones(1, 2, 1), "terminated": torch.tensor([[[False], [True]]])}, [1, 2])
+    out = est.value_estimate(td, next_value=torch.full((1, 2, 1), 4.0))
+    torch.testing.assert_close(out, torch.tensor([[[3.0], [1.0]]]))  # 1 + 0.5 * 4, then 1 + 0 * 4
 
 
 def test_discount_weights():

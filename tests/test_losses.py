@@ -9,12 +9,13 @@ from torchrl.data import Bounded, Composite, OneHot, Unbounded
 from torchrl_dreamer.modules import DEBUG_SIZES, make_dreamerv2_models
 from torchrl_dreamer.objectives import (
     DreamerV2ModelLoss,
-    lambda_return,
     make_dreamerv2_loss,
+    make_target_updater,
 )
 from torchrl_dreamer.trainers import DreamerV2Optimizer
 
 from conftest import make_batch
+from test_functional import _loop_lambda_return
 
 PIXELS = Composite(pixels=Unbounded((1, 16, 16), dtype=torch.uint8))
 
@@ -35,7 +36,9 @@ def _grads_none(module):
 
 def test_model_loss_values_and_diagnostics():
     models, loss, batch = _setup()
-    out = loss.model_loss(batch)
+    before = set(batch.keys(True))
+    out, batch = loss.model_loss(batch)
+    assert set(batch.keys(True)) > before  # the model's outputs are in the returned copy...
     total = sum(v for k, v in out.items() if k.startswith("loss_"))
     torch.testing.assert_close(total.detach(), out["model_loss"])
     torch.testing.assert_close(out["loss_model_kl"].detach(), 0.1 * out["kl_loss"])
@@ -57,7 +60,7 @@ def test_discount_head_trained_on_terminated_not_truncated():
     batch["next", "terminated"][:, 2] = True
     batch["next", "truncated"] = torch.zeros_like(batch["next", "terminated"])
     batch["next", "truncated"][:, 3] = True
-    out = loss.model_loss(batch)
+    out, batch = loss.model_loss(batch)
     logits = batch["continue_pred"]
     target = torch.full_like(logits, 0.999)
     target[:, 3] = 0.0  # o_3 follows the terminating transition of row 2
@@ -67,7 +70,7 @@ def test_discount_head_trained_on_terminated_not_truncated():
 
 def test_every_head_trains_encoder_and_rssm():
     models, loss, batch = _setup()
-    out = loss.model_loss(batch)
+    out, _ = loss.model_loss(batch)
     wm = models.world_model
     for key in ("loss_model_reco", "loss_model_reward", "loss_model_continue", "loss_model_kl"):
         wm.zero_grad(set_to_none=True)
@@ -88,7 +91,7 @@ def test_kl_trains_prior_and_posterior_separately():
     for balance, trained, untouched in ((1.0, rssm.img_logits, rssm.obs_logits), (0.0, rssm.obs_logits, rssm.img_logits)):
         loss = DreamerV2ModelLoss(models.world_model, kl_balance=balance)
         models.world_model.zero_grad(set_to_none=True)
-        loss(make_batch(4, 1))["loss_model_kl"].backward()
+        loss(make_batch(4, 1))[0]["loss_model_kl"].backward()
         assert trained.bias.grad.abs().sum() > 0
         for p in untouched.parameters():
             assert p.grad is None or torch.count_nonzero(p.grad) == 0
@@ -101,7 +104,7 @@ def test_model_loss_key_renaming():
         loss.model_loss(batch.clone())
     loss.model_loss.set_keys(reward=("next", "true_reward"))
     assert ("next", "true_reward") in loss.model_loss.in_keys
-    out = loss.model_loss(batch)
+    out, _ = loss.model_loss(batch)
     assert torch.isfinite(out["reward_loss"])
     with pytest.raises(ValueError):
         loss.model_loss.set_keys(not_a_key="x")
@@ -120,7 +123,7 @@ def test_model_loss_reads_observation_keys_from_the_world_model():
     with pytest.raises(KeyError, match="proprio"):
         loss(batch.clone())
     batch["proprio"] = torch.randn(2, 4, 3)
-    out = loss(batch)
+    out, _ = loss(batch)
     assert set(loss.out_keys) == set(out.keys())
     torch.testing.assert_close(out["image_loss"], out["reco_loss_camera"] + out["reco_loss_proprio"])
     # a single entry: no per-entry diagnostics, the same out_keys as before
@@ -128,35 +131,42 @@ def test_model_loss_reads_observation_keys_from_the_world_model():
     assert not any(k.startswith("reco_loss_") for k in DreamerV2ModelLoss(single).out_keys)
 
 
-def _capture_imagination(loss):
+def _capture_rollout(loss):
     captured = {}
-    rssm = loss.model_loss.world_model.rssm
-    original = rssm.imagine
+    env = loss.actor_loss.model_based_env
+    original = env.rollout
 
-    def imagine(*args, **kwargs):
-        captured.update(original(*args, **kwargs))
-        return captured
+    def rollout(*args, **kwargs):
+        captured["traj"] = original(*args, **kwargs)
+        return captured["traj"]
 
-    rssm.imagine = imagine
+    env.rollout = rollout
     return captured
 
 
 def test_actor_loss_reinforce_golden_and_indices():
     models, loss, batch = _setup(horizon=6)
-    loss.model_loss(batch)
-    captured = _capture_imagination(loss)
-    out, traj = loss.actor_loss(batch)
+    _, posteriors = loss.model_loss(batch)
+    captured = _capture_rollout(loss)
+    out, traj = loss.actor_loss(posteriors)
     wm, actor_loss = models.world_model, loss.actor_loss
+    rollout = captured["traj"]  # [N, H]
+    assert rollout.batch_size == (10, 6)
     with torch.no_grad():
-        s, b = captured["state"], captured["belief"]
+        # time-major states z_0 .. z_H
+        s = torch.cat([rollout["state"], rollout["next", "state"][:, -1:]], 1).transpose(0, 1)
+        b = torch.cat([rollout["belief"], rollout["next", "belief"][:, -1:]], 1).transpose(0, 1)
+        torch.testing.assert_close(s[0], posteriors["state"].reshape(10, -1))  # imagination starts at the posteriors
         reward = wm.reward_head(s, b)
         discount = torch.sigmoid(wm.continue_head(s, b))
         discount[0] = 0.999  # no terminal in the batch
-        value = loss.value_loss.target_critic.module(s, b)
+        with loss.value_loss.target_value_network_params.to_module(loss.value_loss.value_network):
+            value = loss.value_loss.value_network.module(s, b)
         weight = torch.cumprod(torch.cat([torch.ones_like(discount[:1]), discount[:-1]]), 0)
-        target = lambda_return(reward[:-1], value, discount[:-1], lmbda=0.95)
-        logits = captured["dist_params"][:-1]
-        logp = (captured["action"][:-1] * logits.log_softmax(-1)).sum(-1)
+        target = _loop_lambda_return(reward[:-1], value, discount[:-1], 0.95)
+        logits = rollout["logits"][:, :-1].transpose(0, 1)
+        torch.testing.assert_close(logits, models.actor_network(s[:-2], b[:-2]))  # pi(. | z_t), t = 0 .. H-2
+        logp = (rollout["action"][:, :-1].transpose(0, 1) * logits.log_softmax(-1)).sum(-1)
         ent = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
         adv = (target[1:] - value[:-2]).squeeze(-1)  # V_{t+1} - v_t, t = 0..H-2
         expected = -(weight[:-2].squeeze(-1) * (logp * adv + 1e-3 * ent)).mean()
@@ -171,8 +181,8 @@ def test_actor_loss_reinforce_golden_and_indices():
 def test_start_discount_uses_true_terminal():
     models, loss, batch = _setup(horizon=4)
     batch["next", "terminated"][:, 1] = True  # o_2 is terminal
-    loss.model_loss(batch)
-    _, traj = loss.actor_loss(batch)
+    _, posteriors = loss.model_loss(batch)
+    _, traj = loss.actor_loss(posteriors)
     w = traj["discount_weight"].reshape(2, 5, 4, 1)
     assert torch.all(w[:, 2, 1:] == 0)  # nothing after a terminal start state counts
     assert torch.all(w[:, 1, 1:] > 0)
@@ -180,12 +190,12 @@ def test_start_discount_uses_true_terminal():
 
 def test_reinforce_leaves_world_model_and_target_without_gradient():
     models, loss, batch = _setup("reinforce")
-    loss.model_loss(batch)
+    _, posteriors = loss.model_loss(batch)
     models.world_model.zero_grad(set_to_none=True)
-    out, traj = loss.actor_loss(batch)
+    out, traj = loss.actor_loss(posteriors)
     out["loss_actor"].backward()
     assert _grads_none(models.world_model)
-    assert _grads_none(loss.value_loss.target_critic)
+    assert all(p.grad is None for p in loss.value_loss.target_value_network_params.values(True, True))
     assert _grads_none(models.critic)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in models.actor_network.parameters())
     assert not traj["state"].requires_grad and not traj["lambda_target"].requires_grad
@@ -194,11 +204,11 @@ def test_reinforce_leaves_world_model_and_target_without_gradient():
 @pytest.mark.parametrize("actor_grad", ["reinforce", "dynamics", "both"])
 def test_actor_input_is_stop_gradient(actor_grad):
     models, loss, batch = _setup(actor_grad)
-    loss.model_loss(batch)
+    _, posteriors = loss.model_loss(batch)
     seen = []
     trunk = models.actor_network.trunk.mlp
     handle = trunk.register_forward_pre_hook(lambda mod, args: seen.append(args[0].requires_grad))
-    loss.actor_loss(batch)
+    loss.actor_loss(posteriors)
     handle.remove()
     assert seen and not any(seen)
 
@@ -208,18 +218,22 @@ def test_dynamics_gradient_flows_through_imagined_transitions(discrete):
     # no entropy, no REINFORCE term: the only path from the actor to the loss is
     # action -> imagined transition -> reward/discount/value -> lambda-return
     models, loss, batch = _setup("dynamics", discrete=discrete, entropy_scale=0.0)
-    loss.model_loss(batch)
+    _, posteriors = loss.model_loss(batch)
     models.world_model.zero_grad(set_to_none=True)
-    out, _ = loss.actor_loss(batch)
+    out, _ = loss.actor_loss(posteriors)
     out["loss_actor"].backward()
     grad = sum(p.grad.abs().sum() for p in models.actor_network.parameters() if p.grad is not None)
     assert grad > 0
     assert _grads_none(models.world_model)
-    assert _grads_none(loss.value_loss.target_critic)
+    assert _grads_none(models.critic)
+    # the slow critic carries the gradient through its inputs, never into its parameters
+    target = list(loss.value_loss.target_value_network_params.values(True, True))
+    assert all(p.grad is None and not p.requires_grad for p in target)
+    make_target_updater(loss.value_loss)  # refuses target parameters that are part of a graph
     # with REINFORCE and no entropy the loss is zero-gradient wrt the transitions' parameters too
     models2, loss2, batch2 = _setup("reinforce", discrete=discrete, entropy_scale=0.0)
-    loss2.model_loss(batch2)
-    out2, _ = loss2.actor_loss(batch2)
+    _, posteriors2 = loss2.model_loss(batch2)
+    out2, _ = loss2.actor_loss(posteriors2)
     assert out2["loss_actor"].grad_fn is not None
 
 
@@ -239,7 +253,6 @@ def test_critic_target_is_stop_gradient():
     out["loss_value"].backward()
     assert target.grad is None and traj["state"].grad is None
     assert all(p.grad is not None for p in models.critic.parameters())
-    assert _grads_none(loss.value_loss.target_critic)
     with torch.no_grad():
         v = models.critic.module(traj["state"], traj["belief"])
         expected = (traj["discount_weight"] * 0.5 * (v - target) ** 2).mean()
@@ -247,19 +260,47 @@ def test_critic_target_is_stop_gradient():
 
 
 def test_target_critic_hard_copy_schedule():
+    """TorchRL's HardUpdate, stepped after each update: the slow critic is the critic after updates 0, 3, 6."""
     models, loss, _ = _setup()
-    value_loss = loss.value_loss
-    value_loss.target_update_interval = 3
+    updater = make_target_updater(loss.value_loss, interval=3)
     critic_w = next(models.critic.parameters())
-    target_w = next(value_loss.target_critic.parameters())
-    copies = []
-    for i in range(7):
+    target_w = loss.value_loss.target_value_network_params["module", "mlp", "0", "weight"]
+    assert torch.equal(target_w, critic_w) and not target_w.requires_grad
+    seen = []
+    for update in range(1, 8):
         with torch.no_grad():
-            critic_w.add_(1.0)
-        copies.append(value_loss.update_target())
-        assert torch.equal(target_w, critic_w) == copies[-1]
-    assert copies == [True, False, False, True, False, False, True]
-    assert int(value_loss.num_updates) == 7
+            critic_w.add_(1.0)  # the critic after `update` updates
+        updater.step()  # the trainer's TargetNetUpdaterHook at post_optim
+        seen.append(int(target_w[0, 0] - critic_w[0, 0] + update))  # the update count the target holds
+    assert seen == [0, 0, 3, 3, 3, 6, 6]
+    with pytest.raises(ValueError):
+        make_target_updater(loss.value_loss, interval=0)
+
+
+def test_make_value_estimator_sets_the_lambda_return():
+    from torchrl.objectives import ValueEstimators
+
+    models, loss, batch = _setup(horizon=4)
+    _, posteriors = loss.model_loss(batch)
+    captured = _capture_rollout(loss)
+    loss.make_value_estimator(ValueEstimators.TDLambda, gamma=0.9, lmbda=0.0)  # one-step targets
+    torch.manual_seed(3)
+    _, traj = loss.actor_loss(posteriors)
+    rollout, wm = captured["traj"], models.world_model
+    with torch.no_grad():
+        s = torch.cat([rollout["state"], rollout["next", "state"][:, -1:]], 1)
+        b = torch.cat([rollout["belief"], rollout["next", "belief"][:, -1:]], 1)
+        with loss.value_loss.target_value_network_params.to_module(loss.value_loss.value_network):
+            value = loss.value_loss.value_network.module(s, b)
+        discount = torch.sigmoid(wm.continue_head(s, b))
+        discount[:, 0] = 0.9  # the start: gamma * (1 - terminal), with the estimator's gamma
+        expected = wm.reward_head(s, b)[:, :-1] + discount[:, :-1] * value[:, 1:]
+    torch.testing.assert_close(traj["lambda_target"], expected)
+    assert loss.value_estimator.lmbda == 0.0
+    with pytest.raises(NotImplementedError):
+        loss.make_value_estimator(ValueEstimators.GAE)
+    with pytest.raises(NotImplementedError):
+        loss.value_loss.make_value_estimator(ValueEstimators.TDLambda)
 
 
 def test_composite_loss_single_backward_routes_gradients():

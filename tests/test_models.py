@@ -147,7 +147,7 @@ def test_policy_exploration_types():
     )
     with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
         out = models.policy(td.clone())
-    mode = out["logits"].argmax(-1)
+        mode = models.actor_network(out["next", "state"], out["next", "belief"]).argmax(-1)  # the posterior's
     assert torch.equal(out["action"].argmax(-1), mode)
     with torch.no_grad(), set_exploration_type(ExplorationType.RANDOM):
         sampled = torch.stack([models.policy(td.clone())["action"].argmax(-1) for _ in range(10)])
@@ -250,7 +250,7 @@ def test_vector_env_models_like_cartpole():
     wm = models.world_model
     assert (wm.cnn_keys, wm.mlp_keys, wm.reco_keys) == ([], ["observation"], {"observation": "reco_observation"})
     batch = make_batch(2, 5, action_dim=2, image=(4,), obs_key="observation")
-    out = DreamerV2ModelLoss(wm)(batch)
+    out, batch = DreamerV2ModelLoss(wm)(batch)
     target = batch["observation"]
     nll = -torch.distributions.Normal(batch["reco_observation"], 1.0).log_prob(target).sum(-1).mean()
     torch.testing.assert_close(out["image_loss"], nll.detach())
@@ -271,7 +271,7 @@ def test_dict_observation_image_and_vector():
     env.append_transform(models.policy.make_tensordict_primer())
     rollout = env.rollout(15, models.policy).unsqueeze(0)
     rollout["action"] = rollout["action"].float()
-    out = DreamerV2ModelLoss(wm)(rollout)
+    out, rollout = DreamerV2ModelLoss(wm)(rollout)
     assert rollout["reco_pixels"].shape == (1, 15, 1, 16, 16) and rollout["reco_observation"].shape == (1, 15, 3)
     parts = {}
     for key in ("pixels", "observation"):

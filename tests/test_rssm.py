@@ -88,21 +88,3 @@ def test_observe_matches_one_step_functions():
         torch.testing.assert_close(out["prior_logits"][:, t], rssm.prior_logits(belief))
         torch.testing.assert_close(out["posterior_logits"][:, t], rssm.posterior_logits(belief, embed[:, t]))
         state = out["state"][:, t]  # the sampled latent is fed forward
-
-
-def test_imagine_shapes_and_prior_steps():
-    rssm = _rssm()
-    start_state = F.one_hot(torch.randint(5, (7, 4)), 5).float().flatten(-2)
-    start_belief = torch.randn(7, 8)
-
-    def policy(feat):
-        assert feat.shape == (7, 28)
-        logits = torch.zeros(7, 3)
-        return F.one_hot(torch.randint(3, (7,)), 3).float(), logits
-
-    traj = rssm.imagine(start_state, start_belief, policy, horizon=5)
-    assert traj["state"].shape == (6, 7, 20) and traj["belief"].shape == (6, 7, 8)
-    assert traj["action"].shape == (5, 7, 3) and traj["dist_params"].shape == (5, 7, 3)
-    torch.testing.assert_close(traj["state"][0], start_state)
-    torch.testing.assert_close(traj["belief"][1], rssm.deter_step(start_state, traj["action"][0], start_belief))
-    assert torch.equal(traj["state"].detach().sum(-1), torch.full((6, 7), 4.0))

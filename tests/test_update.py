@@ -11,7 +11,7 @@ from torchrl.envs import InitTracker, TransformedEnv, UnaryTransform
 from torchrl.testing.mocking_classes import DiscreteActionConvMockEnv
 
 from torchrl_dreamer.modules import DEBUG_SIZES, make_dreamerv2_models
-from torchrl_dreamer.objectives import make_dreamerv2_loss
+from torchrl_dreamer.objectives import make_dreamerv2_loss, make_target_updater
 from torchrl_dreamer.trainers import DreamerV2OptimizationStepper, make_dreamerv2_optimizers
 
 
@@ -55,25 +55,26 @@ def test_full_update_drives_world_model_loss_down():
     torch.manual_seed(0)
     data, env = _collect()
     models = make_dreamerv2_models(env.observation_spec, env.action_spec, **DEBUG_SIZES)
-    loss = make_dreamerv2_loss(models, imagination_horizon=5, target_update_interval=10)
+    loss = make_dreamerv2_loss(models, imagination_horizon=5)
+    updater = make_target_updater(loss.value_loss, interval=10)
     optimizers = make_dreamerv2_optimizers(loss, model_lr=1e-3, actor_lr=1e-4, critic_lr=1e-3)
     stepper = DreamerV2OptimizationStepper(loss, optimizers)
     actor_before = [p.detach().clone() for p in models.actor_network.parameters()]
-    target = next(loss.value_loss.target_critic.parameters())
+    target = loss.value_loss.target_value_network_params["module", "mlp", "0", "weight"]
     history = []
     for i in range(50):
         metrics = stepper.step(None, data.clone())
-        loss.value_loss.update_target()  # what the trainer's TargetCriticHook does after each step
+        updater.step()  # what the trainer's TargetNetUpdaterHook does after each step
         for key in ("model_loss", "actor_loss", "critic_loss", "model_grad_norm"):
             assert torch.isfinite(metrics[key]), (i, key)
         history.append(float(metrics["model_loss"]))
-        if i == 0:
-            assert torch.equal(target, next(loss.value_loss.critic.parameters()))  # copied at update 0
+        if i == 9:
+            assert torch.equal(target, next(models.critic.parameters()))  # copied after the 10th update
     # the Gaussian log-likelihoods carry a constant 0.5 log(2 pi) per pixel and per reward:
     # measure the loss above that floor
     floor = 0.5 * math.log(2 * math.pi) * (16 * 16 + 1)
     first, last = sum(history[:5]) / 5 - floor, sum(history[-5:]) / 5 - floor
     assert last < 0.5 * first, (first, last)
     assert any(not torch.equal(a, b) for a, b in zip(actor_before, models.actor_network.parameters()))
-    assert int(loss.value_loss.num_updates) == 50
+    assert updater.counter == 50 % 10
     assert set(stepper.state_dict()) == {"model", "actor", "critic"}

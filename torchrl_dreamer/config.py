@@ -153,8 +153,13 @@ class DreamerV2Config:
             actor_grad=self.actor_grad,
             actor_grad_mix=self.actor_grad_mix,
             entropy_scale=self.entropy_scale,
-            target_update_interval=self.target_update_interval,
         )
+
+    def make_target_updater(self, loss):
+        """TorchRL's ``HardUpdate`` of the slow critic, a copy every ``target_update_interval`` updates."""
+        from torchrl_dreamer.objectives import make_target_updater
+
+        return make_target_updater(loss.value_loss, interval=self.target_update_interval)
 
     def make_optimizers(self, loss):
         """The three reference optimisers ``{"model", "actor", "critic"}``."""

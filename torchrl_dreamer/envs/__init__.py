@@ -1,15 +1,19 @@
-"""Environment factories: the DreamerV2 Atari protocol, gymnasium and DMC suites, and the Catch test game."""
+"""Environments: the DreamerV2 Atari protocol, gymnasium and DMC suites, the Catch test game, and imagination in a
+world model."""
 from __future__ import annotations
 
 from torchrl_dreamer.envs.atari import make_atari_env, make_atari_gymnasium_env
 from torchrl_dreamer.envs.catch import CatchEnv
 from torchrl_dreamer.envs.factory import SUPPORTED_ENV_NAMES, make_env
+from torchrl_dreamer.envs.imagination import DecodeObservation, DreamerV2ImaginationEnv
 from torchrl_dreamer.envs.resolve import EnvFactory, EnvLike, load_factory, prepare_env
 from torchrl_dreamer.envs.suites import make_dmc_env, make_gym_env
 
 __all__ = [
     "SUPPORTED_ENV_NAMES",
     "CatchEnv",
+    "DecodeObservation",
+    "DreamerV2ImaginationEnv",
     "EnvFactory",
     "EnvLike",
     "load_factory",

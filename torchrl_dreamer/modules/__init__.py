@@ -1,5 +1,5 @@
 """DreamerV2 networks, the discrete RSSM and their TensorDict modules."""
-from torchrl_dreamer.modules.actor import ActorV2, DiscreteActorHead, TruncatedNormalActorHead
+from torchrl_dreamer.modules.actor import ActorV2, StraightThroughOneHotCategorical, make_dreamerv2_actor
 from torchrl_dreamer.modules.builders import (
     DEBUG_SIZES,
     DreamerV2Models,
@@ -12,8 +12,8 @@ from torchrl_dreamer.modules.models import (
     DreamerV2Policy,
     RSSMObserveV2,
     RSSMPosteriorStepV2,
+    RSSMPriorStepV2,
     WorldModelV2,
-    make_probabilistic_actor,
     shift_actions,
 )
 from torchrl_dreamer.modules.networks import (

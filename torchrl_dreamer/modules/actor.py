@@ -1,96 +1,55 @@
-"""The DreamerV2 actor network and its action distributions.
+"""The DreamerV2 actor: a TorchRL :class:`~torchrl.modules.ProbabilisticActor` on ``[state, belief]``.
 
-Discrete action specs (one-hot) use a one-hot categorical; continuous specs
-(bounded in ``[-1, 1]``) use the reference's truncated normal
-``TruncNormal(tanh(mean), 2 * sigmoid(std / 2) + min_std, -1, 1)``.
+Discrete action specs (one-hot) use a one-hot categorical whose reparameterised
+sample is straight-through (``sample + probs - sg(probs)``, as the reference's
+``OneHotDist``); continuous specs (bounded in ``[-1, 1]``) use TorchRL's
+:class:`~torchrl.modules.distributions.TruncatedNormal` with the reference's
+parameters ``loc = tanh(mean)``, ``scale = 2 * sigmoid(std / 2) + min_std``.
 """
 from __future__ import annotations
 
-import torch
-from torch import nn
+from typing import Sequence
 
+import torch
+from tensordict.nn import InteractionType, TensorDictModule
+from tensordict.utils import NestedKey
+from torch import nn
+from torchrl.data import TensorSpec
+from torchrl.modules import ProbabilisticActor
 from torchrl.modules.distributions import OneHotCategorical, TruncatedNormal
 
 from torchrl_dreamer.modules.networks import FeatHead
 from torchrl_dreamer.modules.rssm import straight_through_sample
 
-__all__ = ["ActorV2", "DiscreteActorHead", "TruncatedNormalActorHead"]
+__all__ = ["ActorV2", "StraightThroughOneHotCategorical", "make_dreamerv2_actor"]
 
 
-class DiscreteActorHead(nn.Module):
-    """Maps network outputs to categorical logits (identity) and builds the distribution.
+class StraightThroughOneHotCategorical(OneHotCategorical):
+    """TorchRL's one-hot categorical, drawing with the RSSM's own sampler.
 
-    Examples:
-        >>> head = DiscreteActorHead(3)
-        >>> head.distribution(torch.zeros(2, 3)).sample().shape
-        torch.Size([2, 3])
-    """
-
-    discrete = True
-
-    def __init__(self, action_dim: int):
-        super().__init__()
-        self.action_dim = action_dim
-        self.num_params = action_dim
-
-    def forward(self, out: torch.Tensor) -> torch.Tensor:
-        return out
-
-    def distribution(self, params: torch.Tensor) -> OneHotCategorical:
-        return OneHotCategorical(logits=params.float())
-
-    def sample(self, params: torch.Tensor, *, straight_through: bool) -> torch.Tensor:
-        return straight_through_sample(params.float(), straight_through=straight_through)
-
-    def log_prob(self, params: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        return (action * params.float().log_softmax(-1)).sum(-1)
-
-    def entropy(self, params: torch.Tensor) -> torch.Tensor:
-        logp = params.float().log_softmax(-1)
-        return -(logp.exp() * logp).sum(-1)
-
-
-class TruncatedNormalActorHead(nn.Module):
-    """Bounded normal for actions in ``[-1, 1]`` with a minimum standard deviation.
-
-    ``loc = tanh(mean)``, ``scale = 2 * sigmoid(std / 2) + min_std``, truncated to ``[-1, 1]``.
+    ``rsample()`` is TorchRL's pass-through estimator (``sample + probs - sg(probs)``, the
+    reference's straight-through action). ``sample()`` returns a float one-hot drawn by
+    inverting the cumulative distribution with one uniform number per sample
+    (:func:`~torchrl_dreamer.modules.rssm.straight_through_sample`), the sampler of the RSSM's
+    latents: unlike ``torch.multinomial`` it traces under ``torch.compile`` and keeps the
+    latents and the actions on one random stream.
 
     Examples:
-        >>> head = TruncatedNormalActorHead(2)
-        >>> params = head(torch.zeros(5, 4))
-        >>> head.distribution(params).rsample().shape
-        torch.Size([5, 2])
+        >>> dist = StraightThroughOneHotCategorical(logits=torch.zeros(5, 3, requires_grad=True))
+        >>> sample = dist.rsample()
+        >>> sample.sum(-1).tolist(), sample.requires_grad, dist.sample().requires_grad
+        ([1.0, 1.0, 1.0, 1.0, 1.0], True, False)
     """
 
-    discrete = False
-
-    def __init__(self, action_dim: int, *, min_std: float = 0.1):
-        super().__init__()
-        self.action_dim = action_dim
-        self.num_params = 2 * action_dim
-        self.min_std = min_std
-
-    def forward(self, out: torch.Tensor) -> torch.Tensor:
-        mean, std = out.float().chunk(2, -1)
-        return torch.cat([torch.tanh(mean), 2 * torch.sigmoid(std / 2) + self.min_std], -1)
-
-    def distribution(self, params: torch.Tensor) -> TruncatedNormal:
-        loc, scale = params.float().chunk(2, -1)
-        return TruncatedNormal(loc, scale, low=-1.0, high=1.0, tanh_loc=False)
-
-    def sample(self, params: torch.Tensor, *, straight_through: bool) -> torch.Tensor:
-        dist = self.distribution(params)
-        return dist.rsample() if straight_through else dist.sample()
-
-    def log_prob(self, params: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        return self.distribution(params).log_prob(action)
-
-    def entropy(self, params: torch.Tensor) -> torch.Tensor:
-        return self.distribution(params).entropy()
+    def sample(self, sample_shape: torch.Size | Sequence[int] | None = None) -> torch.Tensor:
+        logits = self.logits
+        if sample_shape:
+            logits = logits.expand(*sample_shape, *logits.shape)
+        return straight_through_sample(logits.detach(), straight_through=False)
 
 
 class ActorV2(nn.Module):
-    """Actor network: an MLP on ``[state, belief]`` followed by a distribution head.
+    """The actor network: an MLP on ``[state, belief]`` giving the distribution's parameters.
 
     Args:
         state_dim (int): stochastic state size.
@@ -98,17 +57,21 @@ class ActorV2(nn.Module):
         action_dim (int): action size.
 
     Keyword Args:
-        discrete (bool): one-hot categorical (True) or truncated normal (False). Default: ``True``.
+        discrete (bool): one-hot categorical logits (True) or truncated-normal ``(loc, scale)`` (False).
+            Default: ``True``.
         num_cells (int): hidden units. Default: ``400``.
         depth (int): hidden layers. Default: ``4``.
-        min_std (float): minimum std of the continuous head. Default: ``0.1``.
+        min_std (float): minimum std of the continuous distribution. Default: ``0.1``.
 
-    Returns: distribution parameters (logits ``[*, A]``, or ``[loc, scale]`` ``[*, 2A]``).
+    Returns: the logits ``[*, A]``, or ``(loc, scale)`` each ``[*, A]``.
 
     Examples:
         >>> actor = ActorV2(6, 4, 3, num_cells=8, depth=2)
         >>> actor(torch.zeros(2, 6), torch.zeros(2, 4)).shape
         torch.Size([2, 3])
+        >>> loc, scale = ActorV2(6, 4, 3, discrete=False, num_cells=8, depth=2)(torch.zeros(2, 6), torch.zeros(2, 4))
+        >>> bool((scale >= 0.1).all())
+        True
     """
 
     def __init__(
@@ -123,14 +86,55 @@ class ActorV2(nn.Module):
         min_std: float = 0.1,
     ):
         super().__init__()
-        self.head = DiscreteActorHead(action_dim) if discrete else TruncatedNormalActorHead(action_dim, min_std=min_std)
-        self.trunk = FeatHead(state_dim, belief_dim, self.head.num_params, num_cells=num_cells, depth=depth)
         self.discrete = discrete
         self.action_dim = action_dim
+        self.min_std = min_std
+        out = action_dim if discrete else 2 * action_dim
+        self.trunk = FeatHead(state_dim, belief_dim, out, num_cells=num_cells, depth=depth)
 
-    def forward(self, state: torch.Tensor, belief: torch.Tensor) -> torch.Tensor:
-        return self.head(self.trunk(state, belief))
+    def forward(self, state: torch.Tensor, belief: torch.Tensor):
+        out = self.trunk(state, belief).float()
+        if self.discrete:
+            return out
+        mean, std = out.chunk(2, -1)
+        return torch.tanh(mean), 2 * torch.sigmoid(std / 2) + self.min_std
 
-    def forward_feat(self, feat: torch.Tensor) -> torch.Tensor:
-        """Distribution parameters from ``feat = [state, belief]``."""
-        return self.head(self.trunk.mlp(feat))
+
+def make_dreamerv2_actor(
+    network: ActorV2,
+    *,
+    in_keys: Sequence[NestedKey] = ("state", "belief"),
+    action_key: NestedKey = "action",
+    spec: TensorSpec | None = None,
+) -> ProbabilisticActor:
+    """Wraps an :class:`ActorV2` network into a TorchRL :class:`~torchrl.modules.ProbabilisticActor`.
+
+    It samples under TorchRL's ``RANDOM`` exploration type (its default) and takes the mode
+    (one-hot argmax, clipped mean) under ``DETERMINISTIC``; ``get_dist``, ``log_prob`` and
+    ``build_dist_from_params`` are TorchRL's. Any other ``ProbabilisticTensorDictSequential``
+    reading the model state can stand in for it in :class:`~torchrl_dreamer.objectives.DreamerV2ActorLoss`
+    and :class:`~torchrl_dreamer.modules.DreamerV2Policy`.
+
+    Examples:
+        >>> from tensordict import TensorDict
+        >>> actor = make_dreamerv2_actor(ActorV2(6, 4, 3, num_cells=8, depth=2))
+        >>> td = actor(TensorDict({"state": torch.zeros(2, 6), "belief": torch.zeros(2, 4)}, [2]))
+        >>> td["action"].shape, sorted(td.keys())
+        (torch.Size([2, 3]), ['action', 'belief', 'logits', 'state'])
+        >>> actor.get_dist(td).entropy().shape
+        torch.Size([2])
+    """
+    if network.discrete:
+        params_keys, dist_class, dist_kwargs = ["logits"], StraightThroughOneHotCategorical, {}
+    else:
+        params_keys, dist_class = ["loc", "scale"], TruncatedNormal
+        dist_kwargs = {"low": -1.0, "high": 1.0, "tanh_loc": False}
+    return ProbabilisticActor(
+        TensorDictModule(network, in_keys=list(in_keys), out_keys=params_keys),
+        in_keys=params_keys,
+        out_keys=[action_key],
+        spec=spec,
+        distribution_class=dist_class,
+        distribution_kwargs=dist_kwargs,
+        default_interaction_type=InteractionType.RANDOM,
+    )

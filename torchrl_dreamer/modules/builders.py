@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-from tensordict.nn import TensorDictModule, TensorDictSequential
+from tensordict.nn import TensorDictModule
 from tensordict.utils import NestedKey, unravel_key
 from torchrl.data import (
     Binary,
@@ -22,14 +22,10 @@ from torchrl.data import (
     Unbounded,
 )
 
-from torchrl_dreamer.modules.actor import ActorV2
-from torchrl_dreamer.modules.models import (
-    DreamerV2Policy,
-    RSSMObserveV2,
-    RSSMPosteriorStepV2,
-    WorldModelV2,
-    make_probabilistic_actor,
-)
+from torchrl.modules import ProbabilisticActor
+
+from torchrl_dreamer.modules.actor import ActorV2, make_dreamerv2_actor
+from torchrl_dreamer.modules.models import DreamerV2Policy, RSSMObserveV2, RSSMPosteriorStepV2, WorldModelV2
 from torchrl_dreamer.modules.networks import FeatHead
 from torchrl_dreamer.modules.observation import ObsDecoderV2, ObsEncoderV2
 from torchrl_dreamer.modules.rssm import RSSMV2
@@ -55,20 +51,21 @@ class DreamerV2Models:
 
     Attributes:
         world_model (WorldModelV2): encoder, RSSM, decoder, reward and discount heads.
-        actor (TensorDictSequential): probabilistic actor on ``[state, belief]`` writing ``action``.
+        actor (ProbabilisticActor): the actor on ``[state, belief]`` writing ``action`` (TorchRL distributions).
         critic (TensorDictModule): value network on ``[state, belief]`` writing ``state_value``.
-        policy (DreamerV2Policy): the acting policy for collectors (shares all weights).
+        policy (DreamerV2Policy): the acting policy for collectors: encoder, posterior step and :attr:`actor`
+            (shares all weights).
     """
 
     world_model: WorldModelV2
-    actor: TensorDictSequential
+    actor: ProbabilisticActor
     critic: TensorDictModule
     policy: DreamerV2Policy
 
     @property
     def actor_network(self) -> ActorV2:
         """The :class:`ActorV2` network inside :attr:`actor`."""
-        return self.actor.module[0].module.actor
+        return self.actor.module[0].module
 
     @property
     def critic_network(self) -> FeatHead:
@@ -312,13 +309,9 @@ def make_dreamerv2_models(
         else None,
     )
     actor_net = ActorV2(state_dim, rnn_hidden_dim, action_dim, discrete=discrete, min_std=min_std, **heads)
-    actor = make_probabilistic_actor(actor_net, in_keys=feat_keys)
+    actor = make_dreamerv2_actor(actor_net, in_keys=feat_keys, spec=action_spec.clone())
     critic = TensorDictModule(FeatHead(state_dim, rnn_hidden_dim, 1, **heads), in_keys=feat_keys, out_keys=["state_value"])
-    policy = DreamerV2Policy(
-        encoder_module,
-        RSSMPosteriorStepV2(rssm),
-        make_probabilistic_actor(actor_net, in_keys=[("next", "state"), ("next", "belief")]),
-    )
+    policy = DreamerV2Policy(encoder_module, RSSMPosteriorStepV2(rssm), actor)
     models = DreamerV2Models(world_model=world_model, actor=actor, critic=critic, policy=policy)
     if device is not None:
         for module in (world_model, actor, critic):

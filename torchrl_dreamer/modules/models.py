@@ -20,22 +20,19 @@ from typing import Sequence
 import torch
 from tensordict import TensorDictBase
 from tensordict.nn import (
-    InteractionType,
-    ProbabilisticTensorDictModule,
     TensorDictModule,
     TensorDictModuleBase,
     TensorDictSequential,
 )
-from tensordict.utils import NestedKey
+from tensordict.utils import NestedKey, unravel_key
 from torch import nn
 
 from torchrl.data import Composite, Unbounded
 from torchrl.envs import TensorDictPrimer
-from torchrl.modules.distributions import OneHotCategorical, TruncatedNormal
 
 from torchrl_dreamer.modules.rssm import RSSMV2
 
-__all__ = ["RSSMObserveV2", "RSSMPosteriorStepV2", "WorldModelV2", "DreamerV2Policy", "ActorParams"]
+__all__ = ["RSSMObserveV2", "RSSMPosteriorStepV2", "RSSMPriorStepV2", "WorldModelV2", "DreamerV2Policy"]
 
 
 def shift_actions(action: torch.Tensor) -> torch.Tensor:
@@ -166,6 +163,24 @@ class WorldModelV2(TensorDictSequential):
         """``{observation key: key of its reconstruction}``."""
         return dict(zip(self.obs_keys, self.module[2].out_keys))
 
+    def rename_in_keys(self, mapping: dict[NestedKey, NestedKey]) -> None:
+        """Makes every module read ``mapping[key]`` where it read ``key`` (observation entries, ``action``,
+        ``is_init``); what the model writes keeps its names.
+
+        Examples:
+            >>> from torchrl_dreamer.modules import make_dreamerv2_models, DEBUG_SIZES
+            >>> from torchrl.data import Composite, Unbounded, OneHot
+            >>> obs = Composite(pixels=Unbounded((1, 16, 16), dtype=torch.uint8))
+            >>> wm = make_dreamerv2_models(obs, OneHot(4), **DEBUG_SIZES).world_model
+            >>> wm.rename_in_keys({"pixels": "camera", "action": ("agent", "action")})
+            >>> wm.obs_keys, wm.in_keys
+            (['camera'], ['camera', ('agent', 'action'), 'is_init'])
+        """
+        mapping = {unravel_key(old): unravel_key(new) for old, new in mapping.items()}
+        for module in self.module:
+            module.in_keys = [mapping.get(key, key) for key in module.in_keys]
+        self.in_keys, self.out_keys = self._compute_in_and_out_keys(list(self.module))
+
     def decode(self, state: torch.Tensor, belief: torch.Tensor) -> dict[NestedKey, torch.Tensor]:
         """The reconstruction of every observation entry from model states, ``{observation key: mean}``."""
         return dict(zip(self.obs_keys, self.decoder(state, belief)))
@@ -220,50 +235,67 @@ class RSSMPosteriorStepV2(TensorDictModuleBase):
         return tensordict
 
 
-class ActorParams(nn.Module):
-    """Splits the actor's output into TorchRL distribution keyword arguments.
+class RSSMPriorStepV2(TensorDictModuleBase):
+    """One imagined step of the RSSM: ``(z_t, h_t, a_t) -> (z_{t+1}, h_{t+1})`` with the prior.
 
-    Discrete: ``logits``; continuous: ``(loc, scale)``.
+    ``h_{t+1} = GRU(ELU(W [z_t, a_t]), h_t)`` and ``z_{t+1}`` a straight-through one-hot sample of
+    the prior ``p(z | h_{t+1})``. By default it writes over ``state`` and ``belief``, as a
+    :class:`~torchrl.envs.model_based.ModelBasedEnvBase` step expects.
+
+    Args:
+        rssm (RSSMV2): the model.
+
+    Keyword Args:
+        in_keys: ``[state, belief, action]``.
+        out_keys: ``[state, belief]``.
+
+    Examples:
+        >>> from tensordict import TensorDict
+        >>> rssm = RSSMV2(action_dim=2, embed_dim=4, num_categoricals=2, num_classes=3, rnn_hidden_dim=5, hidden_dim=5)
+        >>> td = TensorDict({"state": torch.zeros(3, 6), "belief": torch.zeros(3, 5), "action": torch.zeros(3, 2)}, [3])
+        >>> RSSMPriorStepV2(rssm)(td)["state"].sum(-1)
+        tensor([2., 2., 2.], grad_fn=<SumBackward1>)
     """
 
-    def __init__(self, actor: nn.Module):
+    def __init__(
+        self,
+        rssm: RSSMV2,
+        *,
+        in_keys: Sequence[NestedKey] = ("state", "belief", "action"),
+        out_keys: Sequence[NestedKey] = ("state", "belief"),
+    ):
+        super().__init__()
+        self.rssm = rssm
+        self.in_keys = list(in_keys)
+        self.out_keys = list(out_keys)
+
+    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        state, belief, action = (tensordict.get(key) for key in self.in_keys)
+        belief = self.rssm.deter_step(state, action, belief)
+        state = self.rssm.sample(self.rssm.prior_logits(belief))
+        tensordict.set(self.out_keys[0], state)
+        tensordict.set(self.out_keys[1], belief)
+        return tensordict
+
+
+class _ActOnPosterior(TensorDictModuleBase):
+    """Runs an actor that reads ``state``/``belief`` on the posterior ``("next", state)``/``("next", belief)``."""
+
+    def __init__(self, actor: TensorDictModuleBase, action_key: NestedKey):
         super().__init__()
         self.actor = actor
+        self.action_key = action_key
+        self.in_keys = [unravel_key(("next", key)) for key in actor.in_keys]
+        self.out_keys = [action_key]
 
-    def forward(self, state: torch.Tensor, belief: torch.Tensor):
-        params = self.actor(state, belief)
-        if self.actor.discrete:
-            return params
-        return params.chunk(2, -1)
-
-
-def make_probabilistic_actor(
-    actor: nn.Module, *, in_keys: Sequence[NestedKey], out_key: NestedKey = "action"
-) -> TensorDictSequential:
-    """Wraps an :class:`ActorV2` network into a probabilistic TensorDict module.
-
-    Samples under TorchRL's ``RANDOM`` exploration type (the default here) and
-    takes the mode (one-hot argmax / clipped mean) under ``DETERMINISTIC``.
-    """
-    if actor.discrete:
-        params_keys, dist_class, dist_kwargs = ["logits"], OneHotCategorical, {}
-    else:
-        params_keys, dist_class = ["loc", "scale"], TruncatedNormal
-        dist_kwargs = {"low": -1.0, "high": 1.0, "tanh_loc": False}
-    return TensorDictSequential(
-        TensorDictModule(ActorParams(actor), in_keys=list(in_keys), out_keys=params_keys),
-        ProbabilisticTensorDictModule(
-            in_keys=params_keys,
-            out_keys=[out_key],
-            distribution_class=dist_class,
-            distribution_kwargs=dist_kwargs,
-            default_interaction_type=InteractionType.RANDOM,
-        ),
-    )
+    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        inputs = tensordict.get("next").select(*self.actor.in_keys)
+        tensordict.set(self.action_key, self.actor(inputs).get(self.action_key))
+        return tensordict
 
 
 class _AsFloat(nn.Module):
-    """Carries the action as float32 (one-hot samples come out as integers)."""
+    """Carries the action as float32 (one-hot modes come out as integers)."""
 
     def forward(self, action: torch.Tensor) -> torch.Tensor:
         return action.float()
@@ -279,9 +311,11 @@ class DreamerV2Policy(TensorDictSequential):
 
     Append :meth:`make_tensordict_primer` (and TorchRL's ``InitTracker``) to
     the environment so that collectors carry the recurrent keys between steps.
-    The actor samples under TorchRL's random exploration type and takes its
-    mode under the deterministic one; the latent ``z_t`` is always sampled, as
-    in the reference.
+    ``actor`` is the training actor itself (any ``ProbabilisticTensorDictSequential``
+    reading ``state``/``belief``, e.g. :func:`~torchrl_dreamer.modules.make_dreamerv2_actor`):
+    it is run on the posterior ``(z_t, h_t)``. It samples under TorchRL's random
+    exploration type and takes its mode under the deterministic one; the latent
+    ``z_t`` is always sampled, as in the reference.
 
     Examples:
         >>> from torchrl_dreamer.modules import make_dreamerv2_models, DEBUG_SIZES
@@ -299,13 +333,14 @@ class DreamerV2Policy(TensorDictSequential):
         self,
         encoder: TensorDictModule,
         posterior_step: RSSMPosteriorStepV2,
-        actor: TensorDictSequential,
+        actor: TensorDictModuleBase,
         *,
         action_key: NestedKey = "action",
         prev_action_key: NestedKey = "prev_action",
     ):
         copy_action = TensorDictModule(_AsFloat(), in_keys=[action_key], out_keys=[("next", prev_action_key)])
-        super().__init__(encoder, posterior_step, actor, copy_action)
+        super().__init__(encoder, posterior_step, _ActOnPosterior(actor, action_key), copy_action)
+        self.actor = actor
         self.rssm = posterior_step.rssm
         self.state_keys = posterior_step.in_keys[:3]
 

@@ -11,8 +11,6 @@ first observation (``is_init``) the previous state, belief and action are zero.
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -104,9 +102,10 @@ class RSSMV2(nn.Module):
     """Recurrent state-space model with categorical latents (DreamerV2).
 
     Holds the prior (``img_*``) and posterior (``obs_*``) networks and provides
-    one-step functions plus two rollouts: :meth:`observe` over a ``[B, T]``
-    sequence of embeddings and :meth:`imagine` from any batch of start states
-    under a policy.
+    one-step functions and :meth:`observe`, the filter over a ``[B, T]``
+    sequence of embeddings. Imagination under a policy is a TorchRL rollout of
+    :class:`~torchrl_dreamer.envs.DreamerV2ImaginationEnv`, whose step is
+    :class:`~torchrl_dreamer.modules.RSSMPriorStepV2`.
 
     Keyword Args:
         action_dim (int): size of the (one-hot or continuous) action.
@@ -223,44 +222,4 @@ class RSSMV2(nn.Module):
             "belief": beliefs_t,
             "prior_logits": self.prior_logits(beliefs_t),  # all steps in one batched pass
             "posterior_logits": torch.stack(post_logits, 1),
-        }
-
-    def imagine(
-        self,
-        state: torch.Tensor,
-        belief: torch.Tensor,
-        policy: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-        horizon: int,
-    ) -> dict[str, torch.Tensor]:
-        """Rolls the prior forward from a batch of start states under ``policy``.
-
-        ::
-
-            states  z_0 (start)  z_1  ...  z_H        (H + 1, time-major)
-            actions a_0          a_1  ...  a_{H-1}    (a_t taken at z_t, leads to z_{t+1})
-
-        Args:
-            state (Tensor): start states ``[N, S]``.
-            belief (Tensor): start beliefs ``[N, D]``.
-            policy (callable): ``feat [N, S + D] -> (action [N, A], dist_params [N, P])``;
-                it applies any stop-gradient on ``feat`` itself.
-            horizon (int): number of imagined steps ``H``.
-
-        Returns: a dict of time-major ``state [H+1, N, S]``, ``belief [H+1, N, D]``,
-        ``action [H, N, A]`` and ``dist_params [H, N, P]``.
-        """
-        states, beliefs, actions, params = [state], [belief], [], []
-        for _ in range(horizon):
-            action, dist_params = policy(torch.cat([state, belief], -1))
-            belief = self.deter_step(state, action, belief)
-            state = self.sample(self.prior_logits(belief))
-            states.append(state)
-            beliefs.append(belief)
-            actions.append(action)
-            params.append(dist_params)
-        return {
-            "state": torch.stack(states),
-            "belief": torch.stack(beliefs),
-            "action": torch.stack(actions),
-            "dist_params": torch.stack(params),
         }

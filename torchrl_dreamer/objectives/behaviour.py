@@ -1,6 +1,6 @@
 """DreamerV2 actor and value losses: learning behaviours in imagination (spec section 7).
 
-Alignment of one imagined trajectory (H = 15; every tensor time-major)::
+Alignment of one imagined trajectory (H = 15; shown time-major, stored ``[N, H]`` as TorchRL rollouts)::
 
     t          0     1     2    ...   13    14    15
     state      z_0   z_1   z_2  ...   z_13  z_14  z_15     z_0 = a posterior of the model pass (stop-grad)
@@ -16,74 +16,57 @@ Alignment of one imagined trajectory (H = 15; every tensor time-major)::
     actor:   t = 0..13   w_t * [rho * log pi(sg(a_t) | sg(feat_t)) * sg(V_{t+1} - v_t)
                                 + (1 - rho) * V_{t+1} + eta * H(pi(. | feat_t))]
     (the last action a_14 and the last target are dropped from the actor: V_15 has no baseline).
+
+In TorchRL terms: a rollout of :class:`~torchrl_dreamer.envs.DreamerV2ImaginationEnv` holds z_0..z_14 and a_t at
+the root, z_{t+1}, ``("next", "reward")`` r_{t+1} and ``("next", "discount")`` g_{t+1} under ``next``; the loss
+adds r_0 (the reward head at the start) and g_0, and :class:`~torchrl_dreamer.objectives.DreamerV2LambdaEstimator`
+computes V_t from the reward and discount *at* each state.
 """
 from __future__ import annotations
 
-import contextlib
-import copy
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
-from tensordict import TensorDict, TensorDictBase
-from tensordict.nn import TensorDictModule
+from tensordict import TensorDict, TensorDictBase, TensorDictParams
+from tensordict.nn import ProbabilisticTensorDictSequential, TensorDictModule, TensorDictModuleBase
 from tensordict.utils import NestedKey
-from torch import nn
+from torchrl.envs.utils import ExplorationType, set_exploration_type
 from torchrl.objectives.common import LossModule
+from torchrl.objectives.utils import ValueEstimators, hold_out_net
+from torchrl.objectives.value import ValueEstimatorBase
 
-from torchrl_dreamer.modules.actor import ActorV2
-from torchrl_dreamer.modules.models import WorldModelV2
-from torchrl_dreamer.objectives.functional import discount_weights, lambda_return, transition_targets
+from torchrl_dreamer.envs.imagination import DreamerV2ImaginationEnv
+from torchrl_dreamer.objectives.functional import discount_weights, transition_targets
+from torchrl_dreamer.objectives.value import DreamerV2LambdaEstimator
 
-__all__ = ["DreamerV2ActorLoss", "DreamerV2ValueLoss", "frozen"]
+__all__ = ["DreamerV2ActorLoss", "DreamerV2ValueLoss"]
 
 _ACTOR_GRADS = ("reinforce", "dynamics", "both")
 
 
-@contextlib.contextmanager
-def frozen(*modules: nn.Module) -> Iterator[None]:
-    """Temporarily sets ``requires_grad=False`` on the modules' parameters.
-
-    Gradients still flow *through* the modules' activations (as the dynamics
-    actor gradient needs), but no parameter of theirs enters the graph.
-    """
-    params = [p for m in modules for p in m.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
-
-
 class DreamerV2ValueLoss(LossModule):
-    """DreamerV2 critic loss with a slow target critic.
+    """DreamerV2 critic loss, with the slow target critic as TorchRL target parameters.
 
-    ``loss = mean_{t, n} w_t * 0.5 * (critic(sg(feat_t)) - sg(V_t))^2`` over the
-    imagined trajectory produced by :class:`DreamerV2ActorLoss`. The target
-    critic (a frozen copy of the critic, used by the actor loss for the
-    lambda-returns and the REINFORCE baseline) is hard-copied from the critic
-    by :meth:`update_target` at its first call and every
-    ``target_update_interval`` calls.
+    ``loss = mean_{n, t} w_t * 0.5 * (critic(sg(feat_t)) - sg(V_t))^2`` over the imagined
+    trajectory produced by :class:`DreamerV2ActorLoss`. The critic is converted with
+    ``convert_to_functional(..., create_target_params=True)``: ``value_network_params`` are
+    trained, ``target_value_network_params`` are the slow critic that the actor loss uses for
+    the lambda-returns and the REINFORCE baseline. Copy them with TorchRL's
+    :class:`~torchrl.objectives.HardUpdate` (see :func:`make_target_updater`), driven by a
+    :class:`~torchrl.trainers.TargetNetUpdaterHook` at ``post_optim``.
 
     Args:
         critic (TensorDictModule): reads ``state``/``belief``, writes ``state_value``.
-
-    Keyword Args:
-        target_update_interval (int): updates between hard copies. Default: ``100``.
 
     Examples:
         >>> from torchrl_dreamer.modules import FeatHead
         >>> critic = TensorDictModule(FeatHead(4, 3, 1, num_cells=8, depth=1), ["state", "belief"], ["state_value"])
         >>> loss = DreamerV2ValueLoss(critic)
-        >>> traj = TensorDict({"state": torch.randn(5, 2, 4), "belief": torch.randn(5, 2, 3),
-        ...                    "lambda_target": torch.randn(5, 2, 1), "discount_weight": torch.ones(5, 2, 1)}, [5, 2])
-        >>> out = loss(traj)
-        >>> out["loss_value"].requires_grad
+        >>> traj = TensorDict({"state": torch.randn(2, 5, 4), "belief": torch.randn(2, 5, 3),
+        ...                    "lambda_target": torch.randn(2, 5, 1), "discount_weight": torch.ones(2, 5, 1)}, [2, 5])
+        >>> loss(traj)["loss_value"].requires_grad
         True
-        >>> loss.update_target()
-        True
+        >>> updater = make_target_updater(loss, interval=100)
     """
 
     @dataclass
@@ -91,58 +74,52 @@ class DreamerV2ValueLoss(LossModule):
         """Keys of the imagined trajectory read by the value loss.
 
         Attributes:
-            state: imagined stochastic states. Default: ``"state"``.
-            belief: imagined deterministic states. Default: ``"belief"``.
             value: the critic's output. Default: ``"state_value"``.
             lambda_target: the lambda-return targets. Default: ``"lambda_target"``.
             discount_weight: the imagination weights. Default: ``"discount_weight"``.
         """
 
-        state: NestedKey = "state"
-        belief: NestedKey = "belief"
         value: NestedKey = "state_value"
         lambda_target: NestedKey = "lambda_target"
         discount_weight: NestedKey = "discount_weight"
 
     tensor_keys: _AcceptedKeys
     default_keys = _AcceptedKeys
+    value_network: TensorDictModule
+    value_network_params: TensorDictParams
+    target_value_network_params: TensorDictParams
 
-    def __init__(self, critic: TensorDictModule, *, target_update_interval: int = 100):
+    def __init__(self, critic: TensorDictModule):
         super().__init__()
-        if target_update_interval < 1:
-            raise ValueError(f"target_update_interval must be >= 1, got {target_update_interval}.")
-        self.critic = critic
-        self.target_critic = copy.deepcopy(critic).requires_grad_(False)
-        self.target_update_interval = target_update_interval
-        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+        self.convert_to_functional(critic, "value_network", create_target_params=True)
 
     def _forward_value_estimator_keys(self, **kwargs) -> None:
         pass
 
+    def make_value_estimator(self, value_type=None, **hyperparams):
+        raise NotImplementedError(
+            "DreamerV2ValueLoss regresses the lambda-returns of DreamerV2ActorLoss: call make_value_estimator on "
+            "the actor loss (or on DreamerV2Loss)."
+        )
+
     @property
     def in_keys(self):
         keys = self.tensor_keys
-        return [keys.state, keys.belief, keys.lambda_target, keys.discount_weight]
+        return [*self.value_network.in_keys, keys.lambda_target, keys.discount_weight]
 
     out_keys = ["loss_value", "critic_loss", "critic"]
 
-    @torch.no_grad()
-    def update_target(self) -> bool:
-        """Counts one update; hard-copies the critic into the target at update 0, N, 2N...
-
-        Returns: whether a copy happened.
-        """
-        copied = int(self.num_updates) % self.target_update_interval == 0
-        if copied:
-            for target, source in zip(self.target_critic.parameters(), self.critic.parameters()):
-                target.copy_(source)
-        self.num_updates += 1
-        return copied
+    def target_value(self, tensordict: TensorDictBase) -> torch.Tensor:
+        """The slow critic's value of each state of ``tensordict`` (its parameters carry no gradient)."""
+        inputs = tensordict.select(*self.value_network.in_keys)
+        # swap in detached aliases (to_module would turn the stored targets into trainable Parameters) and hold
+        # them out: gradients may flow through the states (dynamics actor gradient), never into the slow critic
+        with self.target_value_network_params.data.to_module(self.value_network), hold_out_net(self.value_network):
+            return self.value_network(inputs).get(self.tensor_keys.value)
 
     def forward(self, tensordict: TensorDictBase) -> TensorDict:
         keys = self.tensor_keys
-        feat = tensordict.select(keys.state, keys.belief).detach()
-        value = self.critic(feat).get(keys.value)
+        value = self.value_network(tensordict.select(*self.value_network.in_keys).detach()).get(keys.value)
         target = tensordict.get(keys.lambda_target).detach()
         weight = tensordict.get(keys.discount_weight).detach()
         loss = (weight * 0.5 * (value.float() - target).pow(2)).mean()
@@ -151,35 +128,86 @@ class DreamerV2ValueLoss(LossModule):
         )
 
 
+def make_target_updater(value_loss: DreamerV2ValueLoss, *, interval: int = 100):
+    """TorchRL's :class:`~torchrl.objectives.HardUpdate` for the slow critic: a copy every ``interval`` steps.
+
+    Stepped once after each update (a :class:`~torchrl.trainers.TargetNetUpdaterHook` at ``post_optim``), the
+    target is the critic as it was after updates ``0`` (the copy at construction), ``interval``, ``2 * interval``...
+    exactly the reference's ``slow_target_update`` schedule. ``HardUpdate`` copies when its counter reaches
+    ``value_network_update_interval`` and then counts from 0 again, i.e. every ``value_network_update_interval + 1``
+    steps, hence the ``interval - 1``.
+
+    Examples:
+        >>> from torchrl_dreamer.modules import FeatHead
+        >>> critic = TensorDictModule(FeatHead(4, 3, 1, num_cells=8, depth=1), ["state", "belief"], ["state_value"])
+        >>> make_target_updater(DreamerV2ValueLoss(critic), interval=100).value_network_update_interval
+        99
+    """
+    from torchrl.objectives import HardUpdate
+
+    if interval < 1:
+        raise ValueError(f"The target critic's update interval must be >= 1, got {interval}.")
+    return HardUpdate(value_loss, value_network_update_interval=interval - 1)
+
+
+class _ImaginationPolicy(TensorDictModuleBase):
+    """Acts in imagination: the actor's distribution on stop-gradient states, a (reparameterised) sample.
+
+    Writes the action and the distribution parameters, so that the loss rebuilds the distribution with
+    ``build_dist_from_params`` instead of running the actor twice.
+    """
+
+    def __init__(self, actor: ProbabilisticTensorDictSequential, action_key: NestedKey, reparameterize: bool):
+        super().__init__()
+        self.actor = actor
+        self.action_key = action_key
+        self.reparameterize = reparameterize
+        self.in_keys = list(actor.in_keys)
+        self.out_keys = [action_key, *actor.dist_params_keys]
+
+    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        inputs = tensordict.select(*self.in_keys).detach()
+        dist = self.actor.get_dist(inputs)
+        action = dist.rsample() if self.reparameterize else dist.sample()
+        for key in self.actor.dist_params_keys:
+            tensordict.set(key, inputs.get(key))
+        tensordict.set(self.action_key, action)
+        return tensordict
+
+
 class DreamerV2ActorLoss(LossModule):
-    """DreamerV2 actor loss: imagination from posterior states, lambda-returns, REINFORCE/dynamics.
+    """DreamerV2 actor loss: imagination in :class:`~torchrl_dreamer.envs.DreamerV2ImaginationEnv`,
+    lambda-returns, REINFORCE and/or dynamics gradients.
 
-    Starts from every posterior state of the world-model pass (stop-gradient),
-    imagines ``imagination_horizon`` steps with the prior and the actor, and
-    computes the lambda-returns with the target critic (see the module
-    docstring for the alignment). ``actor_grad``:
+    Starts from every posterior state of the world-model pass (stop-gradient), rolls the
+    imagination env out for ``imagination_horizon`` steps under ``hold_out_net`` with the actor,
+    and computes the lambda-returns with the slow critic through the value estimator
+    (:class:`~torchrl_dreamer.objectives.DreamerV2LambdaEstimator`, set with
+    ``make_value_estimator(ValueEstimators.TDLambda, gamma=..., lmbda=...)``); see the module
+    docstring for the alignment. ``actor_grad``:
 
-    * ``"reinforce"`` (Atari): ``rho = 1``; the world model and the imagined
-      actions carry no gradient, only ``log pi`` and the entropy do;
-    * ``"dynamics"`` (DMC): ``rho = 0``; the actor gradient flows back through
-      the imagined transitions, rewards, discounts and target values
-      (straight-through/reparameterised actions), never into the world model's
-      or target critic's parameters;
+    * ``"reinforce"`` (Atari): ``rho = 1``; the world model and the imagined actions carry no
+      gradient, only ``log pi`` and the entropy do;
+    * ``"dynamics"`` (DMC): ``rho = 0``; the actor gradient flows back through the imagined
+      transitions, rewards, discounts and target values (straight-through/reparameterised
+      actions), never into the world model's or target critic's parameters;
     * ``"both"``: ``rho = 1 - actor_grad_mix``.
 
-    ``forward`` returns ``(losses, trajectory)``, where ``trajectory`` is a
-    ``[N, H]`` TensorDict (``state``, ``belief``, ``lambda_target``,
-    ``discount_weight``) for :class:`DreamerV2ValueLoss`.
+    ``forward`` takes the world model's output (``DreamerV2ModelLoss`` returns it) and returns
+    ``(losses, trajectory)``, where ``trajectory`` is a ``[N, H]`` TensorDict (``state``,
+    ``belief``, ``lambda_target``, ``discount_weight``) for :class:`DreamerV2ValueLoss`. Nothing is
+    written into the input.
 
     Args:
-        actor_network (ActorV2): the actor network.
-        world_model (WorldModelV2): the world model (not trained by this loss).
-        value_loss (DreamerV2ValueLoss): provides the target critic.
+        actor_network (ProbabilisticTensorDictSequential): the actor, e.g. a TorchRL
+            ``ProbabilisticActor`` reading ``state``/``belief`` (any such actor: its ``get_dist`` and
+            ``build_dist_from_params`` are all the loss uses).
+        model_based_env (DreamerV2ImaginationEnv): the imagination env (not trained by this loss);
+            build it with ``discount_threshold=0`` (fixed-horizon imagination).
+        value_loss (DreamerV2ValueLoss): provides the slow critic.
 
     Keyword Args:
         imagination_horizon (int): ``H``. Default: ``15``.
-        gamma (float): discount when there is no discount head, and of the start state. Default: ``0.999``.
-        lmbda (float): lambda-return parameter. Default: ``0.95``.
         actor_grad (str): ``"reinforce"``, ``"dynamics"`` or ``"both"``. Default: ``"reinforce"``.
         actor_grad_mix (float): weight of the dynamics term with ``"both"``. Default: ``0.1``.
         entropy_scale (float): ``eta``. Default: ``1e-3``.
@@ -187,20 +215,23 @@ class DreamerV2ActorLoss(LossModule):
     Examples:
         >>> import torch
         >>> from torchrl.data import Composite, Unbounded, OneHot
+        >>> from torchrl_dreamer.envs import DreamerV2ImaginationEnv
         >>> from torchrl_dreamer.modules import make_dreamerv2_models, DEBUG_SIZES
         >>> from torchrl_dreamer.objectives import DreamerV2ModelLoss
         >>> obs = Composite(pixels=Unbounded((1, 64, 64), dtype=torch.uint8))
         >>> models = make_dreamerv2_models(obs, OneHot(3), **DEBUG_SIZES)
         >>> value_loss = DreamerV2ValueLoss(models.critic)
-        >>> actor_loss = DreamerV2ActorLoss(models.actor_network, models.world_model, value_loss)
+        >>> env = DreamerV2ImaginationEnv(models.world_model, OneHot(3), discount_threshold=0.0)
+        >>> actor_loss = DreamerV2ActorLoss(models.actor, env, value_loss)
+        >>> actor_loss.make_value_estimator(ValueEstimators.TDLambda, gamma=0.999, lmbda=0.95)
         >>> batch = TensorDict({
         ...     "pixels": torch.randint(0, 256, (2, 5, 1, 64, 64), dtype=torch.uint8),
         ...     "action": torch.nn.functional.one_hot(torch.randint(3, (2, 5)), 3).float(),
         ...     "is_init": torch.zeros(2, 5, 1, dtype=torch.bool),
         ...     ("next", "reward"): torch.randn(2, 5, 1),
         ...     ("next", "terminated"): torch.zeros(2, 5, 1, dtype=torch.bool)}, [2, 5])
-        >>> _ = DreamerV2ModelLoss(models.world_model)(batch)
-        >>> losses, trajectory = actor_loss(batch)
+        >>> _, posteriors = DreamerV2ModelLoss(models.world_model)(batch)
+        >>> losses, trajectory = actor_loss(posteriors)
         >>> trajectory.batch_size
         torch.Size([10, 15])
         >>> value_loss(trajectory)["loss_value"].requires_grad
@@ -209,7 +240,7 @@ class DreamerV2ActorLoss(LossModule):
 
     @dataclass
     class _AcceptedKeys:
-        """Keys read from the world model's output batch.
+        """Keys read from the world model's output batch, and of the imagined trajectory.
 
         Attributes:
             state: posterior states. Default: ``"state"``.
@@ -217,7 +248,7 @@ class DreamerV2ActorLoss(LossModule):
             is_init: episode starts. Default: ``"is_init"``.
             reward: true rewards (their shape only). Default: ``("next", "reward")``.
             terminated: true terminal flags. Default: ``("next", "terminated")``.
-            value: the target critic's output key. Default: ``"state_value"``.
+            value: the slow critic's output key. Default: ``"state_value"``.
             lambda_target, discount_weight: keys written in the trajectory.
         """
 
@@ -232,16 +263,16 @@ class DreamerV2ActorLoss(LossModule):
 
     tensor_keys: _AcceptedKeys
     default_keys = _AcceptedKeys
+    default_value_estimator = ValueEstimators.TDLambda
+    SUPPORTED_VALUE_ESTIMATORS = (ValueEstimators.TD0, ValueEstimators.TD1, ValueEstimators.TDLambda)
 
     def __init__(
         self,
-        actor_network: ActorV2,
-        world_model: WorldModelV2,
+        actor_network: ProbabilisticTensorDictSequential,
+        model_based_env: DreamerV2ImaginationEnv,
         value_loss: DreamerV2ValueLoss,
         *,
         imagination_horizon: int = 15,
-        gamma: float = 0.999,
-        lmbda: float = 0.95,
         actor_grad: str = "reinforce",
         actor_grad_mix: float = 0.1,
         entropy_scale: float = 1e-3,
@@ -251,27 +282,56 @@ class DreamerV2ActorLoss(LossModule):
             raise ValueError(f"actor_grad must be one of {_ACTOR_GRADS}, got {actor_grad!r}.")
         if imagination_horizon < 2:
             raise ValueError(f"imagination_horizon must be >= 2, got {imagination_horizon}.")
+        if not hasattr(actor_network, "build_dist_from_params"):
+            raise TypeError(
+                f"actor_network must be a ProbabilisticTensorDictSequential (e.g. torchrl's ProbabilisticActor), got "
+                f"{type(actor_network).__name__}."
+            )
         self.actor_network = actor_network
         # Held without registering as submodules: they belong to the model and value losses.
-        self._world_model = [world_model]
-        self._value_loss = [value_loss]
+        self.__dict__["model_based_env"] = model_based_env
+        self._critic_holder = [value_loss]
         self.imagination_horizon = imagination_horizon
-        self.gamma = gamma
-        self.lmbda = lmbda
         self.actor_grad = actor_grad
         self.actor_grad_mix = actor_grad_mix
         self.entropy_scale = entropy_scale
+        self.action_key = actor_network.dist_sample_keys[0]
+        self._policy = _ImaginationPolicy(actor_network, self.action_key, reparameterize=actor_grad != "reinforce")
 
     @property
-    def world_model(self) -> WorldModelV2:
-        return self._world_model[0]
-
-    @property
-    def target_critic(self) -> TensorDictModule:
-        return self._value_loss[0].target_critic
+    def critic_module(self) -> DreamerV2ValueLoss:
+        """The value loss whose target parameters are the slow critic."""
+        return self._critic_holder[0]
 
     def _forward_value_estimator_keys(self, **kwargs) -> None:
-        pass
+        if self._value_estimator is not None:
+            self._value_estimator.set_keys(value=self.tensor_keys.value)
+
+    def make_value_estimator(self, value_type: ValueEstimators | None = None, **hyperparams) -> None:
+        """Sets the lambda-return: ``TDLambda`` (``gamma``, ``lmbda``), ``TD1`` (``lmbda = 1``) or ``TD0``
+        (``lmbda = 0``), all with DreamerV2's index convention (:class:`DreamerV2LambdaEstimator`), or a
+        ``ValueEstimatorBase`` instance. Defaults: ``gamma=0.999``, ``lmbda=0.95``.
+
+        ``gamma`` discounts the start states (``gamma * (1 - terminal)``) and, without a discount head,
+        every imagined step; with a head the imagined steps use its learned discount.
+        """
+        if isinstance(value_type, ValueEstimatorBase):
+            self._value_estimator = value_type
+            self.value_type = type(value_type)
+            return
+        value_type = self.default_value_estimator if value_type is None else value_type
+        if value_type not in self.SUPPORTED_VALUE_ESTIMATORS:
+            raise NotImplementedError(
+                f"{value_type} is not a lambda-return: DreamerV2ActorLoss supports {self.SUPPORTED_VALUE_ESTIMATORS}."
+            )
+        hyperparams.setdefault("gamma", 0.999)
+        hyperparams.setdefault("lmbda", {ValueEstimators.TD0: 0.0, ValueEstimators.TD1: 1.0}.get(value_type, 0.95))
+        gamma = float(hyperparams["gamma"])
+        if not 0.0 < gamma <= 1.0 or not 0.0 <= float(hyperparams["lmbda"]) <= 1.0:
+            raise ValueError(f"gamma must be in (0, 1] and lmbda in [0, 1], got {gamma} and {hyperparams['lmbda']}.")
+        self._value_estimator = DreamerV2LambdaEstimator(**hyperparams)
+        self._value_estimator.set_keys(value=self.tensor_keys.value)
+        self.value_type = value_type
 
     @property
     def in_keys(self):
@@ -285,65 +345,74 @@ class DreamerV2ActorLoss(LossModule):
         """Weight of the REINFORCE term (1 - weight of the dynamics term)."""
         return {"reinforce": 1.0, "dynamics": 0.0, "both": 1.0 - self.actor_grad_mix}[self.actor_grad]
 
-    def _policy(self, feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        params = self.actor_network.forward_feat(feat.detach())
-        straight = self.actor_grad != "reinforce"
-        action = self.actor_network.head.sample(params, straight_through=straight)
-        return (action if straight else action.detach()), params
+    @staticmethod
+    def _renamed(tensordict: TensorDictBase, old, new) -> TensorDictBase:
+        """``tensordict``'s model states under the names the env (or the critic) reads."""
+        out = tensordict.select(*old)
+        for source, dest in zip(old, new):
+            if source != dest:
+                out.rename_key_(source, dest)
+        return out
 
-    def _heads(self, state: torch.Tensor, belief: torch.Tensor, terminal: torch.Tensor):
-        """Reward, discount and target value of every imagined state (time-major)."""
-        wm = self.world_model
-        reward = wm.reward_head(state, belief).float()
-        if wm.continue_head is not None:
-            discount = torch.sigmoid(wm.continue_head(state, belief).float())
-        else:
-            discount = torch.full_like(reward, self.gamma)
-        # g_0 is the true discount of the start state, not the head's prediction
-        discount = torch.cat([(self.gamma * (1.0 - terminal))[None].to(discount.dtype), discount[1:]])
-        feat = TensorDict({self.tensor_keys.state: state, self.tensor_keys.belief: belief}, state.shape[:-1])
-        value = self.target_critic(feat).get(self.tensor_keys.value).float()
-        return reward, discount, value
-
-    def forward(self, tensordict: TensorDictBase) -> tuple[TensorDict, TensorDict]:
-        keys = self.tensor_keys
-        wm = self.world_model
-        state = tensordict.get(keys.state).detach()
-        belief = tensordict.get(keys.belief).detach()
-        state, belief = state.reshape(-1, state.shape[-1]), belief.reshape(-1, belief.shape[-1])
+    def _imagine(self, tensordict: TensorDictBase) -> tuple[torch.Tensor, TensorDict]:
+        """Start states and the ``[N, H]`` imagined rollout."""
+        keys, env = self.tensor_keys, self.model_based_env
+        gamma = self.value_estimator.gamma
         _, _, terminal = transition_targets(
             tensordict.get(keys.reward), tensordict.get(keys.terminated), tensordict.get(keys.is_init)
         )
-        terminal = terminal.reshape(-1, 1)
+        # the start's discount is the true one, gamma * (1 - terminal), not the head's prediction
+        discount = gamma.to(terminal.device) * (1.0 - terminal) if env.has_discount else None
+        start = env.start_states(self._renamed(tensordict, (keys.state, keys.belief), env.model_state_keys), discount)
+        with hold_out_net(env), set_exploration_type(ExplorationType.RANDOM):
+            start = env.reset(start)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.actor_grad != "reinforce"):
+                start_reward = env.heads.module[0](start.select(*env.model_state_keys)).get("reward").unsqueeze(1)
+            traj = env.rollout(
+                self.imagination_horizon, self._policy, auto_reset=False, tensordict=start, break_when_any_done=False
+            )
+        return start_reward, traj
+
+    def forward(self, tensordict: TensorDictBase) -> tuple[TensorDict, TensorDict]:
+        keys, env = self.tensor_keys, self.model_based_env
+        state_key, belief_key = env.model_state_keys
+        start_reward, traj = self._imagine(tensordict)
         horizon = self.imagination_horizon
-        reinforce_only = self.actor_grad == "reinforce"
+        # every imagined state z_0 .. z_H, [N, H + 1]
+        last = traj[:, -1:].get("next").select(state_key, belief_key)
+        states = torch.cat([traj.select(state_key, belief_key), last], 1)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.actor_grad != "reinforce"):
+            value = self.critic_module.target_value(self._renamed(states, env.model_state_keys, (keys.state, keys.belief)))
+        value = value.float()
+        next_reward = traj.get(("next", "reward"))
+        reward = torch.cat([start_reward, next_reward[:, :-1]], 1)  # r_0 .. r_{H-1}, the reward at each state
+        if env.has_discount:
+            discount = torch.cat([traj.get("discount"), traj.get(("next", "discount"))[:, -1:]], 1)  # d_0 .. d_H
+        else:
+            discount = torch.full_like(value, float(self.value_estimator.gamma))
+        returns_in = TensorDict({"reward": reward, "discount": discount[:, :-1]}, traj.batch_size)
+        target = self.value_estimator.value_estimate(returns_in, next_value=value[:, 1:])  # V_0 .. V_{H-1}
+        weight = discount_weights(discount.transpose(0, 1)).transpose(0, 1)  # w_0 .. w_H
 
-        with frozen(wm):
-            traj = wm.rssm.imagine(state, belief, self._policy, horizon)
-            with torch.set_grad_enabled(torch.is_grad_enabled() and not reinforce_only):
-                reward, discount, value = self._heads(traj["state"], traj["belief"], terminal)
-        weight = discount_weights(discount)  # [H+1, N, 1]
-        target = lambda_return(reward[:-1], value, discount[:-1], lmbda=self.lmbda)  # V_0..V_{H-1}
-
-        head = self.actor_network.head
-        params, actions = traj["dist_params"][:-1], traj["action"][:-1]  # t = 0..H-2
-        entropy = head.entropy(params)
+        dist = self.actor_network.build_dist_from_params(traj[:, :-1])  # t = 0 .. H-2
+        entropy = dist.entropy()
         objective = self.entropy_scale * entropy
         rho = self.rho
         if rho > 0:
-            advantage = (target[1:] - value[:-2]).squeeze(-1).detach()
-            objective = objective + rho * head.log_prob(params, actions.detach()) * advantage
+            advantage = (target[:, 1:] - value[:, :-2]).squeeze(-1).detach()
+            objective = objective + rho * dist.log_prob(traj[:, :-1].get(self.action_key).detach()) * advantage
         if rho < 1:
-            objective = objective + (1 - rho) * target[1:].squeeze(-1)
-        actor_loss = -(weight[:-2].squeeze(-1) * objective).mean()
+            objective = objective + (1 - rho) * target[:, 1:].squeeze(-1)
+        actor_loss = -(weight[:, :-2].squeeze(-1) * objective).mean()
 
+        all_rewards = torch.cat([start_reward, next_reward], 1)
         losses = TensorDict(
             {
                 "loss_actor": actor_loss,
                 "actor_loss": actor_loss.detach(),
                 "actor_ent": entropy.detach().mean(),
-                "reward_mean": reward.detach().mean(),
-                "reward_std": reward.detach().std(),
+                "reward_mean": all_rewards.detach().mean(),
+                "reward_std": all_rewards.detach().std(),
                 "critic_slow": value.detach().mean(),
                 "critic_target": target.detach().mean(),
             },
@@ -352,11 +421,11 @@ class DreamerV2ActorLoss(LossModule):
         # [N, H] trajectory for the critic: states 0..H-1 with their targets and weights
         trajectory = TensorDict(
             {
-                keys.state: traj["state"][:-1].detach().transpose(0, 1),
-                keys.belief: traj["belief"][:-1].detach().transpose(0, 1),
-                keys.lambda_target: target.detach().transpose(0, 1),
-                keys.discount_weight: weight[:-1].transpose(0, 1),
+                keys.state: traj.get(state_key).detach(),
+                keys.belief: traj.get(belief_key).detach(),
+                keys.lambda_target: target.detach(),
+                keys.discount_weight: weight[:, :-1],
             },
-            [state.shape[0], horizon],
+            [traj.shape[0], horizon],
         )
         return losses, trajectory

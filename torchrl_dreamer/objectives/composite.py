@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from tensordict import TensorDict, TensorDictBase
 from torchrl.objectives.common import LossModule
+from torchrl.objectives.utils import ValueEstimators
 
+from torchrl_dreamer.envs.imagination import DreamerV2ImaginationEnv
 from torchrl_dreamer.objectives.behaviour import DreamerV2ActorLoss, DreamerV2ValueLoss
 from torchrl_dreamer.objectives.world_model import DreamerV2ModelLoss
 
@@ -13,15 +15,19 @@ __all__ = ["DreamerV2Loss"]
 class DreamerV2Loss(LossModule):
     """World-model, actor and value losses of one DreamerV2 update.
 
-    ``forward`` runs the world-model loss (writing the posterior states into
-    the batch), imagines from those states for the actor loss and trains the
-    critic on the same imagined trajectory. The three losses touch disjoint
+    ``forward`` runs the world-model loss, imagines from its posterior states
+    for the actor loss and trains the critic on the same imagined trajectory;
+    nothing is written into the input batch. The three losses touch disjoint
     parameters (the actor and critic see stop-gradient states, the world
     model is frozen in imagination), so the sum of the ``loss_*`` entries can
     be back-propagated at once. The reference imagines with the world model
     *after* its optimiser step; :class:`~torchrl_dreamer.trainers.DreamerV2OptimizationStepper`
     does that, in three phases, with the sub-losses :attr:`model_loss`,
     :attr:`actor_loss` and :attr:`value_loss`.
+
+    :meth:`set_keys` renames a key in every sub-loss that reads it (``action`` and the
+    observation entries in the world model; ``reward``, ``terminated``, ``is_init`` in the
+    world-model and actor losses); :meth:`make_value_estimator` sets the actor loss's.
 
     Args:
         model_loss (DreamerV2ModelLoss): the world-model loss.
@@ -65,9 +71,30 @@ class DreamerV2Loss(LossModule):
     def _forward_value_estimator_keys(self, **kwargs) -> None:
         pass
 
+    def set_keys(self, **kwargs) -> None:
+        """Forwards each rename to the sub-losses that accept it; unknown names raise ``ValueError``."""
+        losses = (self.model_loss, self.actor_loss, self.value_loss)
+        for name, value in kwargs.items():
+            takers = [
+                loss for loss in losses
+                if name in loss._AcceptedKeys.__dataclass_fields__ or name in getattr(loss, "_observation_names", {})
+            ]
+            if not takers:
+                raise ValueError(f"{name} is not a key of the DreamerV2 losses.")
+            for loss in takers:
+                loss.set_keys(**{name: value})
+
+    def make_value_estimator(self, value_type: ValueEstimators | None = None, **hyperparams) -> None:
+        """The actor loss's lambda-return (:meth:`DreamerV2ActorLoss.make_value_estimator`)."""
+        self.actor_loss.make_value_estimator(value_type, **hyperparams)
+
+    @property
+    def value_estimator(self):
+        return self.actor_loss.value_estimator
+
     def forward(self, tensordict: TensorDictBase) -> TensorDict:
-        out = self.model_loss(tensordict)
-        actor_out, trajectory = self.actor_loss(tensordict)
+        out, model_output = self.model_loss(tensordict)
+        actor_out, trajectory = self.actor_loss(model_output)
         out.update(actor_out)
         out.update(self.value_loss(trajectory))
         return out
@@ -90,12 +117,14 @@ def make_dreamerv2_loss(
     actor_grad: str = "reinforce",
     actor_grad_mix: float = 0.1,
     entropy_scale: float = 1e-3,
-    target_update_interval: int = 100,
 ) -> DreamerV2Loss:
     """Builds the three DreamerV2 losses around :class:`~torchrl_dreamer.modules.DreamerV2Models`.
 
-    Keyword arguments are those of :class:`DreamerV2ModelLoss`,
-    :class:`DreamerV2ActorLoss` and :class:`DreamerV2ValueLoss` (paper Atari defaults).
+    Keyword arguments are those of :class:`DreamerV2ModelLoss` and :class:`DreamerV2ActorLoss`, and
+    the actor loss's ``TDLambda`` estimator (``gamma``, ``lmbda``); paper Atari defaults. The actor
+    imagines in a :class:`~torchrl_dreamer.envs.DreamerV2ImaginationEnv` over the world model (with
+    ``discount_threshold=0``: a fixed horizon). The slow critic's copies are the trainer's
+    (:func:`~torchrl_dreamer.objectives.make_target_updater`).
     """
     model_loss = DreamerV2ModelLoss(
         models.world_model,
@@ -109,16 +138,17 @@ def make_dreamerv2_loss(
         gamma=gamma,
         reward_transform=reward_transform,
     )
-    value_loss = DreamerV2ValueLoss(models.critic, target_update_interval=target_update_interval)
+    value_loss = DreamerV2ValueLoss(models.critic)
+    action_spec = models.actor.spec[models.actor.dist_sample_keys[0]]
+    env = DreamerV2ImaginationEnv(models.world_model, action_spec, discount_threshold=0.0)
     actor_loss = DreamerV2ActorLoss(
-        models.actor_network,
-        models.world_model,
+        models.actor,
+        env,
         value_loss,
         imagination_horizon=imagination_horizon,
-        gamma=gamma,
-        lmbda=lmbda,
         actor_grad=actor_grad,
         actor_grad_mix=actor_grad_mix,
         entropy_scale=entropy_scale,
     )
+    actor_loss.make_value_estimator(ValueEstimators.TDLambda, gamma=gamma, lmbda=lmbda)
     return DreamerV2Loss(model_loss, actor_loss, value_loss)

@@ -1,4 +1,6 @@
-"""Pure tensor maths of DreamerV2: KL balancing, lambda-returns, imagination weights.
+"""Pure tensor maths of DreamerV2: KL balancing, imagination weights, likelihoods, targets.
+
+The lambda-return is TorchRL's ``td_lambda_return_estimate`` (see :mod:`torchrl_dreamer.objectives.value`).
 
 All functions are time-major where time matters (``[T, ...]``).
 """
@@ -13,7 +15,6 @@ __all__ = [
     "categorical_kl",
     "categorical_entropy",
     "balanced_kl_loss",
-    "lambda_return",
     "discount_weights",
     "gaussian_nll",
     "bernoulli_nll",
@@ -92,44 +93,6 @@ def balanced_kl_loss(
         loss_prior = kl_prior.clamp_min(free_nats).mean()
         loss_post = kl_post.clamp_min(free_nats).mean()
     return balance * loss_prior + (1 - balance) * loss_post, kl_prior.detach().mean()
-
-
-def lambda_return(
-    reward: torch.Tensor, value: torch.Tensor, discount: torch.Tensor, *, lmbda: float = 0.95
-) -> torch.Tensor:
-    """DreamerV2's lambda-return, with the reward and discount of the same state index.
-
-    ::
-
-        V_H = v_H
-        V_t = r_t + gamma_t * ((1 - lambda) * v_{t+1} + lambda * V_{t+1}),   t = H-1 .. 0
-
-    Args:
-        reward (Tensor): ``r_0 .. r_{H-1}``, time-major ``[H, ...]``.
-        value (Tensor): ``v_0 .. v_H``, ``[H + 1, ...]`` (``v_H`` bootstraps).
-        discount (Tensor): per-step ``gamma_0 .. gamma_{H-1}``, ``[H, ...]``.
-
-    Keyword Args:
-        lmbda (float): ``lambda``. Default: ``0.95``.
-
-    Returns: ``V_0 .. V_{H-1}``, ``[H, ...]``.
-
-    Examples:
-        >>> lambda_return(torch.ones(2), torch.zeros(3), torch.ones(2), lmbda=1.0)
-        tensor([2., 1.])
-    """
-    if value.shape[0] != reward.shape[0] + 1 or discount.shape[0] != reward.shape[0]:
-        raise ValueError(
-            f"lambda_return expects reward [H], value [H+1], discount [H]; got {tuple(reward.shape)}, "
-            f"{tuple(value.shape)}, {tuple(discount.shape)}."
-        )
-    inputs = reward + discount * value[1:] * (1 - lmbda)
-    returns = []
-    last = value[-1]
-    for t in reversed(range(reward.shape[0])):
-        last = inputs[t] + discount[t] * lmbda * last
-        returns.append(last)
-    return torch.stack(returns[::-1])
 
 
 def discount_weights(discount: torch.Tensor) -> torch.Tensor:

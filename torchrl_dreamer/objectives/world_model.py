@@ -36,16 +36,18 @@ class DreamerV2ModelLoss(LossModule):
     * ``L_r = -mean log N(f(r); r_hat, 1)`` with ``f = tanh`` on Atari;
     * ``L_gamma``: Bernoulli NLL of the discount logits against ``gamma * (1 - terminal)``.
 
-    Renaming a key with :meth:`set_keys` changes what the loss reads; the
-    observation entries and their reconstructions are the world model's
-    (``world_model.reco_keys``), chosen when it is built.
+    :meth:`set_keys` renames what the loss and the world model read: ``action``,
+    ``is_init``, ``reward``, ``terminated`` and each observation entry, named by its
+    key (e.g. ``set_keys(pixels="camera")``); the reconstructions keep their names
+    (``world_model.reco_keys``).
 
     The world model filters ``o_t`` at step ``t``, so the reward and terminal
     targets are those *entering* ``o_t`` (see :func:`transition_targets`).
     Every head's gradient reaches the encoder and the RSSM through the
-    straight-through latent sample. The world-model outputs (``state``,
-    ``belief``, logits, reconstructions) are written into the input tensordict
-    so that :class:`DreamerV2ActorLoss` can start imagination from them.
+    straight-through latent sample. ``forward`` returns ``(losses, model_output)``:
+    the world-model outputs (``state``, ``belief``, logits, reconstructions) are
+    written into a shallow copy of the input, not into the input, and
+    :class:`DreamerV2ActorLoss` starts imagination from them.
 
     Args:
         world_model (WorldModelV2): the model.
@@ -61,7 +63,7 @@ class DreamerV2ModelLoss(LossModule):
         gamma (float): discount learned on non-terminal steps. Default: ``0.999``.
         reward_transform (str): ``"tanh"`` (Atari) or ``"identity"`` (DMC). Default: ``"tanh"``.
 
-    Returns (``forward``): a TensorDict with ``loss_model_kl``, ``loss_model_reco``,
+    Returns (``forward``): ``(losses, model_output)``; ``losses`` is a TensorDict with ``loss_model_kl``, ``loss_model_reco``,
     ``loss_model_reward``, ``loss_model_continue`` (their sum is ``model_loss``) and
     the detached diagnostics ``kl_loss`` (before scaling), ``image_loss``,
     ``reward_loss``, ``discount_loss``, ``model_kl``, ``prior_ent``, ``post_ent``,
@@ -82,9 +84,11 @@ class DreamerV2ModelLoss(LossModule):
         ...     "is_init": torch.zeros(2, 5, 1, dtype=torch.bool),
         ...     ("next", "reward"): torch.randn(2, 5, 1),
         ...     ("next", "terminated"): torch.zeros(2, 5, 1, dtype=torch.bool)}, [2, 5])
-        >>> out = loss(batch)
+        >>> out, model_output = loss(batch)
         >>> out["loss_model_reco"].requires_grad, out["model_kl"].requires_grad
         (True, False)
+        >>> "state" in batch.keys(), model_output["state"].shape
+        (False, torch.Size([2, 5, 16]))
     """
 
     @dataclass
@@ -130,6 +134,12 @@ class DreamerV2ModelLoss(LossModule):
         if reward_transform not in _REWARD_TRANSFORMS:
             raise ValueError(f"reward_transform must be one of {sorted(_REWARD_TRANSFORMS)}, got {reward_transform!r}.")
         self.world_model = world_model
+        # what the world model reads now, by the name it had when built
+        self._observation_names = {
+            key if isinstance(key, str) else "_".join(key): key for key in world_model.obs_keys
+        }
+        self._model_keys = {key: key for key in world_model.obs_keys}
+        self._model_keys.update(action="action", is_init="is_init")
         self.lambda_kl = lambda_kl
         self.lambda_reco = lambda_reco
         self.lambda_reward = lambda_reward
@@ -141,9 +151,32 @@ class DreamerV2ModelLoss(LossModule):
         self.reward_transform = reward_transform
 
     def _forward_value_estimator_keys(self, **kwargs) -> None:
-        # No value estimator: renamed keys are read directly in forward. Keys the world model
-        # writes (logits, reconstructions, predictions) must match its modules' out_keys.
-        pass
+        # No value estimator: the world model reads the renamed action and episode-start keys.
+        self._rename_model_inputs({name: getattr(self.tensor_keys, name) for name in ("action", "is_init")})
+
+    def _rename_model_inputs(self, renamed: dict) -> None:
+        mapping = {self._model_keys[old]: new for old, new in renamed.items() if self._model_keys[old] != new}
+        if mapping:
+            self.world_model.rename_in_keys(mapping)
+            for old, new in renamed.items():
+                self._model_keys[old] = new
+
+    def set_keys(self, **kwargs) -> None:
+        """Renames the keys read; an observation entry is named by its default key (``set_keys(pixels="camera")``).
+
+        Examples:
+            >>> from torchrl.data import Composite, Unbounded, OneHot
+            >>> from torchrl_dreamer.modules import make_dreamerv2_models, DEBUG_SIZES
+            >>> models = make_dreamerv2_models(Composite(pixels=Unbounded((1, 16, 16), dtype=torch.uint8)),
+            ...                                OneHot(3), **DEBUG_SIZES)
+            >>> loss = DreamerV2ModelLoss(models.world_model)
+            >>> loss.set_keys(pixels="camera", action="act", reward=("next", "r"))
+            >>> loss.in_keys
+            ['camera', 'act', 'is_init', ('next', 'r'), ('next', 'terminated')]
+        """
+        observations = {name: kwargs.pop(name) for name in list(kwargs) if name in self._observation_names}
+        super().set_keys(**kwargs)
+        self._rename_model_inputs({self._observation_names[name]: new for name, new in observations.items()})
 
     @property
     def in_keys(self):
@@ -177,7 +210,7 @@ class DreamerV2ModelLoss(LossModule):
         reco_keys = list(self.world_model.reco_keys.values())
         return [f"reco_loss_{key.removeprefix('reco_')}" for key in reco_keys] if len(reco_keys) > 1 else []
 
-    def forward(self, tensordict: TensorDictBase) -> TensorDict:
+    def forward(self, tensordict: TensorDictBase) -> tuple[TensorDict, TensorDict]:
         keys = self.tensor_keys
         if tensordict.ndim < 1 or tensordict.batch_size[-1] < 1:
             raise ValueError(f"DreamerV2ModelLoss needs a [*B, T] tensordict, got batch {tensordict.batch_size}.")
@@ -187,7 +220,7 @@ class DreamerV2ModelLoss(LossModule):
                 f"DreamerV2ModelLoss: the batch lacks {missing} (it has {sorted(map(str, tensordict.keys(True, True)))}). "
                 "Rename keys with loss.set_keys(...)."
             )
-        tensordict = self.world_model(tensordict)
+        tensordict = self.world_model(tensordict.copy())
         post, prior = tensordict.get(keys.posterior_logits), tensordict.get(keys.prior_logits)
         kl_loss, model_kl = balanced_kl_loss(
             post, prior, balance=self.kl_balance, free_nats=self.free_nats, free_avg=self.free_avg
@@ -229,12 +262,12 @@ class DreamerV2ModelLoss(LossModule):
         metrics.update(zip(self._reco_diagnostic_keys(), reco_losses))
         out = TensorDict(losses, [])
         out.update({k: v.detach() for k, v in metrics.items()})
-        return out
+        return out, tensordict
 
     def _reconstruction_losses(self, tensordict: TensorDictBase) -> list[torch.Tensor]:
         """``-mean_bt sum_(dims of k) log N(x_k; x_hat_k, 1)`` for each observation entry ``k``."""
         losses = []
-        for obs_key, reco_key in self.world_model.reco_keys.items():
+        for obs_key, reco_key in self.world_model.reco_keys.items():  # obs keys as the model reads them
             reco = tensordict.get(reco_key)
             target = preprocess_obs(tensordict.get(obs_key))
             losses.append(gaussian_nll(reco, target, event_dims=reco.ndim - tensordict.ndim).mean())

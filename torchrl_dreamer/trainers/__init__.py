@@ -7,7 +7,6 @@ from torchrl_dreamer.trainers.hooks import (
     EvaluationHook,
     Every,
     OpenLoopVideoHook,
-    TargetCriticHook,
     TrainMetricsHook,
     UpdateSchedule,
 )

@@ -11,7 +11,7 @@ hook                          stages                  what it does
                               process_optim_batch,    updates it stops the optimisation loop; after the prefill
                               post_optim              it lets through ``pretrain`` updates, then one update per
                                                       ``train_every`` agent steps
-:class:`TargetCriticHook`     post_optim              the slow critic's hard copy (update 0 and every N)
+``TargetNetUpdaterHook``      post_optim              TorchRL's: the slow critic's ``HardUpdate`` (0, N, 2N...)
 :class:`EpisodeReturnHook`    pre_steps_log           ``train_return`` / ``train_length`` of finished episodes
 :class:`TrainMetricsHook`     post_optim_complete_    the updates' metrics averaged over ``log_every`` steps,
                               log, post_steps         and ``fps``
@@ -40,7 +40,6 @@ from torchrl_dreamer.record import EpisodeTracker, open_loop_video, write_gif
 
 __all__ = [
     "UpdateSchedule",
-    "TargetCriticHook",
     "EpisodeReturnHook",
     "TrainMetricsHook",
     "EvaluationHook",
@@ -154,25 +153,6 @@ class UpdateSchedule(TrainerHookBase):
         trainer.register_op("process_optim_batch", self.gate)
         trainer.register_op("post_optim", self.done_update)
         trainer.register_module(name, self)
-
-
-class TargetCriticHook(TrainerHookBase):
-    """Hard-copies the critic into the slow target critic at update 0 and every ``target_update_interval``."""
-
-    def __init__(self, value_loss: Any) -> None:
-        self.value_loss = value_loss
-
-    def __call__(self) -> None:
-        self.value_loss.update_target()
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}  # the update counter is a buffer of the value loss, saved with the loss module
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        pass
-
-    def register(self, trainer: Trainer, name: str = "target_critic") -> None:
-        trainer.register_op("post_optim", self)
 
 
 class _LoggingHook(TrainerHookBase):

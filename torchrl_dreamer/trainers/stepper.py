@@ -34,7 +34,7 @@ def make_dreamerv2_optimizers(
     return {
         "model": DreamerV2Optimizer(loss.model_loss.world_model.parameters(), lr=model_lr, **common),
         "actor": DreamerV2Optimizer(loss.actor_loss.actor_network.parameters(), lr=actor_lr, **common),
-        "critic": DreamerV2Optimizer(loss.value_loss.critic.parameters(), lr=critic_lr, **common),
+        "critic": DreamerV2Optimizer(loss.value_loss.value_network.parameters(), lr=critic_lr, **common),
     }
 
 
@@ -50,9 +50,9 @@ class DreamerV2OptimizationStepper(OptimizationStepper):
     (``"model_loss"``, ``"actor_loss"``, ``"value_loss"``), as TorchRL's TD3
     trainer does, so that a distributed learner backend sees every loss; on its
     own (``step(None, batch)``) the stepper calls the loss's sub-losses directly.
-    The target critic is not copied here: :class:`~torchrl_dreamer.trainers.TargetCriticHook`
-    does it after each step (call ``loss.value_loss.update_target()`` yourself
-    when stepping by hand).
+    The slow critic is not copied here: a TorchRL :class:`~torchrl.trainers.TargetNetUpdaterHook`
+    around :func:`~torchrl_dreamer.objectives.make_target_updater` does it after each step
+    (call the updater's ``step()`` yourself when stepping by hand).
 
     Args:
         loss (DreamerV2Loss): the composite loss.
@@ -105,12 +105,12 @@ class DreamerV2OptimizationStepper(OptimizationStepper):
         device = next(self.loss.parameters()).device
         batch = sub_batch.to(device) if sub_batch.device != device else sub_batch
         with self._autocast(device):
-            model_out = self._compute(trainer, batch, "model_loss")
+            model_out, posteriors = self._compute(trainer, batch, "model_loss")
         model_loss = sum(v for k, v in model_out.items() if k.startswith("loss_"))
         model_norm = self._optimise(self.optimizers["model"], model_loss)
 
         with self._autocast(device):
-            actor_out, trajectory = self._compute(trainer, batch, "actor_loss")
+            actor_out, trajectory = self._compute(trainer, posteriors, "actor_loss")
         actor_norm = self._optimise(self.optimizers["actor"], actor_out["loss_actor"])
 
         with self._autocast(device):

@@ -6,7 +6,7 @@ Data flow (every piece a TorchRL one, each injectable)::
         --> ReplayBufferTrainer.extend --> DreamerReplayBuffer (memmap, one row per observation)
         --> UpdateSchedule (prefill, pretrain, train_every) --> ReplayBufferTrainer.sample --> [B, L] sequences
         --> DreamerV2OptimizationStepper (model, actor, critic steps through trainer.compute_loss)
-        --> TargetCriticHook, EpisodeReturnHook, TrainMetricsHook, EvaluationHook, OpenLoopVideoHook,
+        --> TargetNetUpdaterHook (HardUpdate), EpisodeReturnHook, TrainMetricsHook, EvaluationHook, OpenLoopVideoHook,
             CheckpointHook
 
 :func:`make_dreamerv2_trainer` builds all of it from a :class:`~torchrl_dreamer.config.DreamerV2Config` in one run
@@ -25,7 +25,8 @@ import torch
 from torchrl.checkpoint import Checkpoint, GlobalRNGState
 from torchrl.collectors import Collector
 from torchrl.envs import EnvBase, ParallelEnv, SerialEnv
-from torchrl.trainers import ReplayBufferTrainer, Trainer
+from torchrl.objectives.utils import TargetNetUpdater
+from torchrl.trainers import ReplayBufferTrainer, TargetNetUpdaterHook, Trainer
 
 from torchrl_dreamer.config import DreamerV2Config
 from torchrl_dreamer.data import make_replay_buffer
@@ -36,7 +37,6 @@ from torchrl_dreamer.trainers.hooks import (
     EpisodeReturnHook,
     EvaluationHook,
     OpenLoopVideoHook,
-    TargetCriticHook,
     TrainMetricsHook,
     UpdateSchedule,
 )
@@ -79,6 +79,9 @@ class DreamerV2Trainer(Trainer):
         loss_module (DreamerV2Loss): the composite loss (``model_loss``, ``actor_loss``, ``value_loss``).
         optimization_stepper (DreamerV2OptimizationStepper): one update of the three optimisers.
         replay_buffer (DreamerReplayBuffer): the sequence replay.
+        target_net_updater (TargetNetUpdater): the slow critic's copies (TorchRL's ``HardUpdate``, see
+            :func:`~torchrl_dreamer.objectives.make_target_updater`), stepped by a stock
+            :class:`~torchrl.trainers.TargetNetUpdaterHook` after each update.
         total_steps (int): agent steps to train for (summed over envs).
         action_repeat (int): frames per agent step (the logged x-axis is frames).
 
@@ -107,6 +110,7 @@ class DreamerV2Trainer(Trainer):
         loss_module: Any,
         optimization_stepper: Any,
         replay_buffer: Any,
+        target_net_updater: TargetNetUpdater,
         total_steps: int,
         action_repeat: int = 1,
         prefill: int = 50_000,
@@ -150,7 +154,11 @@ class DreamerV2Trainer(Trainer):
         self.register_op("batch_process", replay_hook.extend)
         self.register_op("process_optim_batch", replay_hook.sample)
         self.register_module("replay_buffer", replay_hook)
-        TargetCriticHook(loss_module.value_loss).register(self)
+        # TargetNetUpdaterHook.register would put it at post_steps (once per collected batch): the reference
+        # counts updates, so it goes at post_optim; its counter is checkpointed
+        self.target_net_updater = target_net_updater
+        self.register_op("post_optim", TargetNetUpdaterHook(target_net_updater))
+        self.register_module("target_net_updater", target_net_updater)
         self.episode_returns = EpisodeReturnHook(num_envs)
         self.episode_returns.register(self)
         TrainMetricsHook(self.schedule, log_every=log_every).register(self)
@@ -411,6 +419,7 @@ def make_dreamerv2_trainer(
     )
     trainer = DreamerV2Trainer(
         collector=collector, loss_module=loss, optimization_stepper=stepper, replay_buffer=replay,
+        target_net_updater=config.make_target_updater(loss),
         total_steps=config.total_steps, action_repeat=config.action_repeat, prefill=config.prefill,
         pretrain=config.pretrain, train_every=config.train_every, logger=make_logger(logdir),
         checkpoint_path=checkpoint_path, checkpoint_every=config.checkpoint_every, log_every=config.log_every,

@@ -1,0 +1,274 @@
+"""Imagination in a trained DreamerV2 world model, as a TorchRL environment.
+
+:class:`DreamerV2ImaginationEnv` is a :class:`~torchrl.envs.model_based.ModelBasedEnvBase`
+whose ``step`` is the RSSM's prior step followed by the reward and discount heads, so that
+any TorchRL policy, loss or rollout can run inside the world model. DreamerV2's own actor
+loss imagines through it. TorchRL's :class:`~torchrl.envs.model_based.DreamerEnv` and
+:class:`~torchrl.envs.model_based.WorldModelEnv` do not fit: the first decodes ``pixels``
+and has no learned discount, the second takes spec templates from a real env and no
+termination rule; DreamerV2 needs the learned soft discount and its thresholded
+``terminated`` flag.
+
+One step from ``(z_t, h_t)`` under ``a_t``::
+
+    root:  state z_t, belief h_t, action a_t
+    next:  state z_{t+1}, belief h_{t+1}
+           reward      the reward head at z_{t+1} (the reward entering it)
+           discount    the discount head's probability at z_{t+1} (learned towards gamma * (1 - terminal));
+                       only with a discount head
+           terminated  discount < discount_threshold (always False without a discount head); done = terminated
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+from tensordict.nn import TensorDictModule, TensorDictSequential
+from tensordict.utils import NestedKey
+from torch import nn
+from torchrl.data import Categorical, Composite, TensorSpec, Unbounded
+from torchrl.envs.model_based import ModelBasedEnvBase
+from torchrl.envs.transforms import Transform
+
+from torchrl_dreamer.modules.models import RSSMPriorStepV2, WorldModelV2
+
+__all__ = ["DreamerV2ImaginationEnv", "DecodeObservation"]
+
+
+class _AsFloat32(nn.Module):
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.head = head
+
+    def forward(self, state: torch.Tensor, belief: torch.Tensor) -> torch.Tensor:
+        return self.head(state, belief).float()
+
+
+class _SoftDiscount(nn.Module):
+    """The discount head's probability ``sigmoid(logits)``."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.head = head
+
+    def forward(self, state: torch.Tensor, belief: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.head(state, belief).float())
+
+
+class _Terminated(nn.Module):
+    def __init__(self, threshold: float):
+        super().__init__()
+        self.threshold = threshold
+
+    def forward(self, discount: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        terminated = discount.detach() < self.threshold
+        return terminated, terminated.clone()
+
+
+class DreamerV2ImaginationEnv(ModelBasedEnvBase):
+    """A TorchRL env that imagines with a DreamerV2 world model (see the module docstring for one step).
+
+    Reset it from start states: a tensordict holding ``state`` and ``belief`` (and, optionally, each start's
+    ``discount``), for instance :meth:`start_states` of a world-model pass over a replay batch. Its batch size
+    follows the tensordict given to ``reset``. ``terminated`` behaves as in a real env: ``rollout`` stops there by
+    default, and with ``break_when_any_done=False`` a terminated trajectory restarts from its start state (pass
+    the start states with ``auto_reset=False, tensordict=env.reset(starts)``). DreamerV2's own actor loss sets
+    ``discount_threshold=0``: it imagines the fixed horizon of the reference and weighs the steps with the soft
+    discount instead.
+
+    Args:
+        world_model (WorldModelV2): a (trained) world model; the env holds it and does not train it.
+        action_spec (TensorSpec): the real env's action spec (``OneHot`` or ``Bounded`` in ``[-1, 1]``).
+
+    Keyword Args:
+        discount_threshold (float): ``terminated = discount < discount_threshold``. Default: ``0.5``
+            (the head learns ``gamma * (1 - terminal)``, so this reads "more likely to end than not");
+            ``0`` never terminates.
+        action_key (NestedKey): where the policy writes the action. Default: ``"action"``.
+        state_keys (sequence of two NestedKey): the stochastic and deterministic states. Default:
+            ``("state", "belief")``.
+        device: Default: the world model's.
+
+    Attributes:
+        heads (TensorDictSequential): ``state``/``belief`` -> ``reward`` (and ``discount``, ``terminated``,
+            ``done``); what ``step`` runs after the prior step, usable on any state (e.g. the start states).
+
+    Examples:
+        >>> from torchrl.data import Composite, OneHot, Unbounded
+        >>> from torchrl_dreamer.modules import DEBUG_SIZES, make_dreamerv2_models
+        >>> obs = Composite(pixels=Unbounded((1, 16, 16), dtype=torch.uint8))
+        >>> models = make_dreamerv2_models(obs, OneHot(3), **DEBUG_SIZES)
+        >>> env = DreamerV2ImaginationEnv(models.world_model, OneHot(3))
+        >>> start = TensorDict({"state": torch.zeros(4, 16), "belief": torch.zeros(4, 32)}, [4])
+        >>> with torch.no_grad():
+        ...     traj = env.rollout(5, models.actor, tensordict=env.reset(start), auto_reset=False,
+        ...                        break_when_any_done=False)
+        >>> traj.batch_size, traj["next", "reward"].shape, traj["next", "discount"].shape
+        (torch.Size([4, 5]), torch.Size([4, 5, 1]), torch.Size([4, 5, 1]))
+    """
+
+    def __init__(
+        self,
+        world_model: WorldModelV2,
+        action_spec: TensorSpec,
+        *,
+        discount_threshold: float = 0.5,
+        action_key: NestedKey = "action",
+        state_keys: Sequence[NestedKey] = ("state", "belief"),
+        device: torch.device | str | None = None,
+    ):
+        state_key, belief_key = state_keys
+        feat = [state_key, belief_key]
+        heads = [TensorDictModule(_AsFloat32(world_model.reward_head), in_keys=feat, out_keys=["reward"])]
+        if world_model.continue_head is not None:
+            heads += [
+                TensorDictModule(_SoftDiscount(world_model.continue_head), in_keys=feat, out_keys=["discount"]),
+                TensorDictModule(_Terminated(discount_threshold), in_keys=["discount"], out_keys=["terminated", "done"]),
+            ]
+        heads = TensorDictSequential(*heads)
+        step = TensorDictSequential(
+            RSSMPriorStepV2(world_model.rssm, in_keys=[state_key, belief_key, action_key], out_keys=feat), heads
+        )
+        if device is None:
+            device = next(world_model.parameters()).device
+        super().__init__(step, device=device, batch_size=torch.Size([]), allow_done_after_reset=True)
+        self.heads = heads
+        self.source_world_model = world_model
+        self.model_state_keys = list(feat)
+        self.discount_threshold = discount_threshold
+        self._starts = [None]  # the last full reset's start states, where terminated trajectories restart
+        self.has_discount = world_model.continue_head is not None
+        rssm = world_model.rssm
+        obs = {state_key: Unbounded((rssm.state_dim,)), belief_key: Unbounded((rssm.rnn_hidden_dim,))}
+        if self.has_discount:
+            obs["discount"] = Unbounded((1,))
+        self.observation_spec = Composite(obs, device=self.device)
+        # the model states are also the step's inputs (as a primer's recurrent states): TorchRL carries them
+        self.state_spec = Composite({key: obs[key].clone() for key in feat}, device=self.device)
+        self.full_action_spec = Composite({action_key: action_spec.clone()}, device=self.device)
+        self.reward_spec = Unbounded((1,), device=self.device)
+        self.full_done_spec = Composite(
+            done=Categorical(2, (1,), dtype=torch.bool), terminated=Categorical(2, (1,), dtype=torch.bool),
+            device=self.device,
+        )
+
+    def start_states(self, tensordict: TensorDictBase, discount: torch.Tensor | None = None) -> TensorDict:
+        """Start states from every step of a world-model pass: ``state``/``belief`` of a ``[*B, T]`` tensordict,
+        flattened to ``[N]`` and detached (and ``discount`` ``[*B, T, 1]``, flattened, when given).
+
+        Examples:
+            >>> from torchrl.data import Composite, OneHot, Unbounded
+            >>> from torchrl_dreamer.modules import DEBUG_SIZES, make_dreamerv2_models
+            >>> models = make_dreamerv2_models(Composite(obs=Unbounded((3,))), OneHot(2), **DEBUG_SIZES)
+            >>> env = DreamerV2ImaginationEnv(models.world_model, OneHot(2))
+            >>> posteriors = TensorDict({"state": torch.zeros(2, 5, 16), "belief": torch.zeros(2, 5, 32)}, [2, 5])
+            >>> env.start_states(posteriors).batch_size
+            torch.Size([10])
+        """
+        start = tensordict.select(*self.model_state_keys).detach().reshape(-1)
+        if discount is not None:
+            start.set("discount", discount.reshape(-1, 1).to(start.get(self.model_state_keys[0]).dtype))
+        return start
+
+    def _reset(self, tensordict: TensorDictBase | None = None, **kwargs) -> TensorDictBase:
+        keys = tensordict.keys(True) if tensordict is not None else ()
+        if "_reset" in keys and any(key not in keys for key in self.model_state_keys):
+            # a partial reset during a rollout: the terminated trajectories restart from their start states
+            starts = self._starts[0]
+            if starts is None or starts.batch_size != tensordict.batch_size:
+                raise RuntimeError("DreamerV2ImaginationEnv: a partial reset needs a full reset with start states first.")
+            return starts.clone()
+        if any(key not in keys for key in self.model_state_keys):
+            raise ValueError(
+                f"DreamerV2ImaginationEnv.reset needs start states {self.model_state_keys} in the tensordict: pass "
+                "env.reset(env.start_states(world_model_output)) or a tensordict of model states."
+            )
+        out = tensordict.select(*self.model_state_keys, *(["discount"] if "discount" in keys else [])).copy()
+        if self.has_discount and "discount" not in out.keys():
+            out.set("discount", self.heads.module[1](out.copy()).get("discount"))
+        zeros = torch.zeros(*out.batch_size, 1, dtype=torch.bool, device=out.device)
+        out.set("terminated", zeros)
+        out.set("done", zeros.clone())
+        self._starts[0] = out.detach()
+        return out
+
+    def any_done(self, tensordict: TensorDictBase) -> bool:
+        """False without a threshold (``discount_threshold <= 0``): nothing can end, no host sync per step."""
+        return self.has_discount and self.discount_threshold > 0 and super().any_done(tensordict)
+
+    def _set_seed(self, seed: int | None) -> None:
+        """Imagination draws from torch's global generator."""
+
+
+class DecodeObservation(Transform):
+    """Decodes the world model's observation entries from the imagined states (an env transform).
+
+    Writes each observation entry under its own key (e.g. ``pixels``), as the real env shows it: images
+    as ``uint8`` (the decoder's mean mapped back from ``x / 255 - 0.5``), vectors as floats.
+
+    Args:
+        world_model (WorldModelV2): the world model whose decoder to use.
+
+    Keyword Args:
+        keys (sequence of NestedKey, optional): the entries to decode. Default: all of ``world_model.obs_keys``.
+        state_keys: the model states read. Default: ``("state", "belief")``.
+
+    Examples:
+        >>> from torchrl.envs import TransformedEnv
+        >>> from torchrl.data import Composite, OneHot, Unbounded
+        >>> from torchrl_dreamer.modules import DEBUG_SIZES, make_dreamerv2_models
+        >>> models = make_dreamerv2_models(Composite(pixels=Unbounded((1, 16, 16), dtype=torch.uint8)),
+        ...                                OneHot(3), **DEBUG_SIZES)
+        >>> env = TransformedEnv(DreamerV2ImaginationEnv(models.world_model, OneHot(3)),
+        ...                      DecodeObservation(models.world_model))
+        >>> start = TensorDict({"state": torch.zeros(2, 16), "belief": torch.zeros(2, 32)}, [2])
+        >>> with torch.no_grad():
+        ...     traj = env.rollout(3, tensordict=env.reset(start), auto_reset=False,
+        ...                        break_when_any_done=False)
+        >>> traj["next", "pixels"].shape, traj["next", "pixels"].dtype
+        (torch.Size([2, 3, 1, 16, 16]), torch.uint8)
+    """
+
+    def __init__(
+        self,
+        world_model: WorldModelV2,
+        *,
+        keys: Sequence[NestedKey] | None = None,
+        state_keys: Sequence[NestedKey] = ("state", "belief"),
+    ):
+        keys = list(world_model.obs_keys if keys is None else keys)
+        unknown = [key for key in keys if key not in world_model.obs_keys]
+        if unknown:
+            raise ValueError(f"DecodeObservation: {unknown} are not observation entries of the world model "
+                             f"({world_model.obs_keys}).")
+        super().__init__(in_keys=list(state_keys), out_keys=keys)
+        self.world_model = [world_model]  # not registered: the env's model, not this transform's
+        encoder = world_model.encoder
+        self.shapes = {**{k: tuple(s) for k, s in encoder.cnn_shapes.items()},
+                       **{k: (n,) for k, n in encoder.mlp_sizes.items()}}
+        self.images = set(encoder.cnn_shapes)
+
+    def _decode(self, tensordict: TensorDictBase) -> TensorDictBase:
+        state, belief = (tensordict.get(key) for key in self.in_keys)
+        decoded = self.world_model[0].decode(state, belief)
+        for key in self.out_keys:
+            value = decoded[key]
+            if key in self.images:
+                value = ((value.float() + 0.5) * 255).clamp(0, 255).round().to(torch.uint8)
+            tensordict.set(key, value)
+        return tensordict
+
+    def _call(self, next_tensordict: TensorDictBase) -> TensorDictBase:
+        return self._decode(next_tensordict)
+
+    def _reset(self, tensordict: TensorDictBase, tensordict_reset: TensorDictBase) -> TensorDictBase:
+        return self._decode(tensordict_reset)
+
+    def transform_observation_spec(self, observation_spec: Composite) -> Composite:
+        for key in self.out_keys:
+            dtype = torch.uint8 if key in self.images else torch.float32
+            observation_spec[key] = Unbounded(
+                (*observation_spec.shape, *self.shapes[key]), dtype=dtype, device=observation_spec.device
+            )
+        return observation_spec
