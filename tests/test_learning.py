@@ -26,7 +26,7 @@ measurements with the unpadded encoder, which never saw the last two rows and co
 had to be inferred from the actions), gave greedy returns 1.0, 1.0, 0.667, 1.0, 1.0, 1.0, 0.733, 1.0 on seeds 0-7.
 
 Measured with the actor as a TorchRL ``ProbabilisticActor`` imagining through ``DreamerV2ImaginationEnv`` and the
-slow critic copied by TorchRL's ``HardUpdate`` (one thread, ~125 s each with another job on the second core): seeds
+slow critic copied by TorchRL's ``HardUpdate`` (one thread, 120-130 s each, alone or beside another job): seeds
 0-5 give greedy returns -0.067, 1.0, 1.0, 1.0, 1.0, 1.0. Seed 0 is an unlucky draw, not a code path: with the same
 code and only the acting sampler's random stream changed (``torch.multinomial``) it reaches 1.0, and with the
 previous target-copy phase 0.533; the test runs seeds 1 and 2.

@@ -24,46 +24,70 @@ from typing import Sequence
 
 import torch
 from tensordict import TensorDict, TensorDictBase
-from tensordict.nn import TensorDictModule, TensorDictSequential
+from tensordict.nn import TensorDictModuleBase
 from tensordict.utils import NestedKey
-from torch import nn
 from torchrl.data import Categorical, Composite, TensorSpec, Unbounded
 from torchrl.envs.model_based import ModelBasedEnvBase
 from torchrl.envs.transforms import Transform
 
 from torchrl_dreamer.modules.models import RSSMPriorStepV2, WorldModelV2
 
-__all__ = ["DreamerV2ImaginationEnv", "DecodeObservation"]
+__all__ = ["DreamerV2ImaginationEnv", "DecodeObservation", "ImaginationHeads"]
 
 
-class _AsFloat32(nn.Module):
-    def __init__(self, head: nn.Module):
+class ImaginationHeads(TensorDictModuleBase):
+    """The world model's heads on model states: ``reward``, and with a discount head ``discount`` (its
+    probability), ``terminated`` (``discount < threshold``) and ``done``.
+
+    Args:
+        world_model (WorldModelV2): the model whose heads to use.
+
+    Keyword Args:
+        threshold (float): see :class:`DreamerV2ImaginationEnv`. Default: ``0.5``.
+        state_keys: the model states read. Default: ``("state", "belief")``.
+    """
+
+    def __init__(self, world_model: WorldModelV2, *, threshold: float = 0.5,
+                 state_keys: Sequence[NestedKey] = ("state", "belief")):
         super().__init__()
-        self.head = head
-
-    def forward(self, state: torch.Tensor, belief: torch.Tensor) -> torch.Tensor:
-        return self.head(state, belief).float()
-
-
-class _SoftDiscount(nn.Module):
-    """The discount head's probability ``sigmoid(logits)``."""
-
-    def __init__(self, head: nn.Module):
-        super().__init__()
-        self.head = head
-
-    def forward(self, state: torch.Tensor, belief: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.head(state, belief).float())
-
-
-class _Terminated(nn.Module):
-    def __init__(self, threshold: float):
-        super().__init__()
+        self.reward_head = world_model.reward_head
+        self.continue_head = world_model.continue_head
         self.threshold = threshold
+        self.in_keys = list(state_keys)
+        self.out_keys = ["reward"] + (["discount", "terminated", "done"] if self.continue_head is not None else [])
 
-    def forward(self, discount: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        terminated = discount.detach() < self.threshold
-        return terminated, terminated.clone()
+    def reward(self, state: torch.Tensor, belief: torch.Tensor) -> torch.Tensor:
+        """The reward head's prediction at the states (the reward entering them)."""
+        return self.reward_head(state, belief).float()
+
+    def discount(self, state: torch.Tensor, belief: torch.Tensor) -> torch.Tensor:
+        """The discount head's probability ``sigmoid(logits)`` (it learns ``gamma * (1 - terminal)``)."""
+        return torch.sigmoid(self.continue_head(state, belief).float())
+
+    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        state, belief = (tensordict.get(key) for key in self.in_keys)
+        tensordict.set("reward", self.reward(state, belief))
+        if self.continue_head is not None:
+            discount = self.discount(state, belief)
+            terminated = discount.detach() < self.threshold
+            tensordict.set("discount", discount)
+            tensordict.set("terminated", terminated)
+            tensordict.set("done", terminated.clone())
+        return tensordict
+
+
+class _ImaginationStep(TensorDictModuleBase):
+    """The env's step: the RSSM's prior step, then the heads on the new state (one module, few dispatches)."""
+
+    def __init__(self, prior_step: RSSMPriorStepV2, heads: ImaginationHeads):
+        super().__init__()
+        self.prior_step = prior_step
+        self.heads = heads
+        self.in_keys = list(prior_step.in_keys)
+        self.out_keys = list(dict.fromkeys([*prior_step.out_keys, *heads.out_keys]))
+
+    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        return self.heads(self.prior_step(tensordict))
 
 
 class DreamerV2ImaginationEnv(ModelBasedEnvBase):
@@ -91,7 +115,7 @@ class DreamerV2ImaginationEnv(ModelBasedEnvBase):
         device: Default: the world model's.
 
     Attributes:
-        heads (TensorDictSequential): ``state``/``belief`` -> ``reward`` (and ``discount``, ``terminated``,
+        heads (ImaginationHeads): ``state``/``belief`` -> ``reward`` (and ``discount``, ``terminated``,
             ``done``); what ``step`` runs after the prior step, usable on any state (e.g. the start states).
 
     Examples:
@@ -120,14 +144,8 @@ class DreamerV2ImaginationEnv(ModelBasedEnvBase):
     ):
         state_key, belief_key = state_keys
         feat = [state_key, belief_key]
-        heads = [TensorDictModule(_AsFloat32(world_model.reward_head), in_keys=feat, out_keys=["reward"])]
-        if world_model.continue_head is not None:
-            heads += [
-                TensorDictModule(_SoftDiscount(world_model.continue_head), in_keys=feat, out_keys=["discount"]),
-                TensorDictModule(_Terminated(discount_threshold), in_keys=["discount"], out_keys=["terminated", "done"]),
-            ]
-        heads = TensorDictSequential(*heads)
-        step = TensorDictSequential(
+        heads = ImaginationHeads(world_model, threshold=discount_threshold, state_keys=feat)
+        step = _ImaginationStep(
             RSSMPriorStepV2(world_model.rssm, in_keys=[state_key, belief_key, action_key], out_keys=feat), heads
         )
         if device is None:
@@ -186,7 +204,7 @@ class DreamerV2ImaginationEnv(ModelBasedEnvBase):
             )
         out = tensordict.select(*self.model_state_keys, *(["discount"] if "discount" in keys else [])).copy()
         if self.has_discount and "discount" not in out.keys():
-            out.set("discount", self.heads.module[1](out.copy()).get("discount"))
+            out.set("discount", self.heads.discount(*(out.get(key) for key in self.model_state_keys)))
         zeros = torch.zeros(*out.batch_size, 1, dtype=torch.bool, device=out.device)
         out.set("terminated", zeros)
         out.set("done", zeros.clone())

@@ -367,7 +367,7 @@ class DreamerV2ActorLoss(LossModule):
         with hold_out_net(env), set_exploration_type(ExplorationType.RANDOM):
             start = env.reset(start)
             with torch.set_grad_enabled(torch.is_grad_enabled() and self.actor_grad != "reinforce"):
-                start_reward = env.heads.module[0](start.select(*env.model_state_keys)).get("reward").unsqueeze(1)
+                start_reward = env.heads.reward(*(start.get(key) for key in env.model_state_keys)).unsqueeze(1)
             traj = env.rollout(
                 self.imagination_horizon, self._policy, auto_reset=False, tensordict=start, break_when_any_done=False
             )
