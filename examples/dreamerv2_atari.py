@@ -11,8 +11,12 @@ import path ``package.module:function`` of a function that returns a TorchRL ``E
 importable); ``InitTracker`` and the policy's recurrent-state primer are added when missing.
 
 Every hyperparameter of the preset can be overridden with ``--<name> <value>``
-(see ``--help``). Running the same command again on the same ``--logdir``
-resumes from its checkpoint. Ctrl-C saves a checkpoint before exiting.
+(``--preset <name> --help`` lists each with its unit and that preset's value; out-of-range values are refused).
+``--action-repeat`` is the frames per agent step the built-in envs perform (Atari frame skip, DMC/gym/catch
+action repeat); a user env factory is not wrapped: there it only states the frames your env does per step, for the
+logged frame counts. The ``debug`` preset is a smoke test (tiny networks on Catch).
+Running the same command again on the same ``--logdir`` resumes from its checkpoint. Ctrl-C saves a checkpoint
+before exiting.
 """
 from __future__ import annotations
 
@@ -23,9 +27,16 @@ import sys
 import typing
 
 from torchrl_dreamer.config import PRESETS, DreamerV2Config
-from torchrl_dreamer.trainers import CheckpointError, make_dreamerv2_trainer
+from torchrl_dreamer.trainers import (
+    CheckpointError,
+    CheckpointWriteError,
+    NonFiniteUpdateError,
+    RunLockedError,
+    make_dreamerv2_trainer,
+)
 
 _SPECIAL = {"env", "seed", "num_envs", "precision", "env_kwargs"}
+DEBUG_STEPS_NOTE = 20_000  # the debug preset beyond this many agent steps gets a note: it is a smoke test
 
 
 def _parse_bool(text: str) -> bool:
@@ -49,36 +60,65 @@ def _number(kind):
     return parse
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _show(value) -> str:
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return repr(value) if isinstance(value, str) else str(value)
+    if isinstance(value, int):
+        return f"{value:_}"
+    return repr(value)
+
+
+def _hyper_help(field: dataclasses.Field, preset: str) -> str:
+    value = _show(PRESETS[preset].get(field.name, field.default))
+    # argparse formats help with %: escape the descriptions
+    return f"{field.metadata['help']} [{preset} preset: {value}]".replace("%", "%%")
+
+
+def build_parser(preset: str = "atari") -> argparse.ArgumentParser:
+    """The command line; ``--help`` shows each hyperparameter's description and its value in ``preset``."""
+    if preset not in PRESETS:
+        preset = "atari"
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
+    fields = {field.name: field for field in dataclasses.fields(DreamerV2Config)}
     run = parser.add_argument_group("run")
-    run.add_argument("--preset", default="atari", choices=sorted(PRESETS), help="hyperparameter preset")
+    run.add_argument("--preset", default="atari", choices=sorted(PRESETS),
+                     help="hyperparameter preset: atari (paper, Atari), dmc (paper, DMC from pixels), debug (a smoke "
+                     "test: tiny networks on Catch) [default: atari; --preset <name> --help shows its values]")
     run.add_argument("--game", default=None, help="Atari game, e.g. Pong, Boxing, Freeway (sets --env atari:<game>)")
-    run.add_argument("--env", default=None, help='a make_env name ("atari:Pong", "gym:CartPole-v1", '
-                     '"dmc:walker-walk", "catch") or an env factory "package.module:function"')
+    run.add_argument("--env", default=None, help=_hyper_help(fields["env"], preset))
     run.add_argument("--logdir", default=None, help="run directory (default: logs/<env>-<preset>-seed<seed>)")
-    run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    run.add_argument("--precision", default=None, choices=["fp32", "bf16"])
-    run.add_argument("--seed", type=int, default=None)
-    run.add_argument("--num-envs", type=int, default=None, help="parallel environments")
+    run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                     help="device of models and updates (auto: cuda when available) [default: auto]")
+    run.add_argument("--precision", default=None, choices=["fp32", "bf16"],
+                     help=_hyper_help(fields["precision"], preset))
+    run.add_argument("--seed", type=_number(int), default=None, metavar="INT", help=_hyper_help(fields["seed"], preset))
+    run.add_argument("--num-envs", type=_number(int), default=None, metavar="INT",
+                     help=_hyper_help(fields["num_envs"], preset))
     run.add_argument("--minimal-actions", action="store_true", help="Atari: minimal action set instead of all 18")
     run.add_argument("--serial-envs", action="store_true", help="step several envs in this process")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
-    hyper = parser.add_argument_group("hyperparameters (default: the preset's value)")
+    run.add_argument("--keep-saved-config", action="store_true",
+                     help="resume a run whose saved settings differ from this command's, with the saved ones")
+    run.add_argument("--fresh-replay", action="store_true",
+                     help="resume the models, optimisers and counters, but discard the saved replay and refill it "
+                          "(when its files are damaged)")
+    hyper = parser.add_argument_group(f"hyperparameters (default: the preset's value, shown for --preset {preset})")
     hints = typing.get_type_hints(DreamerV2Config)
-    for field in dataclasses.fields(DreamerV2Config):
+    for field in fields.values():
         if field.name in _SPECIAL:
             continue
         kind = hints[field.name]
+        choices = typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else None
         if kind is bool:
-            parse = _parse_bool
+            parse, metavar = _parse_bool, "BOOL"
         elif kind in (int, float):
-            parse = _number(kind)
+            parse, metavar = _number(kind), kind.__name__.upper()
         else:
-            parse = str
-        hyper.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, type=parse, default=None)
+            parse, metavar = str, None if choices else "STR"
+        hyper.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, type=parse, default=None,
+                           choices=choices, metavar=metavar, help=_hyper_help(field, preset))
     return parser
 
 
@@ -96,35 +136,55 @@ def make_config(args: argparse.Namespace) -> DreamerV2Config:
         overrides["env"] = args.env
     try:
         cfg = DreamerV2Config.preset(args.preset, **overrides)
-    except (TypeError, ValueError) as err:
+        if args.minimal_actions:
+            if not cfg.env.startswith("atari:"):
+                raise SystemExit("error: --minimal-actions applies to atari: environments only")
+            cfg = cfg.replace(env_kwargs={**cfg.env_kwargs, "full_action_space": False})
+    except (TypeError, ValueError) as err:  # one line naming the field, its value and the allowed range
         raise SystemExit(f"error: {err}")
-    if args.minimal_actions:
-        if not cfg.env.startswith("atari:"):
-            raise SystemExit("error: --minimal-actions applies to atari: environments only")
-        cfg = cfg.replace(env_kwargs={**cfg.env_kwargs, "full_action_space": False})
-    for name in ("total_steps", "train_every", "batch_size", "batch_length", "num_envs", "replay_capacity"):
-        if getattr(cfg, name) < 1:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     return cfg
 
 
+def notes(cfg: DreamerV2Config, preset: str) -> list[str]:
+    """One-line notes on a valid but probably unintended command."""
+    lines = []
+    if preset == "debug" and cfg.total_steps > DEBUG_STEPS_NOTE:
+        lines.append(f"note: the debug preset is a smoke test (tiny networks), not a training setup: "
+                     f"{cfg.total_steps:_} steps of it will not learn much; use --preset atari or dmc for a real run")
+    if not cfg.is_builtin_env and cfg.action_repeat != 1:
+        lines.append(f"note: {cfg.env} is your own env factory: it is not wrapped, --action-repeat "
+                     f"{cfg.action_repeat} only scales the logged frames (set it to the frames your env does per "
+                     "step, 1 if it does not repeat actions)")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    # the preset first, so that --help shows its values
+    preset_parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    preset_parser.add_argument("--preset", default="atari")
+    args = build_parser(preset_parser.parse_known_args(argv)[0].preset).parse_args(argv)
     cfg = make_config(args)
+    for line in notes(cfg, args.preset):
+        print(line, file=sys.stderr)
     name = cfg.env.replace(":", "-").replace(".", "-")
     logdir = args.logdir or f"logs/{name}-{args.preset}-seed{cfg.seed}"
     try:
         trainer = make_dreamerv2_trainer(
-            cfg, logdir, device=args.device, progress=not args.no_progress, parallel_envs=not args.serial_envs
+            cfg, logdir, device=args.device, progress=not args.no_progress, parallel_envs=not args.serial_envs,
+            keep_saved_config=args.keep_saved_config, fresh_replay=args.fresh_replay,
         )
-    except (OSError, CheckpointError, ValueError, TypeError, ImportError) as err:
+    except (OSError, CheckpointError, RunLockedError, ValueError, TypeError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     cfg = trainer.config
     print(f"{'Resuming' if trainer.resumed else 'Starting'} DreamerV2 on {cfg.env} ({args.preset} preset) in "
           f"{trainer.logdir} on {trainer.device}, at {trainer.steps} / "
           f"{cfg.total_steps} agent steps", flush=True)
-    result = trainer.train()
+    try:
+        result = trainer.train()
+    except (CheckpointWriteError, NonFiniteUpdateError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if result["interrupted"]:
         print(f"Interrupted: checkpoint saved in {trainer.logdir}; run the same command to resume.")
     print(json.dumps(result))

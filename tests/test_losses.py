@@ -260,19 +260,20 @@ def test_critic_target_is_stop_gradient():
 
 
 def test_target_critic_hard_copy_schedule():
-    """TorchRL's HardUpdate, stepped after each update: the slow critic is the critic after updates 0, 3, 6."""
+    """TorchRL's HardUpdate, stepped after each update, copies after updates 0, 3, 6 (counting from 0), as the
+    reference's update_slow_target at the end of each update."""
     models, loss, _ = _setup()
     updater = make_target_updater(loss.value_loss, interval=3)
     critic_w = next(models.critic.parameters())
     target_w = loss.value_loss.target_value_network_params["module", "mlp", "0", "weight"]
     assert torch.equal(target_w, critic_w) and not target_w.requires_grad
     seen = []
-    for update in range(1, 8):
+    for done in range(1, 8):
         with torch.no_grad():
-            critic_w.add_(1.0)  # the critic after `update` updates
+            critic_w.add_(1.0)  # the critic after `done` updates
         updater.step()  # the trainer's TargetNetUpdaterHook at post_optim
-        seen.append(int(target_w[0, 0] - critic_w[0, 0] + update))  # the update count the target holds
-    assert seen == [0, 0, 3, 3, 3, 6, 6]
+        seen.append(int(target_w[0, 0] - critic_w[0, 0] + done))  # how many updates the slow critic has seen
+    assert seen == [1, 1, 1, 4, 4, 4, 7]
     with pytest.raises(ValueError):
         make_target_updater(loss.value_loss, interval=0)
 

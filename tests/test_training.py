@@ -141,7 +141,7 @@ def test_one_trainer_stock_and_user_hooks_and_compute_loss(tmp_path):
     # prefill 150 steps, pretrain 2, then one update per 10 steps: 2 + (260 - 150) // 10
     assert result["updates"] == len(calls) == 2 + 11
     # TorchRL's HardUpdate, stepped at post_optim: it has counted every update since its last copy
-    assert trainer.target_net_updater.counter == result["updates"] % cfg.target_update_interval
+    assert trainer.target_net_updater.counter == (result["updates"] - 1) % cfg.target_update_interval
     assert methods == ["model_loss", "actor_loss", "value_loss"] * result["updates"]
     assert (tmp_path / "run" / "scalars" / "batch_reward.csv").exists()
     assert (tmp_path / "run" / "scalars" / "model_loss.csv").exists()
@@ -194,7 +194,7 @@ def test_resume_after_sigkill_continues_from_checkpoint(tmp_path):
     assert trainer.collected_frames == saved["steps"]
     rows = len(trainer.replay_buffer)
     assert rows >= saved["steps"]  # every transition of the checkpoint, plus the final rows of episodes
-    assert trainer.target_net_updater.counter == saved["updates"] % cfg.target_update_interval  # restored
+    assert trainer.target_net_updater.counter == (saved["updates"] - 1) % cfg.target_update_interval  # restored
     optimizer_state = trainer.optimization_stepper.optimizers["model"].state_dict()["state"]
     assert optimizer_state and all(int(s["step"]) == saved["updates"] for s in optimizer_state.values())
     result = trainer.train()
@@ -226,7 +226,7 @@ def test_clear_errors(tmp_path):
     both = _run("--game", "Pong", "--env", "catch", "--logdir", tmp_path / "b")
     assert both.returncode != 0 and "either --game or --env" in both.stderr + both.stdout
     zero = _run("--preset", "debug", "--total-steps", "0", "--logdir", tmp_path / "c")
-    assert zero.returncode != 0 and "--total-steps must be >= 1" in zero.stderr + zero.stdout
+    assert zero.returncode != 0 and "total_steps must be an integer >= 1" in zero.stderr + zero.stdout
     not_int = _run("--preset", "debug", "--batch-size", "2.5", "--logdir", tmp_path / "d")
     assert not_int.returncode == 2 and "integer" in not_int.stderr
     unknown_env = _run("--preset", "debug", "--env", "mujoco:ant", "--logdir", tmp_path / "e")

@@ -14,6 +14,7 @@ Examples:
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -23,6 +24,13 @@ from torchrl.data import Composite, TensorSpec
 __all__ = ["DreamerV2Config", "PRESETS"]
 
 
+def _h(default: Any = dataclasses.MISSING, *, help: str, factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field that documents itself: ``help`` (one line, with its unit) is read by ``--help``."""
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class DreamerV2Config:
     """All hyperparameters of a DreamerV2 run. Defaults are the paper's Atari preset.
@@ -30,71 +38,115 @@ class DreamerV2Config:
     Schedules (``total_steps``, ``prefill``, ``train_every``, ``eval_every``,
     ``checkpoint_every``, ``log_every``) count agent steps summed over all
     environments; logged x-axes are frames (``action_repeat`` x agent steps).
+
+    Every field is validated when the config is built (presets, :meth:`replace`, the command line): a value out of
+    its range raises a one-line ``ValueError`` naming the field, the value and the allowed range. Each field's
+    one-line description is ``dataclasses.fields(DreamerV2Config)[i].metadata["help"]``.
+
+    ``action_repeat`` is what the environment does: :attr:`make_env_kwargs` passes it to the built-in
+    :func:`~torchrl_dreamer.envs.make_env` suites (Atari frame skip, DMC/gym/Catch action repeat). A user env
+    factory (``"package.module:function"``, a callable or an instance) is not wrapped: there ``action_repeat``
+    states the frames the user's env already does per agent step and only scales the logged frame counts.
     """
 
     # environment
-    env: str = "atari:Pong"
-    action_repeat: int = 4
-    num_envs: int = 1
+    env: str = _h("atari:Pong", help='environment: a make_env name ("atari:Pong", "gym:CartPole-v1", '
+                  '"dmc:walker-walk", "catch") or an env factory "package.module:function"')
+    action_repeat: int = _h(4, help="frames (emulator/physics steps) per agent step, applied by the built-in envs "
+                            "(Atari frame skip); for a user env factory only the logged frame count (the env is "
+                            "not wrapped: set it to the frames your env does per step)")
+    num_envs: int = _h(1, help="parallel environments (train_every must be a multiple of it)")
     # world model
-    num_categoricals: int = 32
-    num_classes: int = 32
-    rnn_hidden_dim: int = 600
-    hidden_dim: int = 600
-    cnn_depth: int = 48
-    mlp_units: int = 400
-    mlp_layers: int = 4
-    discount_head: bool = True
+    num_categoricals: int = _h(32, help="categorical latent variables of the RSSM state (count)")
+    num_classes: int = _h(32, help="classes per categorical latent (count)")
+    rnn_hidden_dim: int = _h(600, help="GRU deterministic state size (units)")
+    hidden_dim: int = _h(600, help="hidden layer width of the RSSM prior/posterior nets (units)")
+    cnn_depth: int = _h(48, help="channels of the first conv layer of encoder/decoder (doubled per layer)")
+    mlp_units: int = _h(400, help="hidden width of the MLP heads, vector encoder/decoder, actor and critic (units)")
+    mlp_layers: int = _h(4, help="hidden layers of those MLPs (count)")
+    discount_head: bool = _h(True, help="learn a discount (episode-continuation) head (bool)")
     # observation keys: None picks them from the env's spec (uint8 [C, H, W] images -> CNN, float vectors -> MLP);
     # otherwise comma-separated keys ("" for none), as the reference's cnn_keys / mlp_keys
-    cnn_keys: str | None = None
-    mlp_keys: str | None = None
+    cnn_keys: str | None = _h(None, help='comma-separated observation keys for the CNN ("" none; default: uint8 '
+                              'images of the env spec)')
+    mlp_keys: str | None = _h(None, help='comma-separated observation keys for the MLP ("" none; default: float '
+                              'vectors of the env spec)')
     # world-model loss
-    lambda_kl: float = 0.1
-    lambda_reco: float = 1.0
-    lambda_reward: float = 1.0
-    lambda_discount: float = 5.0
-    kl_balance: float = 0.8
-    free_nats: float = 0.0
-    reward_transform: Literal["tanh", "identity"] = "tanh"
+    lambda_kl: float = _h(0.1, help="weight of the KL loss (scale >= 0)")
+    lambda_reco: float = _h(1.0, help="weight of the observation reconstruction loss (scale >= 0)")
+    lambda_reward: float = _h(1.0, help="weight of the reward loss (scale >= 0)")
+    lambda_discount: float = _h(5.0, help="weight of the discount loss (scale >= 0)")
+    kl_balance: float = _h(0.8, help="KL balancing: share of the KL gradient that trains the prior (in [0, 1])")
+    free_nats: float = _h(0.0, help="free bits: KL below this is not penalised (nats >= 0)")
+    reward_transform: Literal["tanh", "identity"] = _h("tanh", help="reward transform of the reward targets and "
+                                                       "imagined returns: tanh or identity")
     # behaviour
-    gamma: float = 0.999
-    lmbda: float = 0.95
-    imagination_horizon: int = 15
-    actor_grad: Literal["reinforce", "dynamics", "both"] = "reinforce"
-    actor_grad_mix: float = 0.1
-    entropy_scale: float = 1e-3
-    min_std: float = 0.1
-    target_update_interval: int = 100
+    gamma: float = _h(0.999, help="discount factor per agent step (in [0, 1])")
+    lmbda: float = _h(0.95, help="lambda of the lambda-return (in [0, 1])")
+    imagination_horizon: int = _h(15, help="imagined steps per actor-critic update (agent steps)")
+    actor_grad: Literal["reinforce", "dynamics", "both"] = _h(
+        "reinforce", help="actor gradient: reinforce, dynamics (straight through the model) or both")
+    actor_grad_mix: float = _h(0.1, help='share of dynamics gradients with actor_grad "both" (in [0, 1])')
+    entropy_scale: float = _h(1e-3, help="weight of the actor entropy bonus (scale >= 0)")
+    min_std: float = _h(0.1, help="minimum std of continuous-action distributions (>= 0)")
+    target_update_interval: int = _h(100, help="updates between copies of the critic to its slow target (updates)")
     # optimisers
-    model_lr: float = 2e-4
-    actor_lr: float = 4e-5
-    critic_lr: float = 1e-4
-    adam_eps: float = 1e-5
-    weight_decay: float = 1e-6
-    max_grad_norm: float = 100.0
+    model_lr: float = _h(2e-4, help="Adam learning rate of the world model (> 0)")
+    actor_lr: float = _h(4e-5, help="Adam learning rate of the actor (> 0)")
+    critic_lr: float = _h(1e-4, help="Adam learning rate of the critic (> 0)")
+    adam_eps: float = _h(1e-5, help="Adam epsilon of the three optimisers (> 0)")
+    weight_decay: float = _h(1e-6, help="decoupled weight decay of the three optimisers (>= 0)")
+    max_grad_norm: float = _h(100.0, help="gradient-norm clipping of each optimiser (> 0; inf for none)")
     # data and schedule
-    total_steps: int = 50_000_000
-    prefill: int = 50_000
-    pretrain: int = 1
-    train_every: int = 16
-    batch_size: int = 16
-    batch_length: int = 50
-    replay_capacity: int = 2_000_000
-    prioritize_ends: bool = True
+    total_steps: int = _h(50_000_000, help="length of training (agent steps, all envs)")
+    prefill: int = _h(50_000, help="random-policy steps collected before the first update (agent steps)")
+    pretrain: int = _h(1, help="updates run once after the prefill (updates)")
+    train_every: int = _h(16, help="agent steps collected per update (agent steps, all envs)")
+    batch_size: int = _h(16, help="sequences per training batch (count)")
+    batch_length: int = _h(50, help="rows per training sequence (agent steps)")
+    replay_capacity: int = _h(2_000_000, help="replay buffer size (transitions, >= batch_length)")
+    prioritize_ends: bool = _h(True, help="sample windows ending at episode ends more often, as the reference (bool)")
     # False: episodes shorter than batch_length are trained on too (a sequence that reaches such an episode's end
     # continues at another episode's start; the RSSM resets at is_init). Windows inside episodes of batch_length
     # rows or more are the reference's either way. True: the reference exactly (shorter episodes never sampled).
-    strict_length: bool = True
-    eval_every: int = 250_000
-    eval_episodes: int = 1
-    log_every: int = 10_000
-    video_every: int = 250_000
-    checkpoint_every: int = 100_000
+    strict_length: bool = _h(True, help="sample only episodes of at least batch_length rows, as the reference; "
+                             "false also trains on shorter ones (bool)")
+    eval_every: int = _h(250_000, help="agent steps between evaluations (agent steps)")
+    eval_episodes: int = _h(1, help="greedy-policy episodes per evaluation (count)")
+    log_every: int = _h(10_000, help="agent steps between scalar logs (agent steps)")
+    video_every: int = _h(250_000, help="agent steps between evaluation videos (agent steps)")
+    checkpoint_every: int = _h(100_000, help="agent steps between checkpoints (agent steps)")
     # execution
-    precision: Literal["fp32", "bf16"] = "fp32"
-    seed: int = 0
-    env_kwargs: dict[str, Any] = field(default_factory=dict)
+    precision: Literal["fp32", "bf16"] = _h("fp32", help="precision of the updates: fp32 or bf16 (autocast)")
+    seed: int = _h(0, help="random seed of models, replay and envs (integer >= 0)")
+    env_kwargs: dict[str, Any] = _h(factory=dict, help="extra keyword arguments of make_env for built-in env names "
+                                    "(e.g. full_action_space=False)")
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    @property
+    def is_builtin_env(self) -> bool:
+        """Whether :attr:`env` is a built-in :func:`~torchrl_dreamer.envs.make_env` name (not a user factory)."""
+        return _is_builtin_env(self.env)
+
+    @property
+    def make_env_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of ``make_env(config.env, **config.make_env_kwargs)``.
+
+        For built-in names: :attr:`env_kwargs` plus ``action_repeat`` (the env repeats each action that many
+        frames). For a user env factory: :attr:`env_kwargs` (always empty, validated), since ``action_repeat``
+        cannot be applied to an env the library does not build.
+
+        Examples:
+            >>> DreamerV2Config.preset("atari").make_env_kwargs
+            {'action_repeat': 4}
+            >>> DreamerV2Config.preset("debug", env="tests.user_envs:dict_catch").make_env_kwargs
+            {}
+        """
+        if self.is_builtin_env:
+            return {**self.env_kwargs, "action_repeat": self.action_repeat}
+        return dict(self.env_kwargs)
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> DreamerV2Config:
@@ -186,6 +238,111 @@ class DreamerV2Config:
 
 def _key_list(keys: str | None) -> list[str] | None:
     return None if keys is None else [key.strip() for key in keys.split(",") if key.strip()]
+
+
+# built-in make_env suites (the same list as torchrl_dreamer.envs.resolve; kept here so that building a config does
+# not import the emulators)
+_BUILTIN_SUITES = ("atari", "gym", "dmc", "catch")
+_REPEAT_KWARGS = ("action_repeat", "frame_skip", "frameskip")
+
+
+def _is_builtin_env(name: str) -> bool:
+    return name.partition(":")[0] in _BUILTIN_SUITES
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# (field, lowest, highest, lowest included): integers
+_INT_RANGES = {
+    **{name: 1 for name in (
+        "action_repeat", "num_envs", "num_categoricals", "num_classes", "rnn_hidden_dim", "hidden_dim", "cnn_depth",
+        "mlp_units", "mlp_layers", "imagination_horizon", "target_update_interval", "total_steps", "train_every",
+        "batch_size", "batch_length", "replay_capacity", "eval_every", "eval_episodes", "log_every", "video_every",
+        "checkpoint_every")},
+    **{name: 0 for name in ("prefill", "pretrain", "seed")},
+}
+# probabilities and discounts: in [0, 1]
+_UNIT_INTERVAL = ("kl_balance", "gamma", "lmbda", "actor_grad_mix")
+# scales: finite, >= 0
+_NON_NEGATIVE = ("lambda_kl", "lambda_reco", "lambda_reward", "lambda_discount", "free_nats", "entropy_scale",
+                 "min_std", "weight_decay")
+# learning rates and epsilons: finite, > 0
+_POSITIVE = ("model_lr", "actor_lr", "critic_lr", "adam_eps")
+_CHOICES = {
+    "reward_transform": ("tanh", "identity"),
+    "actor_grad": ("reinforce", "dynamics", "both"),
+    "precision": ("fp32", "bf16"),
+}
+_BOOLS = ("discount_head", "prioritize_ends", "strict_length")
+
+
+def _fail(name: str, value: Any, allowed: str) -> ValueError:
+    return ValueError(f"{name} must be {allowed}, got {value!r}.")
+
+
+def _validate(cfg: DreamerV2Config) -> None:
+    """Raises a one-line ``ValueError`` naming the first field out of its range (then cross-field constraints)."""
+    if not isinstance(cfg.env, str) or not cfg.env.strip():
+        raise _fail("env", cfg.env, 'a non-empty string ("atari:Pong", "package.module:function", ...)')
+    for name, low in _INT_RANGES.items():
+        value = getattr(cfg, name)
+        if not _is_int(value) or value < low:
+            raise _fail(name, value, f"an integer >= {low}")
+    for name in _UNIT_INTERVAL:
+        value = getattr(cfg, name)
+        if not _is_real(value) or not 0.0 <= value <= 1.0:
+            raise _fail(name, value, "a number in [0, 1]")
+    for name in _NON_NEGATIVE:
+        value = getattr(cfg, name)
+        if not _is_real(value) or not 0.0 <= value < math.inf:
+            raise _fail(name, value, "a finite number >= 0")
+    for name in _POSITIVE:
+        value = getattr(cfg, name)
+        if not _is_real(value) or not 0.0 < value < math.inf:
+            raise _fail(name, value, "a finite number > 0")
+    if not _is_real(cfg.max_grad_norm) or not cfg.max_grad_norm > 0.0:
+        raise _fail("max_grad_norm", cfg.max_grad_norm, "a number > 0 (inf: no clipping)")
+    for name, choices in _CHOICES.items():
+        value = getattr(cfg, name)
+        if value not in choices:
+            raise _fail(name, value, "one of " + ", ".join(repr(c) for c in choices))
+    for name in _BOOLS:
+        value = getattr(cfg, name)
+        if not isinstance(value, bool):
+            raise _fail(name, value, "a boolean (True or False)")
+    keys = {}
+    for name in ("cnn_keys", "mlp_keys"):
+        value = getattr(cfg, name)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise _fail(name, value, 'None or comma-separated observation keys ("" for none)')
+        parts = [part.strip() for part in value.split(",")]
+        if value.strip() and (not all(parts) or len(set(parts)) != len(parts)):
+            raise _fail(name, value, 'None or comma-separated distinct, non-empty observation keys ("" for none)')
+        keys[name] = set(_key_list(value))
+    if len(keys) == 2 and keys["cnn_keys"] & keys["mlp_keys"]:
+        raise _fail("mlp_keys", cfg.mlp_keys, f"keys not also in cnn_keys {cfg.cnn_keys!r}")
+    if not isinstance(cfg.env_kwargs, dict) or not all(isinstance(k, str) for k in cfg.env_kwargs):
+        raise _fail("env_kwargs", cfg.env_kwargs, "a dict of make_env keyword arguments with string keys")
+    if cfg.env_kwargs and not _is_builtin_env(cfg.env):
+        raise _fail("env_kwargs", cfg.env_kwargs, f"empty for the user env factory {cfg.env!r} (its arguments "
+                    f"apply to the built-in names {', '.join(_BUILTIN_SUITES)}; bind them in your factory)")
+    for key in _REPEAT_KWARGS:
+        if key in cfg.env_kwargs:
+            raise _fail("env_kwargs", cfg.env_kwargs, f"without {key!r}: set action_repeat (--action-repeat) "
+                        "instead, the env's single source of frames per step")
+    # cross-field constraints
+    if cfg.train_every % cfg.num_envs:
+        raise _fail("train_every", cfg.train_every, f"a multiple of num_envs ({cfg.num_envs})")
+    if cfg.replay_capacity < cfg.batch_length:
+        raise _fail("replay_capacity", cfg.replay_capacity, f"an integer >= batch_length ({cfg.batch_length})")
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -11,7 +11,7 @@ import torch
 from tensordict import TensorDictBase
 from torchrl.record.loggers import CSVLogger, Logger
 
-__all__ = ["MultiLogger", "make_logger", "EpisodeTracker", "open_loop_video", "write_gif"]
+__all__ = ["MultiLogger", "make_logger", "truncate_scalars", "EpisodeTracker", "open_loop_video", "write_gif"]
 
 
 class MultiLogger:
@@ -31,7 +31,8 @@ class MultiLogger:
 
     def log_video(self, name: str, video: torch.Tensor, step: int | None = None, **kwargs) -> None:
         for logger in list(self.loggers):
-            if type(logger).__name__ == "TensorboardLogger" and importlib.util.find_spec("moviepy") is None:
+            is_tensorboard = any(cls.__name__ == "TensorboardLogger" for cls in type(logger).__mro__)
+            if is_tensorboard and importlib.util.find_spec("moviepy") is None:
                 if not self._warned_video:
                     warnings.warn("TensorBoard videos need moviepy (pip install moviepy); the open-loop videos are "
                                   "written as GIFs and CSV-logger tensors only.", stacklevel=2)
@@ -44,17 +45,80 @@ class MultiLogger:
             logger.log_hparams(cfg)
 
 
-def make_logger(logdir: str | Path, *, tensorboard: bool = True) -> MultiLogger:
-    """CSV logger in ``logdir`` plus a TensorBoard one in ``logdir/tb`` if tensorboard is installed."""
+def truncate_scalars(logdir: str | Path, step: int) -> int:
+    r"""Drops the rows logged after ``step`` from ``<logdir>/scalars/*.csv`` (a resumed run repeats those steps).
+
+    Each file is rewritten atomically, and only if it has such rows. Returns the number of rows dropped.
+
+    Examples:
+        >>> import tempfile
+        >>> logdir = Path(tempfile.mkdtemp())
+        >>> (logdir / "scalars").mkdir()
+        >>> _ = (logdir / "scalars" / "loss.csv").write_text("100,1.0\n200,0.5\n300,0.2\n")
+        >>> truncate_scalars(logdir, 200), (logdir / "scalars" / "loss.csv").read_text()
+        (1, '100,1.0\n200,0.5\n')
+    """
+    dropped = 0
+    for path in sorted(Path(logdir, "scalars").glob("*.csv")):
+        lines = path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if not line.strip() or _csv_step(line) <= step]
+        if len(kept) < len(lines):
+            dropped += len(lines) - len(kept)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(kept))
+            tmp.replace(path)
+    return dropped
+
+
+def _csv_step(line: str) -> float:
+    try:
+        return float(line.split(",", 1)[0])
+    except ValueError:
+        return float("-inf")  # not a data row: keep it
+
+
+def make_logger(logdir: str | Path, *, tensorboard: bool = True, resume_step: int | None = None) -> MultiLogger:
+    """CSV logger in ``logdir`` plus a TensorBoard one in ``logdir/tb`` if tensorboard is installed.
+
+    With ``resume_step`` (the frames of the checkpoint a run resumes from), the rows logged after it are dropped
+    from the CSV files (:func:`truncate_scalars`) and TensorBoard purges its later events (``purge_step``), so a
+    killed and resumed run has no duplicate steps and no backward jumps.
+    """
+    if resume_step is not None:
+        truncate_scalars(logdir, resume_step)
     loggers: list[Logger] = [CSVLogger(exp_name="", log_dir=str(logdir))]
     if tensorboard:
-        try:
-            from torchrl.record.loggers import TensorboardLogger
-
-            loggers.append(TensorboardLogger(exp_name="tb", log_dir=str(logdir)))
-        except (ImportError, ModuleNotFoundError):
-            pass
+        if importlib.util.find_spec("tensorboard") is None:
+            warnings.warn(
+                f"tensorboard is not installed: scalars are logged as CSV files in {Path(logdir) / 'scalars'} only "
+                "(pip install tensorboard for TensorBoard logs).",
+                stacklevel=2,
+            )
+        else:
+            loggers.append(_TensorboardLogger(exp_name="tb", log_dir=str(logdir), purge_step=resume_step))
     return MultiLogger(loggers)
+
+
+def _tensorboard_logger_class():
+    from torchrl.record.loggers import TensorboardLogger
+
+    class ResumableTensorboardLogger(TensorboardLogger):
+        """TorchRL's TensorBoard logger, purging the events after ``purge_step`` of a resumed run."""
+
+        def __init__(self, exp_name: str, log_dir: str, purge_step: int | None = None) -> None:
+            self._purge_step = purge_step
+            super().__init__(exp_name=exp_name, log_dir=log_dir)
+
+        def _create_experiment(self):
+            from torch.utils.tensorboard import SummaryWriter
+
+            return SummaryWriter(log_dir=str(Path(self.log_dir) / self.exp_name), purge_step=self._purge_step)
+
+    return ResumableTensorboardLogger
+
+
+def _TensorboardLogger(**kwargs):
+    return _tensorboard_logger_class()(**kwargs)
 
 
 class EpisodeTracker:

@@ -1,6 +1,6 @@
 """DreamerV2 replay: a TorchRL replay buffer of observation rows, episodes by trajectory id, end-favouring sequences."""
 from torchrl_dreamer.data.episodes import EpisodeTable
-from torchrl_dreamer.data.replay import DreamerReplayBuffer, make_replay_buffer
+from torchrl_dreamer.data.replay import DreamerReplayBuffer, ReplayIntegrityError, make_replay_buffer
 from torchrl_dreamer.data.rows import transitions_to_rows
 from torchrl_dreamer.data.samplers import PrioritizeEndsSampler
 from torchrl_dreamer.data.writers import FifoWriter
@@ -10,6 +10,7 @@ __all__ = [
     "EpisodeTable",
     "FifoWriter",
     "PrioritizeEndsSampler",
+    "ReplayIntegrityError",
     "make_replay_buffer",
     "transitions_to_rows",
 ]

@@ -16,18 +16,34 @@ records only positions, the episode table and the RNG. A process killed right af
 consistent buffer: rows written after the checkpoint are ignored, and so are the older rows they overwrote (found
 through the writer's persistent high-water mark).
 
+Broken replay files are never trained on: restoring a checkpoint first checks, reading only, that the files hold
+the rows it describes (every memmap file present with the shape, dtype and byte size recorded in the checkpoint,
+the storage id and the high-water mark), and raises :class:`ReplayIntegrityError`, one line naming the file, before
+any file or row changes. The trained models need not be lost with the replay: a buffer built with ``fresh=True``
+(or :meth:`DreamerReplayBuffer.reset_storage`) discards the rows on disk and refills from empty.
+
+Layout of ``scratch_dir``::
+
+    storage/            TorchRL's memmap rows (``pixels.memmap``, ``next/reward.memmap``, ..., ``meta.json``)
+    storage_id          id of the rows now in storage/ (a checkpoint names the id it describes)
+    write_mark.bin      persistent high-water mark of the written positions (int64)
+    replay_state.pt     in-place checkpoint (:meth:`DreamerReplayBuffer.dumps`)
+
 Reference: Hafner et al., "Mastering Atari with Discrete World Models" (ICLR 2021), section 6 of the spec.
 """
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import sys
 import uuid
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from tensordict import NestedKey, TensorDictBase, is_tensor_collection, unravel_key
+from tensordict import MemoryMappedTensor, NestedKey, TensorDictBase, is_tensor_collection, unravel_key
 from tensordict.nn.utils import _set_dispatch_td_nn_modules
 from torchrl.data import LazyMemmapStorage, TensorDictReplayBuffer
 
@@ -35,10 +51,35 @@ from torchrl_dreamer.data.rows import NEXT_KEYS, next_key, step_rows
 from torchrl_dreamer.data.samplers import PrioritizeEndsSampler
 from torchrl_dreamer.data.writers import FifoWriter
 
-__all__ = ["DreamerReplayBuffer", "make_replay_buffer"]
+__all__ = ["DreamerReplayBuffer", "ReplayIntegrityError", "make_replay_buffer"]
 
 STATE_FILE = "replay_state.pt"
 ID_FILE = "storage_id"
+MARK_FILE = "write_mark.bin"
+STORAGE_DIR = "storage"
+FRESH_REPLAY_HINT = (
+    "nothing was changed. The trained models can be kept: resume with fresh_replay=True (--fresh-replay) to "
+    "discard the replay's rows and refill it from empty"
+)
+
+
+class ReplayIntegrityError(RuntimeError, ValueError):
+    """The replay files on disk do not hold the rows a checkpoint describes (missing, resized, other layout or rows).
+
+    Raised by :meth:`DreamerReplayBuffer.load_state_dict` and :meth:`DreamerReplayBuffer.loads` before any file or
+    row changes, with one line that names the file and the problem. The models of the checkpoint are unaffected:
+    a trainer can keep them and refill the replay (``make_replay_buffer(..., fresh=True)``, trainer option
+    ``fresh_replay=True``, CLI ``--fresh-replay``). Also a :class:`ValueError`, which this error used to be.
+
+    Attributes:
+        path (Path): the file (or directory) at fault.
+        problem (str): what is wrong with it.
+    """
+
+    def __init__(self, path: str | Path, problem: str, *, hint: str | None = FRESH_REPLAY_HINT) -> None:
+        self.path = Path(path)
+        self.problem = " ".join(problem.split())  # one line
+        super().__init__(f"Replay file {self.path}: {self.problem}" + (f"; {hint}." if hint else "."))
 
 
 class DreamerReplayBuffer(TensorDictReplayBuffer):
@@ -67,7 +108,15 @@ class DreamerReplayBuffer(TensorDictReplayBuffer):
     :meth:`load_state_dict`, save kilobytes (positions, episode table, RNG) since the rows stay in the memmap
     files. Restoring drops the rows written after the checkpoint and the older rows they overwrote, and closes the
     open episodes (the rows that come next start new ones). Positions are never reused, so an older checkpoint of
-    the same directory restores consistently too.
+    the same directory restores consistently too. A restore first checks the files against the checkpoint (see
+    :class:`ReplayIntegrityError`); the storage never falls back to RAM: rows whose files are gone are an error
+    on restore, and a warning when a checkpoint is taken.
+
+    Keeping the models, refilling the replay: ``fresh=True`` (or :meth:`reset_storage` on a live buffer) discards
+    the rows on disk (``storage/``, ``storage_id``, ``write_mark.bin``, ``replay_state.pt``) and gives an empty
+    buffer. Until its first write it skips, with a warning, a :meth:`load_state_dict` of a checkpoint that had
+    rows (those rows are gone), so a trainer can load its whole checkpoint archive as usual. Later checkpoints of
+    the refilled buffer save and restore as any other.
 
     Args:
         capacity (int, optional): rows kept (FIFO over all envs). Defaults to ``2_000_000``.
@@ -86,6 +135,9 @@ class DreamerReplayBuffer(TensorDictReplayBuffer):
             Defaults to ``"cpu"``.
         seed (int, optional): seed of the sampling generator. Defaults to ``None`` (random seed).
         transform (Transform or callable, optional): applied to sampled batches. Defaults to ``None``.
+        fresh (bool, optional): discard the rows found in ``scratch_dir`` and start empty (see
+            :meth:`reset_storage`), e.g. to keep a checkpoint's models but not its broken replay. Defaults to
+            ``False``.
 
     Examples:
         >>> import tempfile
@@ -120,6 +172,7 @@ class DreamerReplayBuffer(TensorDictReplayBuffer):
         device: torch.device | str = "cpu",
         seed: int | None = None,
         transform: Any = None,
+        fresh: bool = False,
     ) -> None:
         if min(seq_len, batch_size) < 1 or not obs_keys:
             raise ValueError("seq_len and batch_size must be >= 1 and obs_keys non-empty.")
@@ -138,11 +191,11 @@ class DreamerReplayBuffer(TensorDictReplayBuffer):
         else:
             generator.manual_seed(seed)
         super().__init__(
-            storage=LazyMemmapStorage(capacity, scratch_dir=self._storage_dir, existsok=True),
+            storage=self._new_storage(),
             sampler=PrioritizeEndsSampler(
                 seq_len=seq_len, traj_key=self.traj_key, strict_length=strict_length, prioritize_ends=prioritize_ends
             ),
-            writer=FifoWriter(mark_path=self.scratch_dir / "write_mark.bin"),
+            writer=FifoWriter(mark_path=self.scratch_dir / MARK_FILE),
             batch_size=batch_size,
             transform=transform,
             generator=generator,
@@ -155,10 +208,50 @@ class DreamerReplayBuffer(TensorDictReplayBuffer):
             "is_init",
             *(("next", key) for key in NEXT_KEYS),
         ]
+        # the keys of a stored row (the next observation of a step is the next row)
+        self._row_keys = [_key_tuple(key) for key in (*self.obs_keys, "action", "is_init")]
+        self._row_keys += [("next", key) for key in NEXT_KEYS]
+        self._mapped_files: dict[Path, tuple[int, int]] = {}  # (device, inode) of each mapped storage file
+        self._vanished_warned: set[Path] = set()
+        self._discarded = False  # reset_storage() dropped rows that a checkpoint may still describe
+        if fresh:
+            self.reset_storage()
 
     @property
     def _storage_dir(self) -> Path:
-        return self.scratch_dir / "storage"
+        return self.scratch_dir / STORAGE_DIR
+
+    def _new_storage(self) -> LazyMemmapStorage:
+        return LazyMemmapStorage(self.capacity, scratch_dir=self._storage_dir, existsok=True)
+
+    def reset_storage(self) -> None:
+        """Discards every row, on disk too, and leaves an empty buffer on the same ``scratch_dir``.
+
+        Removes ``storage/`` (the memmap files), ``storage_id``, ``write_mark.bin`` and ``replay_state.pt``
+        (other files of ``scratch_dir`` are left alone); the next write creates new files under a new storage id,
+        so no checkpoint of the old rows can ever be applied to them. The episode table and positions are reset;
+        the sampling RNG and transforms are kept. Until the next write, :meth:`load_state_dict` of a checkpoint
+        with rows skips it with a warning (its rows are gone), so a trainer that keeps a checkpoint's models but
+        refills the replay can load the whole checkpoint as usual. ``make_replay_buffer(..., fresh=True)`` calls
+        this on the new buffer.
+        """
+        with self._replay_lock, self._write_lock:
+            # drop the mappings before removing their files
+            storage = self._new_storage()
+            self.set_storage(storage)
+            storage.attach(self)
+            self._writer.register_storage(storage)
+            self._sampler._empty()
+            self._writer.reset()  # removes write_mark.bin
+            shutil.rmtree(self._storage_dir, ignore_errors=True)
+            if self._storage_dir.exists():
+                shutil.rmtree(self._storage_dir)  # raises the error that stopped the removal
+            for name in (ID_FILE, ID_FILE + ".tmp", STATE_FILE, STATE_FILE + ".tmp"):
+                (self.scratch_dir / name).unlink(missing_ok=True)
+            self._storage_id = None
+            self._mapped_files = {}
+            self._vanished_warned = set()
+            self._discarded = True
 
     # ---- writing ------------------------------------------------------------------------------------------
     def extend(self, tensordicts: TensorDictBase, *, update_priority: bool | None = None) -> torch.Tensor:
@@ -267,6 +360,8 @@ class DreamerReplayBuffer(TensorDictReplayBuffer):
         table.evict(self._writer.end - self.capacity)
         if new_storage:
             self._write_storage_metadata()
+            self._check_mapped(hint=None)
+            self._discarded = False
         return slots
 
     # ---- sampling -----------------------------------------------------------------------------------------
@@ -316,12 +411,19 @@ class DreamerReplayBuffer(TensorDictReplayBuffer):
 
     # ---- checkpointing ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Positions, episode table, RNG and transform states; the rows stay in the memmap files of ``scratch_dir``."""
+        """Positions, episode table, RNG and transform states; the rows stay in the memmap files of ``scratch_dir``.
+
+        Also the layout of the storage files (key, shape, dtype), checked on restore. Warns when a mapped storage
+        file vanished or was replaced on disk (the rows then live only in this process: this checkpoint's replay
+        will not restore).
+        """
+        self._warn_if_files_vanished()
         return {
             "capacity": self.capacity,
             "obs_keys": list(self.obs_keys),
             "storage_initialized": self._storage.initialized,
             "storage_id": self._storage_id,
+            "storage_layout": self._storage_layout(),
             "writer": self._writer.state_dict(),
             "sampler": self._sampler.state_dict(),
             "generator": self._rng.get_state(),
@@ -333,23 +435,41 @@ class DreamerReplayBuffer(TensorDictReplayBuffer):
 
         Rows written after the state was taken (e.g. by a process killed later) are ignored, and so are the older
         rows they overwrote; open episodes are closed, so the next rows start new ones.
+
+        After :meth:`reset_storage` (or ``fresh=True``) and before the next write, a state with rows is skipped with
+        a warning: its rows were discarded.
+
+        Raises:
+            ReplayIntegrityError: if the files of ``scratch_dir`` do not hold the rows of the state (a missing,
+                truncated or oversized memmap file, another shape or dtype, another storage id, a missing or
+                lower high-water mark); raised before any file or row changes.
+            ValueError: if the state is of a buffer with another ``capacity`` or ``obs_keys``.
         """
+        if self._discarded and state_dict["storage_initialized"]:
+            warnings.warn(
+                f"Replay {self.scratch_dir}: the checkpoint's replay state ({int(state_dict['writer']['end'])} rows "
+                "written) is not restored, its rows were discarded (fresh replay); the buffer refills from empty.",
+                stacklevel=2,
+            )
+            return
         if state_dict["capacity"] != self.capacity:
             raise ValueError(f"Checkpoint has capacity={state_dict['capacity']}, this buffer {self.capacity}.")
         if [tuple(k) if isinstance(k, list) else k for k in state_dict["obs_keys"]] != list(self.obs_keys):
             raise ValueError(f"Checkpoint has obs_keys={state_dict['obs_keys']}, this buffer {self.obs_keys}.")
         if state_dict["storage_initialized"]:
-            found = _read_text(self.scratch_dir / ID_FILE)
-            if found != state_dict["storage_id"]:
-                raise ValueError(
-                    f"The checkpoint describes other rows than those in {self.scratch_dir} (storage id "
-                    f"{state_dict['storage_id']} != {found}): a fresh buffer or another snapshot replaced them."
+            self._verify_files(self.scratch_dir, state_dict)
+            problem = self._writer.mark_problem(int(state_dict["writer"]["end"]))
+            if problem is not None:
+                raise ReplayIntegrityError(
+                    self.scratch_dir / MARK_FILE,
+                    f"{problem}: rows written after the checkpoint may have overwritten rows it counts",
                 )
             if not self._storage.initialized:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     self._storage.loads(self._storage_dir)  # maps the existing files, no copy
-            self._storage_id = found
+            self._check_mapped()
+            self._storage_id = state_dict["storage_id"]
         with self._replay_lock, self._write_lock:
             self._writer.load_state_dict(state_dict["writer"])
             self._sampler.load_state_dict(state_dict["sampler"])
@@ -371,8 +491,9 @@ class DreamerReplayBuffer(TensorDictReplayBuffer):
         if path != self.scratch_dir and self._storage.initialized:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                self._storage.dumps(path / "storage")
+                self._storage.dumps(path / STORAGE_DIR)
             _write_text(path / ID_FILE, self._storage_id)  # the copy can serve as a scratch_dir itself
+            _write_mark(path / MARK_FILE, int(state["writer"]["end"]))  # nothing was written there after the copy
         tmp = path / (STATE_FILE + ".tmp")
         with open(tmp, "wb") as file:
             torch.save(state, file)
@@ -381,16 +502,27 @@ class DreamerReplayBuffer(TensorDictReplayBuffer):
         os.replace(tmp, path / STATE_FILE)
 
     def loads(self, path: str | Path) -> None:
-        """Restores a checkpoint written by :meth:`dumps` (in place, or copied from another directory)."""
+        """Restores a checkpoint written by :meth:`dumps` (in place, or copied from another directory).
+
+        Raises:
+            ReplayIntegrityError: if the files of ``path`` (and, in place, of ``scratch_dir``) do not hold the rows of
+                the checkpoint; raised before any file or row changes. See :meth:`load_state_dict`.
+        """
         path = Path(path).absolute()
-        state = torch.load(path / STATE_FILE, weights_only=True, map_location="cpu")
+        state_path = path / STATE_FILE
+        if not state_path.is_file():
+            raise FileNotFoundError(f"No replay checkpoint {state_path}.")
+        state = torch.load(state_path, weights_only=True, map_location="cpu")
         if path != self.scratch_dir and state["storage_initialized"]:
+            self._verify_files(path, state)
             # Copy the snapshot's rows into scratch_dir; until the copy is complete no checkpoint matches them.
             self._set_storage_id(uuid.uuid4().hex)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                self._storage.loads(path / "storage")
+                self._storage.loads(path / STORAGE_DIR)
             self._write_storage_metadata()
+            self._check_mapped()
+            self._discarded = False  # a snapshot's rows are restored, not skipped
             self._writer.reset_mark(int(state["writer"]["end"]))
             self._set_storage_id(state["storage_id"])
         self.load_state_dict(state)
@@ -404,6 +536,118 @@ class DreamerReplayBuffer(TensorDictReplayBuffer):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self._storage.dumps(self._storage_dir)
+
+    # ---- integrity ----------------------------------------------------------------------------------------
+    def _storage_layout(self) -> list[dict[str, Any]]:
+        if not self._storage.initialized:
+            return []
+        return [
+            {"key": list(_key_tuple(key)), "shape": list(tensor.shape), "dtype": str(tensor.dtype)}
+            for key, tensor in self._storage._storage.items(include_nested=True, leaves_only=True)
+        ]
+
+    def _verify_files(self, directory: Path, state: dict[str, Any]) -> None:
+        """Raises :class:`ReplayIntegrityError` unless ``directory`` holds the rows ``state`` describes (reads only)."""
+        expected_id = state["storage_id"]
+        id_path = directory / ID_FILE
+        found = _read_text(id_path)
+        if found is None:
+            raise ReplayIntegrityError(id_path, f"missing; the checkpoint describes the rows of storage {expected_id}")
+        if found != expected_id:
+            raise ReplayIntegrityError(
+                id_path,
+                f"storage id {found} != {expected_id} of the checkpoint: the checkpoint describes other rows than "
+                f"those in {directory} (a fresh buffer or another snapshot replaced them)",
+            )
+        storage_dir = directory / STORAGE_DIR
+        if not storage_dir.is_dir():
+            raise ReplayIntegrityError(storage_dir, "missing (the directory of the memmap rows)")
+        on_disk = _read_meta(storage_dir)
+        rows = int(state["writer"]["end"])
+        layout = state.get("storage_layout")
+        if layout is None:  # a checkpoint from before layouts were recorded: trust meta.json, check what we can
+            expected = {key: (entry["shape"], entry["dtype"]) for key, entry in on_disk.items()}
+            for key in self._row_keys:
+                if key not in expected:
+                    file = _leaf_file(storage_dir, key)
+                    problem = "missing" if not file.exists() else f"not listed in {_meta_file(storage_dir, key).name}"
+                    raise ReplayIntegrityError(file, f"{problem}; the checkpoint counts {rows} rows written to it")
+        else:
+            expected = {tuple(entry["key"]): (list(entry["shape"]), entry["dtype"]) for entry in layout}
+        for key, (shape, dtype) in expected.items():
+            file = _leaf_file(storage_dir, key)
+            if not file.is_file():
+                raise ReplayIntegrityError(file, f"missing; the checkpoint counts {rows} rows written to it")
+            entry = on_disk.get(key)
+            meta = _meta_file(storage_dir, key)
+            if entry is None:
+                raise ReplayIntegrityError(
+                    file, f"not listed in {meta.relative_to(directory)}, which TorchRL maps the files from"
+                )
+            found_layout = (list(entry["shape"]), entry["dtype"])
+            if found_layout != (list(shape), dtype):
+                raise ReplayIntegrityError(
+                    file,
+                    f"{meta.relative_to(directory)} describes {_describe(*found_layout)}, the checkpoint expects "
+                    f"{_describe(shape, dtype)}",
+                )
+            if not shape or shape[0] != self.capacity:
+                raise ReplayIntegrityError(
+                    file, f"holds {_describe(shape, dtype)}, not {self.capacity} rows (the buffer's capacity)"
+                )
+            size, want = file.stat().st_size, _nbytes(shape, dtype, file)
+            if size != want:
+                raise ReplayIntegrityError(
+                    file,
+                    f"{'truncated' if size < want else 'oversized'}: {size} bytes, the checkpoint expects {want} "
+                    f"({_describe(shape, dtype)})",
+                )
+        extra = [key for key in on_disk if key not in expected]
+        if extra:
+            raise ReplayIntegrityError(
+                _meta_file(storage_dir, extra[0]),
+                f"lists {'/'.join(extra[0])}, which the checkpoint does not have",
+            )
+        if not (storage_dir / "storage_metadata.json").is_file():
+            raise ReplayIntegrityError(storage_dir / "storage_metadata.json", "missing (TorchRL's storage metadata)")
+
+    def _check_mapped(self, hint: str | None = FRESH_REPLAY_HINT) -> None:
+        """Raises unless every stored key is memory-mapped from its file under ``storage/`` (never held in RAM)."""
+        if not self._storage.initialized:
+            return
+        mapped: dict[Path, tuple[int, int]] = {}
+        keys = []
+        for key, tensor in self._storage._storage.items(include_nested=True, leaves_only=True):
+            key = _key_tuple(key)
+            keys.append(key)
+            file = _leaf_file(self._storage_dir, key)
+            filename = getattr(tensor, "filename", None) if isinstance(tensor, MemoryMappedTensor) else None
+            if filename is None or Path(filename).absolute() != file:
+                raise ReplayIntegrityError(file, "not memory-mapped: its rows would live only in RAM", hint=hint)
+            stat = file.stat()
+            mapped[file] = (stat.st_dev, stat.st_ino)
+        missing = [key for key in self._row_keys if key not in keys]
+        if missing:
+            file = _leaf_file(self._storage_dir, missing[0])
+            raise ReplayIntegrityError(file, "not in the storage: its rows would live only in RAM", hint=hint)
+        self._mapped_files = mapped
+        self._vanished_warned = set()
+
+    def _warn_if_files_vanished(self) -> None:
+        for file, identity in self._mapped_files.items():
+            try:
+                stat = file.stat()
+                gone = (stat.st_dev, stat.st_ino) != identity
+            except FileNotFoundError:
+                gone = True
+            if gone and file not in self._vanished_warned:
+                self._vanished_warned.add(file)
+                warnings.warn(
+                    f"Replay file {file}: removed or replaced on disk while mapped; its rows now live only in this "
+                    "process, and a checkpoint taken now cannot restore the replay (resume with fresh_replay=True / "
+                    "--fresh-replay to keep the models).",
+                    stacklevel=3,
+                )
 
     def __repr__(self) -> str:
         return (
@@ -422,8 +666,69 @@ def _write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _write_mark(path: Path, end: int) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as file:
+        file.write(int(end).to_bytes(8, sys.byteorder, signed=True))  # one native int64, as FifoWriter maps it
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(tmp, path)
+
+
 def _read_text(path: Path) -> str | None:
-    return path.read_text() if path.exists() else None
+    return path.read_text() if path.is_file() else None
+
+
+def _key_tuple(key: NestedKey) -> tuple[str, ...]:
+    return (key,) if isinstance(key, str) else tuple(key)
+
+
+def _leaf_file(storage_dir: Path, key: tuple[str, ...]) -> Path:
+    return storage_dir.joinpath(*key[:-1], key[-1] + ".memmap")
+
+
+def _meta_file(storage_dir: Path, key: tuple[str, ...]) -> Path:
+    return storage_dir.joinpath(*key[:-1], "meta.json")
+
+
+def _describe(shape: Sequence[int], dtype: str) -> str:
+    return f"{str(dtype).removeprefix('torch.')} {list(shape)}"
+
+
+def _nbytes(shape: Sequence[int], dtype: str, file: Path) -> int:
+    torch_dtype = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(torch_dtype, torch.dtype):
+        raise ReplayIntegrityError(file, f"unknown dtype {dtype}")
+    numel = 1
+    for size in shape:
+        numel *= int(size)
+    return numel * torch.empty((), dtype=torch_dtype).element_size()
+
+
+def _read_meta(storage_dir: Path) -> dict[tuple[str, ...], dict[str, Any]]:
+    """The leaves ``{key: {"shape", "dtype", ...}}`` that TensorDict's ``meta.json`` files describe (reads only)."""
+    leaves: dict[tuple[str, ...], dict[str, Any]] = {}
+
+    def visit(directory: Path, prefix: tuple[str, ...]) -> None:
+        meta_path = directory / "meta.json"
+        if not meta_path.is_file():
+            raise ReplayIntegrityError(meta_path, "missing (TorchRL maps the storage files from it)")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            raise ReplayIntegrityError(meta_path, f"unreadable ({type(err).__name__}: {err})") from None
+        if not isinstance(meta, dict):
+            raise ReplayIntegrityError(meta_path, "unreadable (not a JSON object)")
+        for name, entry in meta.items():
+            if not isinstance(entry, dict):  # shape, device, _type of the TensorDict itself
+                continue
+            if entry.get("type") == "TensorDict":
+                visit(directory / name, (*prefix, name))
+            elif "shape" in entry and "dtype" in entry:
+                leaves[(*prefix, name)] = entry
+
+    visit(storage_dir, ())
+    return leaves
 
 
 def make_replay_buffer(
@@ -439,8 +744,14 @@ def make_replay_buffer(
     device: torch.device | str = "cpu",
     seed: int | None = None,
     transform: Any = None,
+    fresh: bool = False,
 ) -> DreamerReplayBuffer:
     """Builds the DreamerV2 replay buffer (see :class:`DreamerReplayBuffer` for the arguments).
+
+    With ``fresh=True`` the rows found in ``scratch_dir`` are discarded, on disk too, and the buffer starts empty
+    (:meth:`DreamerReplayBuffer.reset_storage`): the library side of a trainer's ``fresh_replay=True`` /
+    ``--fresh-replay``, which keeps a checkpoint's models and refills the replay. Such a buffer skips, with a
+    warning, the replay state of the checkpoint the trainer then loads.
 
     Examples:
         >>> import tempfile
@@ -460,4 +771,5 @@ def make_replay_buffer(
         device=device,
         seed=seed,
         transform=transform,
+        fresh=fresh,
     )

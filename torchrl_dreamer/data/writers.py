@@ -26,7 +26,8 @@ class FifoWriter(Writer):
 
     Args:
         mark_path (str or Path, optional): file holding the persistent high-water mark. An existing file is
-            reused, and positions continue after its mark. Defaults to ``None`` (no mark).
+            reused, and positions continue after its mark; a missing or damaged one is left as it is until the
+            first write (see :meth:`mark_problem`). Defaults to ``None`` (no mark).
 
     Examples:
         >>> from torchrl.data import LazyTensorStorage, ReplayBuffer
@@ -42,7 +43,10 @@ class FifoWriter(Writer):
 
     def __init__(self, *, mark_path: str | Path | None = None) -> None:
         super().__init__()
-        self._mark = _open_mark(mark_path) if mark_path is not None else None
+        self._mark_path = Path(mark_path) if mark_path is not None else None
+        # Opening never modifies the file: a missing or damaged mark stays as it is (see mark_problem()) until the
+        # first write or restore creates a new one.
+        self._mark = _open_mark(self._mark_path) if self._mark_path is not None else None
         # Next absolute position: continue after any position ever written in this directory.
         self._end = int(self._mark[0]) if self._mark is not None else 0
         self._write_count = 0
@@ -72,9 +76,10 @@ class FifoWriter(Writer):
         if num_rows > capacity:
             data = data[num_rows - capacity :]
         first = end - len(data)
-        if self._mark is not None:
+        mark = self._writable_mark()
+        if mark is not None:
             # Write-ahead: the mark covers these slots before they are touched.
-            self._mark[0] = max(int(self._mark[0]), end)
+            mark[0] = max(int(mark[0]), end)
         self._end = end
         # One or two slices (when wrapping around) keep memmap writes sequential.
         slot, head = first % capacity, min(len(data), capacity - first % capacity)
@@ -97,6 +102,8 @@ class FifoWriter(Writer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restores the position; writing resumes after the high-water mark if rows were written after the save."""
         saved = int(state_dict["end"])
+        if self._mark_path is not None:
+            self._mark = _open_mark(self._mark_path)  # the file as it is now (None: missing, created below)
         self._end = max(saved, int(self._mark[0])) if self._mark is not None else saved
         self._write_count = int(state_dict["write_count"])
         self.reset_mark(self._end)
@@ -104,8 +111,45 @@ class FifoWriter(Writer):
 
     def reset_mark(self, end: int) -> None:
         """Sets the persistent mark, e.g. after the whole storage was replaced by a snapshot."""
-        if self._mark is not None:
-            self._mark[0] = end
+        mark = self._writable_mark()
+        if mark is not None:
+            mark[0] = end
+
+    def reset(self) -> None:
+        """Forgets every position: the next row gets position 0, and the mark file is removed (recreated on write).
+
+        For a storage whose files were discarded (see :meth:`DreamerReplayBuffer.reset_storage`).
+        """
+        self._mark = None
+        if self._mark_path is not None:
+            self._mark_path.unlink(missing_ok=True)
+        self._end = 0
+        self._write_count = 0
+        self._sync_storage_len()
+
+    def mark_problem(self, end: int) -> str | None:
+        """Why the mark file on disk cannot vouch for a checkpoint that wrote ``end`` positions, or None.
+
+        Reads the file (never writes it): a missing or resized file, or a mark below ``end``, means the rows
+        written after the checkpoint are unknown, so the slots they may have overwritten cannot be told apart.
+        """
+        if self._mark_path is None:
+            return None
+        try:
+            size = self._mark_path.stat().st_size
+        except FileNotFoundError:
+            return "missing (the persistent high-water mark of the written rows)"
+        if size != _MARK_BYTES:
+            return f"{size} bytes, expected {_MARK_BYTES} (one int64 high-water mark)"
+        mark = int(np.fromfile(self._mark_path, dtype=np.int64, count=1)[0])
+        if mark < end:
+            return f"high-water mark {mark} is below the checkpoint's {end} written rows"
+        return None
+
+    def _writable_mark(self) -> np.memmap | None:
+        if self._mark is None and self._mark_path is not None:
+            self._mark = _open_mark(self._mark_path, create=True)
+        return self._mark
 
     def _sync_storage_len(self) -> None:
         # TorchRL storages only read slots below their length.
@@ -129,11 +173,16 @@ class FifoWriter(Writer):
         return f"{type(self).__name__}(end={self._end}, write_count={self._write_count})"
 
 
-def _open_mark(path: str | Path) -> np.memmap:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists() and path.stat().st_size == 8:
+_MARK_BYTES = 8
+
+
+def _open_mark(path: Path, *, create: bool = False) -> np.memmap | None:
+    """Maps an existing 8-byte mark file; with ``create``, replaces a missing or damaged one by a zero mark."""
+    if path.is_file() and path.stat().st_size == _MARK_BYTES:
         return np.memmap(path, dtype=np.int64, mode="r+", shape=(1,))
+    if not create:
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
     mark = np.memmap(path, dtype=np.int64, mode="w+", shape=(1,))
     mark[:] = 0
     return mark

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torchrl_dreamer.envs.atari import make_atari_env, make_atari_gymnasium_env
 from torchrl_dreamer.envs.catch import CatchEnv
 from torchrl_dreamer.envs.factory import SUPPORTED_ENV_NAMES, make_env
-from torchrl_dreamer.envs.imagination import DecodeObservation, DreamerV2ImaginationEnv
+from torchrl_dreamer.envs.imagination import DecodeObservation, DreamerV2ImaginationEnv, ImaginationHeads
 from torchrl_dreamer.envs.resolve import EnvFactory, EnvLike, load_factory, prepare_env
 from torchrl_dreamer.envs.suites import make_dmc_env, make_gym_env
 
@@ -14,6 +14,7 @@ __all__ = [
     "CatchEnv",
     "DecodeObservation",
     "DreamerV2ImaginationEnv",
+    "ImaginationHeads",
     "EnvFactory",
     "EnvLike",
     "load_factory",

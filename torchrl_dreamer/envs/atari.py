@@ -9,12 +9,12 @@ Protocol (Hafner et al., 2021, "Mastering Atari with Discrete World Models", sec
 sticky actions         ``repeat_action_probability=0.25``, applied by ALE on every emulator frame
 no-op starts           1 to 30 NOOP frames after each reset (gymnasium/gym ``AtariPreprocessing``,
                        the wrapper the reference code uses)
-action repeat          4 emulator frames per agent step, rewards summed, observation = max over the
-                       last two frames
+action repeat          4 emulator frames per agent step (``frame_skip``; ``DreamerV2Config.action_repeat``
+                       through ``make_env``), rewards summed, observation = max over the last two frames
 observation            grayscale, ``cv2.INTER_AREA``-resized to 64x64, uint8 ``[1, 64, 64]``
 action set             the full 18 actions (``full_action_space=False`` for the minimal set)
 life loss              not a terminal
-time limit             27,000 agent steps (108k frames), a truncation (``truncated=True``,
+time limit             27,000 agent steps (108k frames at frame_skip 4), a truncation (``truncated=True``,
                        ``terminated=False``)
 =====================  ===========================================================================
 """
@@ -102,6 +102,8 @@ def make_atari_gymnasium_env(
         >>> obs["pixels"].shape, int(env.action_space.n)
         ((1, 64, 64), 18)
     """
+    if isinstance(frame_skip, bool) or not isinstance(frame_skip, int) or frame_skip < 1:
+        raise ValueError(f"frame_skip must be an integer >= 1, got {frame_skip!r}.")
     env = gym.make(
         _gymnasium_id(game),
         frameskip=1,

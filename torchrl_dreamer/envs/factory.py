@@ -4,13 +4,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torchrl.envs import EnvBase, InitTracker, TransformedEnv
+from tensordict import TensorDictBase
+from torchrl.envs import Compose, EnvBase, InitTracker, Transform, TransformedEnv
 
 from torchrl_dreamer.envs.atari import make_atari_env
 from torchrl_dreamer.envs.catch import CatchEnv
 from torchrl_dreamer.envs.suites import make_dmc_env, make_gym_env
 
-__all__ = ["SUPPORTED_ENV_NAMES", "make_env"]
+__all__ = ["SUPPORTED_ENV_NAMES", "ActionRepeat", "make_env"]
 
 SUPPORTED_ENV_NAMES = (
     '"atari:<Game>" (e.g. "atari:Pong"), '
@@ -24,7 +25,49 @@ def _bad_name(name: str, why: str) -> ValueError:
     return ValueError(f"Cannot build env {name!r}: {why}. Supported names: {SUPPORTED_ENV_NAMES}.")
 
 
-def make_env(name: str, *, seed: int | None = None, device: torch.device | str = "cpu", **kwargs: Any) -> EnvBase:
+class ActionRepeat(Transform):
+    """Repeats each action ``repeat`` times in the parent env, summing the rewards and stopping at ``done``.
+
+    Unlike TorchRL's ``FrameSkipTransform`` it stops at the end of an episode and carries the state entries of each
+    inner step into the next one, so that it also repeats stateless envs such as :class:`CatchEnv`.
+
+    Example:
+        >>> env = TransformedEnv(CatchEnv(size=16, seed=0), ActionRepeat(4))
+        >>> env.rollout(100).shape  # 15 frames: 4 + 4 + 4 + 3
+        torch.Size([4])
+    """
+
+    def __init__(self, repeat: int) -> None:
+        super().__init__()
+        if repeat < 1:
+            raise ValueError(f"ActionRepeat needs repeat >= 1, got {repeat}.")
+        self.repeat = repeat
+
+    def _step(self, tensordict: TensorDictBase, next_tensordict: TensorDictBase) -> TensorDictBase:
+        parent = self.parent
+        reward_key = parent.reward_key
+        reward = next_tensordict.get(reward_key)
+        state_keys = list(parent.full_observation_spec.keys(True, True))
+        for _ in range(self.repeat - 1):
+            if next_tensordict.get("done").any():
+                break
+            inner = tensordict.clone(False).update(next_tensordict.select(*state_keys, strict=False))
+            next_tensordict = parent._step(inner)
+            reward = reward + next_tensordict.get(reward_key)
+        return next_tensordict.set(reward_key, reward)
+
+    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        raise RuntimeError("ActionRepeat acts on env steps only: append it to a TransformedEnv.")
+
+
+def make_env(
+    name: str,
+    *,
+    seed: int | None = None,
+    device: torch.device | str = "cpu",
+    action_repeat: int | None = None,
+    **kwargs: Any,
+) -> EnvBase:
     """Builds an environment from a ``"<suite>:<id>"`` name; every stack ends with ``InitTracker``.
 
     ========================  ===============================================================================
@@ -32,7 +75,7 @@ def make_env(name: str, *, seed: int | None = None, device: torch.device | str =
     ========================  ===============================================================================
     ``atari:<Game>``          :func:`make_atari_env` (DreamerV2 Atari protocol), uint8 ``"pixels"`` [1, 64, 64]
     ``gym:<gymnasium id>``    :func:`make_gym_env`, float32 ``"observation"``, actions one-hot or in [-1, 1]
-    ``dmc:<domain>-<task>``   :func:`make_dmc_env`, uint8 RGB ``"pixels"`` [3, 64, 64], action repeat 2
+    ``dmc:<domain>-<task>``   :func:`make_dmc_env`, uint8 RGB ``"pixels"`` [3, 64, 64], action repeat 2 by default
     ``catch`` / ``catch:N``   :class:`CatchEnv` on an N x N grid (default 16), uint8 ``"pixels"`` [1, N, N]
                               (``vector_obs=True`` adds a float32 ``"observation"`` [3])
     ========================  ===============================================================================
@@ -41,8 +84,12 @@ def make_env(name: str, *, seed: int | None = None, device: torch.device | str =
         name: the environment name, in one of the forms above.
         seed: seed of the environment. Defaults to None.
         device: device of the output tensors. Defaults to ``"cpu"``.
+        action_repeat: frames per agent step, for every suite: Atari's ``frame_skip`` (emulator frames, rewards
+            summed, last two frames max-pooled), DMC's physics control steps, a gymnasium action repeat for
+            ``gym:``, :class:`ActionRepeat` for ``catch``. ``None`` keeps the suite's default (Atari 4, DMC 2,
+            gym and catch 1); :attr:`DreamerV2Config.make_env_kwargs` always sets it.
         **kwargs: forwarded to the suite's builder, e.g. ``full_action_space=False`` or ``max_episode_steps`` for
-            Atari, ``gymnasium.make`` kwargs for ``gym:``, ``action_repeat`` / ``size`` for ``dmc:``, ``scale`` /
+            Atari, ``gymnasium.make`` kwargs for ``gym:``, ``size`` / ``camera_id`` for ``dmc:``, ``scale`` /
             ``vector_obs`` for ``catch``.
 
     Returns:
@@ -58,10 +105,20 @@ def make_env(name: str, *, seed: int | None = None, device: torch.device | str =
         ['action', 'ball', 'done', 'is_init', 'next', 'paddle', 'pixels', 'terminated', 'truncated']
     """
     suite, _, rest = name.partition(":")
+    if action_repeat is not None and (isinstance(action_repeat, bool) or not isinstance(action_repeat, int)
+                                      or action_repeat < 1):
+        raise ValueError(f"action_repeat must be an integer >= 1, got {action_repeat!r}.")
+    for key in ("frame_skip", "frameskip"):
+        if action_repeat is not None and key in kwargs:
+            raise ValueError(f"Give action_repeat or {key}, not both (got {action_repeat} and {kwargs[key]}).")
     if suite == "atari":
         if not rest:
             raise _bad_name(name, "missing game after 'atari:'")
+        if action_repeat is not None:
+            kwargs["frame_skip"] = action_repeat
         return make_atari_env(rest, seed=seed, device=device, **kwargs)
+    if action_repeat is not None and suite in ("gym", "dmc"):
+        kwargs["action_repeat"] = action_repeat
     if suite == "gym":
         if not rest:
             raise _bad_name(name, "missing gymnasium id after 'gym:'")
@@ -78,5 +135,8 @@ def make_env(name: str, *, seed: int | None = None, device: torch.device | str =
             size = int(rest)
         else:
             raise _bad_name(name, "expected 'catch' or 'catch:<size>' with an integer size (not both)")
-        return TransformedEnv(CatchEnv(size=size, seed=seed, device=device, **kwargs), InitTracker())
+        catch = CatchEnv(size=size, seed=seed, device=device, **kwargs)
+        if action_repeat is not None and action_repeat > 1:
+            return TransformedEnv(catch, Compose(ActionRepeat(action_repeat), InitTracker()))
+        return TransformedEnv(catch, InitTracker())
     raise _bad_name(name, f"unknown suite {suite!r}")

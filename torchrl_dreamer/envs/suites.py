@@ -16,19 +16,44 @@ __all__ = ["make_dmc_env", "make_gym_env"]
 DMC_INSTALL_HINT = 'pip install "torchrl_dreamer[dmc]"'
 
 
+class _ActionRepeat(gym.Wrapper):
+    """Repeats each action ``repeat`` times, summing the rewards and stopping at the end of the episode."""
+
+    def __init__(self, env: gym.Env, repeat: int) -> None:
+        super().__init__(env)
+        self.repeat = repeat
+
+    def step(self, action):
+        total = 0.0
+        for _ in range(self.repeat):
+            observation, reward, terminated, truncated, info = self.env.step(action)
+            total += float(reward)
+            if terminated or truncated:
+                break
+        return observation, total, terminated, truncated, info
+
+
 def make_gym_env(
-    env_id: str, *, seed: int | None = None, device: torch.device | str = "cpu", **kwargs: Any
+    env_id: str,
+    *,
+    seed: int | None = None,
+    device: torch.device | str = "cpu",
+    action_repeat: int = 1,
+    **kwargs: Any,
 ) -> TransformedEnv:
     """Builds a TorchRL env around a vector-observation gymnasium env.
 
     Observations are flattened (``Discrete`` and ``Dict`` spaces included) into a float32 vector under
     ``"observation"``; ``Discrete`` actions are one-hot; ``Box`` actions are rescaled to ``[-1, 1]``. The
-    gymnasium time limit of the registered env (e.g. 500 steps for CartPole) becomes ``truncated=True``.
+    gymnasium time limit of the registered env (e.g. 500 steps for CartPole) becomes ``truncated=True``; it counts
+    gymnasium steps, so with ``action_repeat=2`` a CartPole episode lasts at most 250 agent steps.
 
     Args:
         env_id: a registered gymnasium id, e.g. ``"CartPole-v1"`` or ``"Pendulum-v1"``.
         seed: seed of the env. Defaults to None.
         device: device of the output tensors. Defaults to ``"cpu"``.
+        action_repeat: gymnasium steps per agent step (the action repeated, rewards summed, stopping at the end of
+            the episode; the observation is the last one). Defaults to 1.
         **kwargs: forwarded to ``gymnasium.make``.
 
     Returns:
@@ -46,11 +71,15 @@ def make_gym_env(
         >>> env.rollout(4)["observation"].dtype
         torch.float32
     """
+    if isinstance(action_repeat, bool) or not isinstance(action_repeat, int) or action_repeat < 1:
+        raise ValueError(f"action_repeat must be an integer >= 1, got {action_repeat!r}.")
     try:
         gym.spec(env_id)
     except gym.error.Error as err:
         raise ValueError(f"Unknown gymnasium id {env_id!r} ({err}).") from err
     env = gym.make(env_id, **kwargs)
+    if action_repeat > 1:
+        env = _ActionRepeat(env, action_repeat)
     space = env.observation_space
     if isinstance(space, gym.spaces.Box) and len(space.shape) > 1:
         raise ValueError(

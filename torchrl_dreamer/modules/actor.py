@@ -41,6 +41,16 @@ class StraightThroughOneHotCategorical(OneHotCategorical):
         ([1.0, 1.0, 1.0, 1.0, 1.0], True, False)
     """
 
+    @property
+    def mode(self) -> torch.Tensor:
+        """The one-hot argmax, in the logits' dtype (as samples are)."""
+        logits = self.logits
+        return (logits == logits.max(-1, True)[0]).to(logits.dtype)
+
+    @property
+    def deterministic_sample(self) -> torch.Tensor:
+        return self.mode
+
     def sample(self, sample_shape: torch.Size | Sequence[int] | None = None) -> torch.Tensor:
         logits = self.logits
         if sample_shape:

@@ -74,12 +74,12 @@ class DreamerV2ValueLoss(LossModule):
         """Keys of the imagined trajectory read by the value loss.
 
         Attributes:
-            value: the critic's output. Default: ``"state_value"``.
             lambda_target: the lambda-return targets. Default: ``"lambda_target"``.
             discount_weight: the imagination weights. Default: ``"discount_weight"``.
+
+        The critic's value is read under its own ``out_keys``.
         """
 
-        value: NestedKey = "state_value"
         lambda_target: NestedKey = "lambda_target"
         discount_weight: NestedKey = "discount_weight"
 
@@ -112,14 +112,16 @@ class DreamerV2ValueLoss(LossModule):
     def target_value(self, tensordict: TensorDictBase) -> torch.Tensor:
         """The slow critic's value of each state of ``tensordict`` (its parameters carry no gradient)."""
         inputs = tensordict.select(*self.value_network.in_keys)
-        # swap in detached aliases (to_module would turn the stored targets into trainable Parameters) and hold
-        # them out: gradients may flow through the states (dynamics actor gradient), never into the slow critic
-        with self.target_value_network_params.data.to_module(self.value_network), hold_out_net(self.value_network):
-            return self.value_network(inputs).get(self.tensor_keys.value)
+        # detached aliases: to_module would turn the stored targets into trainable Parameters; gradients may flow
+        # through the states (dynamics actor gradient), never into the slow critic
+        with self.target_value_network_params.data.to_module(self.value_network):
+            return self.value_network(inputs).get(self.value_network.out_keys[0])
 
     def forward(self, tensordict: TensorDictBase) -> TensorDict:
         keys = self.tensor_keys
-        value = self.value_network(tensordict.select(*self.value_network.in_keys).detach()).get(keys.value)
+        value = self.value_network(tensordict.select(*self.value_network.in_keys).detach()).get(
+            self.value_network.out_keys[0]
+        )
         target = tensordict.get(keys.lambda_target).detach()
         weight = tensordict.get(keys.discount_weight).detach()
         loss = (weight * 0.5 * (value.float() - target).pow(2)).mean()
@@ -129,25 +131,30 @@ class DreamerV2ValueLoss(LossModule):
 
 
 def make_target_updater(value_loss: DreamerV2ValueLoss, *, interval: int = 100):
-    """TorchRL's :class:`~torchrl.objectives.HardUpdate` for the slow critic: a copy every ``interval`` steps.
+    """TorchRL's :class:`~torchrl.objectives.HardUpdate` for the slow critic, on the reference's schedule.
 
-    Stepped once after each update (a :class:`~torchrl.trainers.TargetNetUpdaterHook` at ``post_optim``), the
-    target is the critic as it was after updates ``0`` (the copy at construction), ``interval``, ``2 * interval``...
-    exactly the reference's ``slow_target_update`` schedule. ``HardUpdate`` copies when its counter reaches
-    ``value_network_update_interval`` and then counts from 0 again, i.e. every ``value_network_update_interval + 1``
-    steps, hence the ``interval - 1``.
+    Stepped once after each update (a :class:`~torchrl.trainers.TargetNetUpdaterHook` at ``post_optim``), it copies
+    the critic after updates ``0, interval, 2 * interval...`` (counting from 0), the reference's
+    ``update_slow_target`` at the end of each update: the slow critic is the initial critic during update 0, the
+    critic after update 0 during updates 1 to ``interval``, and so on. ``HardUpdate`` copies when its counter
+    reaches ``value_network_update_interval`` and then counts from 0 again, i.e. every
+    ``value_network_update_interval + 1`` steps: hence ``interval - 1``, and a counter that starts full so that
+    the first step copies.
 
     Examples:
         >>> from torchrl_dreamer.modules import FeatHead
         >>> critic = TensorDictModule(FeatHead(4, 3, 1, num_cells=8, depth=1), ["state", "belief"], ["state_value"])
-        >>> make_target_updater(DreamerV2ValueLoss(critic), interval=100).value_network_update_interval
-        99
+        >>> updater = make_target_updater(DreamerV2ValueLoss(critic), interval=100)
+        >>> updater.value_network_update_interval, updater.counter
+        (99, 99)
     """
     from torchrl.objectives import HardUpdate
 
     if interval < 1:
         raise ValueError(f"The target critic's update interval must be >= 1, got {interval}.")
-    return HardUpdate(value_loss, value_network_update_interval=interval - 1)
+    updater = HardUpdate(value_loss, value_network_update_interval=interval - 1)
+    updater.counter = updater.value_network_update_interval  # the first step (after update 0) copies
+    return updater
 
 
 class _ImaginationPolicy(TensorDictModuleBase):
@@ -240,24 +247,21 @@ class DreamerV2ActorLoss(LossModule):
 
     @dataclass
     class _AcceptedKeys:
-        """Keys read from the world model's output batch, and of the imagined trajectory.
+        """Keys read from the world model's output batch, and written in the imagined trajectory.
 
         Attributes:
-            state: posterior states. Default: ``"state"``.
-            belief: posterior beliefs. Default: ``"belief"``.
             is_init: episode starts. Default: ``"is_init"``.
             reward: true rewards (their shape only). Default: ``("next", "reward")``.
             terminated: true terminal flags. Default: ``("next", "terminated")``.
-            value: the slow critic's output key. Default: ``"state_value"``.
             lambda_target, discount_weight: keys written in the trajectory.
+
+        The model states are read under the imagination env's ``model_state_keys`` (the world model's
+        ``state``/``belief``).
         """
 
-        state: NestedKey = "state"
-        belief: NestedKey = "belief"
         is_init: NestedKey = "is_init"
         reward: NestedKey = ("next", "reward")
         terminated: NestedKey = ("next", "terminated")
-        value: NestedKey = "state_value"
         lambda_target: NestedKey = "lambda_target"
         discount_weight: NestedKey = "discount_weight"
 
@@ -296,7 +300,16 @@ class DreamerV2ActorLoss(LossModule):
         self.actor_grad_mix = actor_grad_mix
         self.entropy_scale = entropy_scale
         self.action_key = actor_network.dist_sample_keys[0]
-        self._policy = _ImaginationPolicy(actor_network, self.action_key, reparameterize=actor_grad != "reinforce")
+        # not a submodule: its actor is already registered (and checkpointed) as actor_network
+        self.__dict__["_policy"] = _ImaginationPolicy(
+            actor_network, self.action_key, reparameterize=actor_grad != "reinforce"
+        )
+        if self.action_key not in model_based_env.full_action_spec.keys(True, True):
+            raise ValueError(
+                f"The actor writes {self.action_key!r} but the imagination env reads "
+                f"{list(model_based_env.full_action_spec.keys(True, True))}: build the env with action_key="
+                f"{self.action_key!r}."
+            )
 
     @property
     def critic_module(self) -> DreamerV2ValueLoss:
@@ -304,8 +317,7 @@ class DreamerV2ActorLoss(LossModule):
         return self._critic_holder[0]
 
     def _forward_value_estimator_keys(self, **kwargs) -> None:
-        if self._value_estimator is not None:
-            self._value_estimator.set_keys(value=self.tensor_keys.value)
+        pass
 
     def make_value_estimator(self, value_type: ValueEstimators | None = None, **hyperparams) -> None:
         """Sets the lambda-return: ``TDLambda`` (``gamma``, ``lmbda``), ``TD1`` (``lmbda = 1``) or ``TD0``
@@ -330,13 +342,12 @@ class DreamerV2ActorLoss(LossModule):
         if not 0.0 < gamma <= 1.0 or not 0.0 <= float(hyperparams["lmbda"]) <= 1.0:
             raise ValueError(f"gamma must be in (0, 1] and lmbda in [0, 1], got {gamma} and {hyperparams['lmbda']}.")
         self._value_estimator = DreamerV2LambdaEstimator(**hyperparams)
-        self._value_estimator.set_keys(value=self.tensor_keys.value)
         self.value_type = value_type
 
     @property
     def in_keys(self):
         keys = self.tensor_keys
-        return [keys.state, keys.belief, keys.is_init, keys.reward, keys.terminated]
+        return [*self.model_based_env.model_state_keys, keys.is_init, keys.reward, keys.terminated]
 
     out_keys = ["loss_actor", "actor_loss", "actor_ent", "reward_mean", "reward_std", "critic_slow", "critic_target"]
 
@@ -344,15 +355,6 @@ class DreamerV2ActorLoss(LossModule):
     def rho(self) -> float:
         """Weight of the REINFORCE term (1 - weight of the dynamics term)."""
         return {"reinforce": 1.0, "dynamics": 0.0, "both": 1.0 - self.actor_grad_mix}[self.actor_grad]
-
-    @staticmethod
-    def _renamed(tensordict: TensorDictBase, old, new) -> TensorDictBase:
-        """``tensordict``'s model states under the names the env (or the critic) reads."""
-        out = tensordict.select(*old)
-        for source, dest in zip(old, new):
-            if source != dest:
-                out.rename_key_(source, dest)
-        return out
 
     def _imagine(self, tensordict: TensorDictBase) -> tuple[torch.Tensor, TensorDict]:
         """Start states and the ``[N, H]`` imagined rollout."""
@@ -363,7 +365,7 @@ class DreamerV2ActorLoss(LossModule):
         )
         # the start's discount is the true one, gamma * (1 - terminal), not the head's prediction
         discount = gamma.to(terminal.device) * (1.0 - terminal) if env.has_discount else None
-        start = env.start_states(self._renamed(tensordict, (keys.state, keys.belief), env.model_state_keys), discount)
+        start = env.start_states(tensordict, discount)
         with hold_out_net(env), set_exploration_type(ExplorationType.RANDOM):
             start = env.reset(start)
             with torch.set_grad_enabled(torch.is_grad_enabled() and self.actor_grad != "reinforce"):
@@ -382,14 +384,13 @@ class DreamerV2ActorLoss(LossModule):
         last = traj[:, -1:].get("next").select(state_key, belief_key)
         states = torch.cat([traj.select(state_key, belief_key), last], 1)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.actor_grad != "reinforce"):
-            value = self.critic_module.target_value(self._renamed(states, env.model_state_keys, (keys.state, keys.belief)))
-        value = value.float()
+            value = self.critic_module.target_value(states).float()
         next_reward = traj.get(("next", "reward"))
         reward = torch.cat([start_reward, next_reward[:, :-1]], 1)  # r_0 .. r_{H-1}, the reward at each state
         if env.has_discount:
             discount = torch.cat([traj.get("discount"), traj.get(("next", "discount"))[:, -1:]], 1)  # d_0 .. d_H
         else:
-            discount = torch.full_like(value, float(self.value_estimator.gamma))
+            discount = self.value_estimator.gamma.to(value).expand_as(value)
         returns_in = TensorDict({"reward": reward, "discount": discount[:, :-1]}, traj.batch_size)
         target = self.value_estimator.value_estimate(returns_in, next_value=value[:, 1:])  # V_0 .. V_{H-1}
         weight = discount_weights(discount.transpose(0, 1)).transpose(0, 1)  # w_0 .. w_H
@@ -421,8 +422,8 @@ class DreamerV2ActorLoss(LossModule):
         # [N, H] trajectory for the critic: states 0..H-1 with their targets and weights
         trajectory = TensorDict(
             {
-                keys.state: traj.get(state_key).detach(),
-                keys.belief: traj.get(belief_key).detach(),
+                state_key: traj.get(state_key).detach(),
+                belief_key: traj.get(belief_key).detach(),
                 keys.lambda_target: target.detach(),
                 keys.discount_weight: weight[:, :-1],
             },

@@ -85,8 +85,11 @@ class DreamerV2Loss(LossModule):
                 loss.set_keys(**{name: value})
 
     def make_value_estimator(self, value_type: ValueEstimators | None = None, **hyperparams) -> None:
-        """The actor loss's lambda-return (:meth:`DreamerV2ActorLoss.make_value_estimator`)."""
+        """The actor loss's lambda-return (:meth:`DreamerV2ActorLoss.make_value_estimator`); a ``gamma`` is also
+        the world-model loss's (the discount head learns ``gamma * (1 - terminal)``), so the two stay one."""
         self.actor_loss.make_value_estimator(value_type, **hyperparams)
+        if "gamma" in hyperparams:
+            self.model_loss.gamma = float(hyperparams["gamma"])
 
     @property
     def value_estimator(self):
@@ -140,7 +143,9 @@ def make_dreamerv2_loss(
     )
     value_loss = DreamerV2ValueLoss(models.critic)
     action_spec = models.actor.spec[models.actor.dist_sample_keys[0]]
-    env = DreamerV2ImaginationEnv(models.world_model, action_spec, discount_threshold=0.0)
+    env = DreamerV2ImaginationEnv(
+        models.world_model, action_spec, discount_threshold=0.0, action_key=models.actor.dist_sample_keys[0]
+    )
     actor_loss = DreamerV2ActorLoss(
         models.actor,
         env,

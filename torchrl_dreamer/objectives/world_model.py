@@ -100,18 +100,14 @@ class DreamerV2ModelLoss(LossModule):
             is_init: episode-start flags. Default: ``"is_init"``.
             reward: the true reward. Default: ``("next", "reward")``.
             terminated: the true terminal flag. Default: ``("next", "terminated")``.
-            reward_pred, continue_pred, prior_logits, posterior_logits:
-                model outputs read back by the loss.
+
+        The model's outputs (logits, predictions) are read under the world model's own ``out_keys``.
         """
 
         action: NestedKey = "action"
         is_init: NestedKey = "is_init"
         reward: NestedKey = ("next", "reward")
         terminated: NestedKey = ("next", "terminated")
-        reward_pred: NestedKey = "reward_pred"
-        continue_pred: NestedKey = "continue_pred"
-        prior_logits: NestedKey = "prior_logits"
-        posterior_logits: NestedKey = "posterior_logits"
 
     tensor_keys: _AcceptedKeys
     default_keys = _AcceptedKeys
@@ -221,7 +217,9 @@ class DreamerV2ModelLoss(LossModule):
                 "Rename keys with loss.set_keys(...)."
             )
         tensordict = self.world_model(tensordict.copy())
-        post, prior = tensordict.get(keys.posterior_logits), tensordict.get(keys.prior_logits)
+        wm = self.world_model.module
+        prior_key, post_key = wm[1].out_keys[2:4]
+        post, prior = tensordict.get(post_key), tensordict.get(prior_key)
         kl_loss, model_kl = balanced_kl_loss(
             post, prior, balance=self.kl_balance, free_nats=self.free_nats, free_avg=self.free_avg
         )
@@ -233,7 +231,7 @@ class DreamerV2ModelLoss(LossModule):
             tensordict.get(keys.reward), tensordict.get(keys.terminated), tensordict.get(keys.is_init)
         )
         reward = _REWARD_TRANSFORMS[self.reward_transform](reward)
-        reward_nll = gaussian_nll(tensordict.get(keys.reward_pred), reward)
+        reward_nll = gaussian_nll(tensordict.get(wm[3].out_keys[0]), reward)
         reward_loss = (reward_nll * mask).sum() / mask.sum().clamp_min(1.0)
 
         losses = {
@@ -243,7 +241,7 @@ class DreamerV2ModelLoss(LossModule):
         }
         if self.world_model.has_continue_head:
             discount_target = self.gamma * (1.0 - terminal)
-            discount_loss = bernoulli_nll(tensordict.get(keys.continue_pred), discount_target).mean()
+            discount_loss = bernoulli_nll(tensordict.get(wm[4].out_keys[0]), discount_target).mean()
             losses["loss_model_continue"] = self.lambda_discount * discount_loss
         else:
             discount_loss = torch.zeros((), device=reward_loss.device)

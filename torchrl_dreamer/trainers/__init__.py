@@ -1,12 +1,16 @@
 """Optimisers, the DreamerV2 optimisation stepper, the TorchRL trainer and its hooks."""
 from torchrl_dreamer.trainers.optim import DreamerV2Optimizer
-from torchrl_dreamer.trainers.stepper import DreamerV2OptimizationStepper, make_dreamerv2_optimizers
+from torchrl_dreamer.trainers.stepper import DreamerV2OptimizationStepper, NonFiniteUpdateError, make_dreamerv2_optimizers
 from torchrl_dreamer.trainers.hooks import (
     CheckpointHook,
+    CheckpointWriteError,
     EpisodeReturnHook,
     EvaluationHook,
     Every,
+    MemoryTrimHook,
+    NonFiniteInputHook,
     OpenLoopVideoHook,
+    SpeedReportHook,
     TrainMetricsHook,
     UpdateSchedule,
 )
@@ -14,6 +18,8 @@ from torchrl_dreamer.trainers.trainer import (
     CHECKPOINT_FILE,
     CheckpointError,
     DreamerV2Trainer,
+    RunLock,
+    RunLockedError,
     make_dreamerv2_trainer,
     resolve_device,
 )

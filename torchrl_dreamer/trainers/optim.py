@@ -19,7 +19,10 @@ class DreamerV2Optimizer(torch.optim.Adam):
     3. takes the Adam step.
 
     The pre-clipping norm of the last step is kept in :attr:`last_grad_norm`
-    (a tensor, so reading it does not synchronise the device).
+    (a tensor). A step whose gradient norm is not finite (a NaN or inf loss or
+    gradient) changes nothing: no decay, no Adam moment, no parameter moves,
+    and :attr:`skipped` is True until the next step (checking costs one device
+    synchronisation per step).
 
     Args:
         params: parameters or parameter groups.
@@ -56,14 +59,22 @@ class DreamerV2Optimizer(torch.optim.Adam):
         self.decoupled_weight_decay = weight_decay
         self.max_grad_norm = max_grad_norm
         self.last_grad_norm = torch.zeros(())
+        self.skipped = False
 
     @torch.no_grad()
     def step(self, closure=None):
         params = [p for group in self.param_groups for p in group["params"]]
         with_grad = [p for p in params if p.grad is not None]
+        self.skipped = False
         if with_grad:
-            max_norm = float("inf") if self.max_grad_norm is None else self.max_grad_norm
-            self.last_grad_norm = torch.nn.utils.clip_grad_norm_(with_grad, max_norm, foreach=True)
+            grads = [p.grad for p in with_grad]
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+            self.last_grad_norm = norm
+            if not bool(torch.isfinite(norm)):
+                self.skipped = True
+                return None
+            if self.max_grad_norm is not None:
+                torch._foreach_mul_(grads, (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0))
         if self.decoupled_weight_decay:
             torch._foreach_mul_(params, 1.0 - self.decoupled_weight_decay)
         return super().step(closure)

@@ -11,7 +11,11 @@ from torchrl.trainers.trainers import OptimizationStepper
 from torchrl_dreamer.objectives.composite import DreamerV2Loss
 from torchrl_dreamer.trainers.optim import DreamerV2Optimizer
 
-__all__ = ["DreamerV2OptimizationStepper", "make_dreamerv2_optimizers"]
+__all__ = ["DreamerV2OptimizationStepper", "make_dreamerv2_optimizers", "NonFiniteUpdateError"]
+
+
+class NonFiniteUpdateError(RuntimeError):
+    """Too many updates in a row had a NaN or infinite loss or gradient."""
 
 _PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -59,12 +63,19 @@ class DreamerV2OptimizationStepper(OptimizationStepper):
         optimizers (dict): ``{"model", "actor", "critic"}`` optimisers
             (see :func:`make_dreamerv2_optimizers`).
 
+    Non-finite values never reach the weights: an optimiser step whose gradient
+    norm is not finite changes nothing (:class:`~torchrl_dreamer.trainers.DreamerV2Optimizer`
+    skips it), the update is counted in ``nonfinite_updates`` (a metric, and
+    checkpointed), and after ``max_nonfinite_updates`` such updates in a row
+    :class:`NonFiniteUpdateError` stops training.
+
     Keyword Args:
         precision (str): ``"fp32"`` or ``"bf16"`` autocast for the forward passes
             (the paper trained in mixed precision). Default: ``"fp32"``.
+        max_nonfinite_updates (int): consecutive non-finite updates tolerated. Default: ``20``.
 
     Returns (``step``): detached metrics named as the reference's, with
-    ``model_grad_norm``, ``actor_grad_norm`` and ``critic_grad_norm``.
+    ``model_grad_norm``, ``actor_grad_norm``, ``critic_grad_norm`` and ``nonfinite_updates``.
     """
 
     def __init__(
@@ -73,6 +84,7 @@ class DreamerV2OptimizationStepper(OptimizationStepper):
         optimizers: dict[str, torch.optim.Optimizer],
         *,
         precision: str = "fp32",
+        max_nonfinite_updates: int = 20,
     ):
         if precision not in _PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(_PRECISIONS)}, got {precision!r}.")
@@ -82,6 +94,9 @@ class DreamerV2OptimizationStepper(OptimizationStepper):
         self.loss = loss
         self.optimizers = optimizers
         self.precision = precision
+        self.max_nonfinite_updates = max_nonfinite_updates
+        self.nonfinite_updates = 0
+        self.consecutive_nonfinite = 0
 
     def _autocast(self, device: torch.device):
         dtype = _PRECISIONS[self.precision]
@@ -120,14 +135,35 @@ class DreamerV2OptimizationStepper(OptimizationStepper):
         metrics = TensorDict({}, [])
         for out in (model_out, actor_out, value_out):
             metrics.update({k: v.detach() for k, v in out.items() if not k.startswith("loss_")})
+        skipped = [name for name, opt in self.optimizers.items() if getattr(opt, "skipped", False)]
+        if skipped:
+            self.nonfinite_updates += 1
+            self.consecutive_nonfinite += 1
+            if self.consecutive_nonfinite >= self.max_nonfinite_updates:
+                raise NonFiniteUpdateError(
+                    f"{self.consecutive_nonfinite} updates in a row had a non-finite loss or gradient (last in the "
+                    f"{', '.join(skipped)} step{'s' if len(skipped) > 1 else ''}); none reached the weights. Check the "
+                    "env's observations and rewards for NaN or inf (they are reported when they occur) and the "
+                    "learning rates; the last checkpoint holds the weights from before."
+                )
+        else:
+            self.consecutive_nonfinite = 0
         metrics.update(
-            {"model_grad_norm": model_norm, "actor_grad_norm": actor_norm, "critic_grad_norm": critic_norm}
+            {
+                "model_grad_norm": model_norm,
+                "actor_grad_norm": actor_norm,
+                "critic_grad_norm": critic_norm,
+                "nonfinite_updates": torch.tensor(float(self.nonfinite_updates)),
+            }
         )
         return metrics
 
     def state_dict(self) -> dict[str, Any]:
-        return {name: opt.state_dict() for name, opt in self.optimizers.items()}
+        state = {name: opt.state_dict() for name, opt in self.optimizers.items()}
+        state["nonfinite_updates"] = self.nonfinite_updates
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         for name, opt in self.optimizers.items():
             opt.load_state_dict(state_dict[name])
+        self.nonfinite_updates = int(state_dict.get("nonfinite_updates", 0))

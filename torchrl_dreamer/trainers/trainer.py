@@ -17,7 +17,10 @@ Building it again on the same directory resumes the run.
 from __future__ import annotations
 
 import json
+import logging
+import os
 import signal
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,22 +32,33 @@ from torchrl.objectives.utils import TargetNetUpdater
 from torchrl.trainers import ReplayBufferTrainer, TargetNetUpdaterHook, Trainer
 
 from torchrl_dreamer.config import DreamerV2Config
-from torchrl_dreamer.data import make_replay_buffer
+from torchrl_dreamer.data import ReplayIntegrityError, make_replay_buffer
 from torchrl_dreamer.envs.resolve import EnvFactory, EnvLike, prepare_env
 from torchrl_dreamer.record import make_logger
 from torchrl_dreamer.trainers.hooks import (
     CheckpointHook,
     EpisodeReturnHook,
     EvaluationHook,
+    MemoryTrimHook,
+    NonFiniteInputHook,
+    SpeedReportHook,
     OpenLoopVideoHook,
     TrainMetricsHook,
     UpdateSchedule,
 )
 
-__all__ = ["DreamerV2Trainer", "make_dreamerv2_trainer", "resolve_device", "CheckpointError", "CHECKPOINT_FILE"]
+__all__ = [
+    "DreamerV2Trainer",
+    "make_dreamerv2_trainer",
+    "resolve_device",
+    "CheckpointError",
+    "RunLockedError",
+    "CHECKPOINT_FILE",
+]
 
 CHECKPOINT_FILE = "checkpoint.tdz"
 CONFIG_FILE = "config.json"
+LOCK_FILE = ".lock"
 # fields that may differ when a run is resumed
 _RESUMABLE_CHANGES = {"total_steps", "eval_every", "log_every", "video_every", "checkpoint_every", "eval_episodes"}
 
@@ -147,8 +161,16 @@ class DreamerV2Trainer(Trainer):
             auto_log_optim_steps=False,  # TrainMetricsHook averages over the logging interval
         )
         self.total_steps = total_steps
+        if prefill >= total_steps:
+            warnings.warn(
+                f"prefill ({prefill} agent steps of random actions) >= total_steps ({total_steps}): no update will run; "
+                "lower --prefill or raise --total-steps.",
+                stacklevel=2,
+            )
         self.schedule = UpdateSchedule(replay_buffer, prefill=prefill, pretrain=pretrain, train_every=train_every)
         self.schedule.register(self)
+        world_model = loss_module.model_loss.world_model
+        NonFiniteInputHook([*world_model.obs_keys, loss_module.model_loss.tensor_keys.reward]).register(self)
         # Stock TorchRL replay hook: extend with each collected batch, sample once per due update.
         replay_hook = ReplayBufferTrainer(replay_buffer)
         self.register_op("batch_process", replay_hook.extend)
@@ -159,6 +181,9 @@ class DreamerV2Trainer(Trainer):
         self.target_net_updater = target_net_updater
         self.register_op("post_optim", TargetNetUpdaterHook(target_net_updater))
         self.register_module("target_net_updater", target_net_updater)
+        self.speed_report = SpeedReportHook(self.schedule, total_steps, device=device)
+        self.speed_report.register(self)
+        MemoryTrimHook().register(self)
         self.episode_returns = EpisodeReturnHook(num_envs)
         self.episode_returns.register(self)
         TrainMetricsHook(self.schedule, log_every=log_every).register(self)
@@ -229,6 +254,9 @@ class DreamerV2Trainer(Trainer):
         try:
             self.checkpointer.load(map_location=map_location)
         except Exception as err:
+            damaged = _cause(err, ReplayIntegrityError)
+            if damaged is not None:  # the models are fine: say how to keep them
+                raise CheckpointError(f"Cannot resume from {self.checkpointer.path}: {damaged}") from err
             raise CheckpointError(
                 f"Cannot resume from {self.checkpointer.path}: {type(err).__name__}: {err}. The run directory is "
                 "left as it is; use another --logdir to start a new run."
@@ -255,6 +283,13 @@ class DreamerV2Trainer(Trainer):
             self.request_stop("interrupted")
 
         self.interrupted, self._stop_training, self._stop_reason = False, False, None
+        lock = getattr(self, "run_lock", None)
+        if lock is not None and lock.released and self.checkpointer is not None:
+            self.run_lock = RunLock(self.checkpointer.path.parent)
+        torchrl_log = logging.getLogger("torchrl")
+        log_level = torchrl_log.level
+        if self.progress_bar:  # TorchRL's INFO lines would break the bar
+            torchrl_log.setLevel(max(log_level, logging.WARNING))
         for sig in handlers:
             signal.signal(sig, stop)
         try:
@@ -271,7 +306,20 @@ class DreamerV2Trainer(Trainer):
         finally:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
-        self.save_checkpoint()
+            torchrl_log.setLevel(log_level)
+        try:
+            self.save_checkpoint()
+        finally:
+            if getattr(self, "run_lock", None) is not None:
+                self.run_lock.release()
+        if self.updates == 0 and self.steps >= self.total_steps:
+            warnings.warn(
+                f"The run ended after {self.steps} agent steps without a single update: "
+                + ("the prefill covered the whole run." if self.schedule.prefill >= self.total_steps else
+                   f"the replay never held a sequence to sample ({self.replay_buffer!r}); with episodes shorter than "
+                   "--batch-length use --strict-length false or a shorter --batch-length."),
+                stacklevel=2,
+            )
         result = {"steps": self.steps, "frames": self.steps * self.frame_skip, "updates": self.updates,
                   "episodes": self.episode_returns.episodes, "interrupted": self.interrupted}
         if self.evaluation is not None and self.evaluation.last is not None:
@@ -290,23 +338,86 @@ class _WorkerEnv:
         return self.factory()
 
 
-def _reconcile_config(config: DreamerV2Config, logdir: Path, resuming: bool) -> DreamerV2Config:
-    """A resumed run keeps its saved config (schedules excepted)."""
+def _reconcile_config(config: DreamerV2Config, logdir: Path, resuming: bool, keep_saved: bool) -> DreamerV2Config:
+    """A resumed run keeps its saved config: only the schedules (``_RESUMABLE_CHANGES``) may change.
+
+    Other differences (another env, another preset, another network size...) are refused unless ``keep_saved``,
+    which resumes with the saved values; the env never changes.
+    """
     path = logdir / CONFIG_FILE
     if not (resuming and path.exists()):
         return config
     saved = json.loads(path.read_text())
     given = config.to_dict()
-    changed = {k for k in given if k in saved and given[k] != saved[k] and k not in _RESUMABLE_CHANGES}
+    changed = sorted(k for k in given if k in saved and given[k] != saved[k] and k not in _RESUMABLE_CHANGES)
     if "env" in changed:
         raise ValueError(
             f"{logdir} holds a run on {saved['env']!r}, not {given['env']!r}: a run's env cannot change; "
             "use another --logdir."
         )
+    if changed and not keep_saved:
+        diff = ", ".join(f"{k}: {saved[k]!r} (saved) vs {given[k]!r}" for k in changed[:6])
+        more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
+        raise ValueError(
+            f"{logdir} was trained with other settings ({diff}{more}): resume with the same preset and flags, pass "
+            "--keep-saved-config to resume with the saved values, or use another --logdir."
+        )
     if changed:
-        print(f"Resuming {logdir}: keeping the saved values of {sorted(changed)} (use another --logdir to change them).")
+        print(f"Resuming {logdir} with its saved values of {changed} (not this command's).")
     keep = {k: v for k, v in saved.items() if k not in _RESUMABLE_CHANGES and k in given}
     return config.replace(**keep)
+
+
+def _cause(err: BaseException, kind: type) -> BaseException | None:
+    """The first exception of type ``kind`` in ``err``'s cause/context chain."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, kind):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+class RunLock:
+    """One run per log directory: an exclusive ``flock`` on ``<logdir>/.lock``, held while the trainer lives.
+
+    The kernel drops the lock when the process dies, so the lock of a killed run never blocks its resume.
+
+    Raises:
+        RunLockedError: another live process holds the directory.
+    """
+
+    def __init__(self, logdir: Path) -> None:
+        import fcntl
+
+        self.path = logdir / LOCK_FILE
+        self._file = open(self.path, "a+")
+        try:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "another process"
+            self._file.close()
+            raise RunLockedError(
+                f"{logdir} is in use by a running training ({holder}); wait for it to end or use another --logdir."
+            ) from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"pid {os.getpid()}")
+        self._file.flush()
+
+    @property
+    def released(self) -> bool:
+        return self._file.closed
+
+    def release(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+
+
+class RunLockedError(RuntimeError):
+    """Another process is training in the same log directory."""
 
 
 def _saved_counters(path: Path) -> dict[str, Any]:
@@ -328,11 +439,16 @@ def make_dreamerv2_trainer(
     device: str | torch.device = "auto",
     progress: bool = True,
     parallel_envs: bool = True,
+    keep_saved_config: bool = False,
+    fresh_replay: bool = False,
 ) -> DreamerV2Trainer:
     """Builds a :class:`DreamerV2Trainer` and all its components from a config, in a run directory.
 
     A directory holding a checkpoint is resumed: models, optimisers, target critic, replay, counters, hooks and
-    RNG states are restored, and the saved config is kept (schedules excepted).
+    RNG states are restored. The config must be the saved one, schedules excepted (``total_steps``, ``*_every``):
+    other changes are refused unless ``keep_saved_config``. The rows logged after the checkpoint are dropped from
+    the logs. Nothing in the directory is written before the checkpoint has been read, and one process at a time
+    trains in a directory (:class:`RunLock`).
 
     Args:
         config (DreamerV2Config): hyperparameters.
@@ -347,6 +463,9 @@ def make_dreamerv2_trainer(
         progress (bool): a progress bar. Default: ``True``.
         parallel_envs (bool): several envs in worker processes (``ParallelEnv``) rather than in this process
             (``SerialEnv``). Default: ``True``.
+        keep_saved_config (bool): resume with the saved config where this one differs. Default: ``False``.
+        fresh_replay (bool): resume the models, optimisers and counters but discard the saved replay's rows and
+            refill it (when its files are damaged: the resume then says so). Default: ``False``.
 
     Returns: a :class:`DreamerV2Trainer`; call ``trainer.train()``.
 
@@ -365,15 +484,46 @@ def make_dreamerv2_trainer(
     checkpoint_path = logdir / CHECKPOINT_FILE
     resuming = checkpoint_path.exists()
     saved = _saved_counters(checkpoint_path) if resuming else {"steps": 0, "updates": 0}
-    config = _reconcile_config(config, logdir, resuming)
-    factory = EnvFactory(env if env is not None else config.env, **(config.env_kwargs if env is None else {}))
-    if config.train_every % config.num_envs:
-        raise ValueError(f"train_every ({config.train_every}) must be a multiple of num_envs ({config.num_envs}).")
+    config = _reconcile_config(config, logdir, resuming, keep_saved_config)
+    factory = EnvFactory(env if env is not None else config.env, **config.make_env_kwargs)
     if factory.is_instance and config.num_envs > 1:
         raise ValueError("An env instance runs one env: pass a factory (a function returning the env) for num_envs > 1.")
     device = resolve_device(device)
-    torch.manual_seed(config.seed)
+    created = not logdir.exists()
+    lock = None
+    try:
+        try:
+            logdir.mkdir(parents=True, exist_ok=True)
+            lock = RunLock(logdir)
+        except RunLockedError:
+            raise
+        except OSError as err:
+            raise OSError(
+                f"Cannot write in the log directory {logdir}: {err.strerror or err}; choose another --logdir."
+            ) from None
+        trainer = _build_trainer(
+            config, logdir, factory, device, saved, resuming, progress, parallel_envs, fresh_replay and resuming
+        )
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        if created and logdir.is_dir():  # leave no trace of a run that never started
+            (logdir / LOCK_FILE).unlink(missing_ok=True)
+            for leftover in sorted(logdir.rglob("*"), reverse=True):
+                if leftover.is_dir() and not any(leftover.iterdir()):
+                    leftover.rmdir()
+            if not any(logdir.iterdir()):
+                logdir.rmdir()
+        raise
+    trainer.run_lock = lock
+    return trainer
 
+
+def _build_trainer(
+    config, logdir, factory, device, saved, resuming, progress, parallel_envs, fresh_replay
+) -> DreamerV2Trainer:
+    torch.manual_seed(config.seed)
+    checkpoint_path = logdir / CHECKPOINT_FILE
     probe = factory(config.seed)
     if probe.batch_size != torch.Size([]):
         raise ValueError(
@@ -388,7 +538,7 @@ def make_dreamerv2_trainer(
     replay = make_replay_buffer(
         capacity=config.replay_capacity, seq_len=config.batch_length, batch_size=config.batch_size,
         obs_keys=models.world_model.obs_keys, scratch_dir=logdir / "replay", prioritize_ends=config.prioritize_ends,
-        strict_length=config.strict_length, device=device, seed=config.seed,
+        strict_length=config.strict_length, device=device, seed=config.seed, fresh=fresh_replay,
     )
     primer = models.policy.make_tensordict_primer
 
@@ -421,7 +571,7 @@ def make_dreamerv2_trainer(
         collector=collector, loss_module=loss, optimization_stepper=stepper, replay_buffer=replay,
         target_net_updater=config.make_target_updater(loss),
         total_steps=config.total_steps, action_repeat=config.action_repeat, prefill=config.prefill,
-        pretrain=config.pretrain, train_every=config.train_every, logger=make_logger(logdir),
+        pretrain=config.pretrain, train_every=config.train_every, logger=None,
         checkpoint_path=checkpoint_path, checkpoint_every=config.checkpoint_every, log_every=config.log_every,
         eval_every=config.eval_every, video_every=config.video_every, policy=models.policy,
         make_eval_env=make_eval_env,
@@ -435,7 +585,8 @@ def make_dreamerv2_trainer(
     trainer.device = device
     if resuming:
         trainer.load_checkpoint(map_location=device)
-    logdir.mkdir(parents=True, exist_ok=True)
+    # only now, with the checkpoint read, is anything written in the run directory
+    trainer.logger = make_logger(logdir, resume_step=saved["steps"] * config.action_repeat if resuming else None)
     tmp = logdir / (CONFIG_FILE + ".tmp")
     tmp.write_text(json.dumps(config.to_dict(), indent=2))
     tmp.replace(logdir / CONFIG_FILE)

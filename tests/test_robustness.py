@@ -1,0 +1,199 @@
+"""Nothing lost, nothing silently wrong: non-finite values, one run per directory, honest resumes, failed saves."""
+from __future__ import annotations
+
+import errno
+import json
+import math
+
+import pytest
+import torch
+from torchrl.checkpoint import Checkpoint
+from torchrl.data import Composite, OneHot, Unbounded
+
+from torchrl_dreamer.config import DreamerV2Config
+from torchrl_dreamer.modules import DEBUG_SIZES, make_dreamerv2_models
+from torchrl_dreamer.objectives import make_dreamerv2_loss
+from torchrl_dreamer.record import make_logger
+from torchrl_dreamer.trainers import (
+    CHECKPOINT_FILE,
+    DreamerV2OptimizationStepper,
+    DreamerV2Optimizer,
+    make_dreamerv2_optimizers,
+    make_dreamerv2_trainer,
+)
+from torchrl_dreamer.trainers.hooks import CheckpointWriteError, NonFiniteInputHook
+from torchrl_dreamer.trainers.stepper import NonFiniteUpdateError
+from torchrl_dreamer.trainers.trainer import RunLockedError
+
+from conftest import make_batch
+
+QUIET = dict(eval_every=10**9, video_every=10**9)
+
+
+def _debug(**overrides):
+    return DreamerV2Config.preset("debug", **{**QUIET, **overrides})
+
+
+def test_optimizer_skips_a_non_finite_step():
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = DreamerV2Optimizer([w], lr=0.1)
+    (w * torch.tensor([1.0, float("nan"), 1.0])).sum().backward()
+    opt.step()
+    assert opt.skipped and torch.equal(w.detach(), torch.ones(3)) and not opt.state  # no Adam moment either
+    opt.zero_grad()
+    w.sum().backward()
+    opt.step()
+    assert not opt.skipped and not torch.equal(w.detach(), torch.ones(3))
+
+
+def test_non_finite_batches_never_reach_the_weights_and_stop_the_run():
+    models = make_dreamerv2_models(Composite(pixels=Unbounded((1, 16, 16), dtype=torch.uint8)), OneHot(3),
+                                   **DEBUG_SIZES)
+    loss = make_dreamerv2_loss(models, imagination_horizon=3)
+    stepper = DreamerV2OptimizationStepper(loss, make_dreamerv2_optimizers(loss), max_nonfinite_updates=3)
+    before = [p.detach().clone() for p in models.world_model.parameters()]
+    bad = make_batch(2, 4)
+    bad["next", "reward"][0, 1] = float("nan")
+    metrics = stepper.step(None, bad)
+    assert float(metrics["nonfinite_updates"]) == 1
+    # the world model's step is skipped; the actor and critic (which never see the true reward) still learn
+    assert all(torch.equal(a, b) for a, b in zip(before, models.world_model.parameters()))
+    assert all(torch.isfinite(p).all() for p in loss.parameters())
+    good = stepper.step(None, make_batch(2, 4))
+    assert float(good["nonfinite_updates"]) == 1 and stepper.consecutive_nonfinite == 0
+    assert all(torch.isfinite(p).all() for p in loss.parameters())
+    stepper.step(None, bad)
+    stepper.step(None, bad)
+    with pytest.raises(NonFiniteUpdateError, match="3 updates in a row"):
+        stepper.step(None, bad)
+    assert stepper.state_dict()["nonfinite_updates"] == 4
+
+
+def test_a_non_finite_observation_moves_no_weight():
+    models = make_dreamerv2_models(Composite(observation=Unbounded((3,))), OneHot(3), **DEBUG_SIZES)
+    loss = make_dreamerv2_loss(models, imagination_horizon=3)
+    stepper = DreamerV2OptimizationStepper(loss, make_dreamerv2_optimizers(loss))
+    before = [p.detach().clone() for p in loss.parameters()]
+    bad = make_batch(2, 4, image=(3,), obs_key="observation")
+    bad["observation"][1, 2, 0] = float("nan")
+    stepper.step(None, bad)
+    assert all(torch.equal(a, b) for a, b in zip(before, loss.parameters()))
+
+
+def test_non_finite_env_values_are_reported_by_key():
+    hook = NonFiniteInputHook(["observation", ("next", "reward")])
+    batch = make_batch(1, 5, image=(3,), obs_key="observation")
+    hook(batch)
+    assert hook.total == 0
+    batch["observation"][0, 2, 1] = float("inf")
+    with pytest.warns(UserWarning, match="'observation' at 1 of 5 steps"):
+        hook(batch)
+    assert hook.total == 1
+
+
+def test_one_run_per_log_directory(tmp_path):
+    cfg = _debug(total_steps=120, prefill=100)
+    first = make_dreamerv2_trainer(cfg, tmp_path / "run", device="cpu", progress=False)
+    with pytest.raises(RunLockedError, match="in use by a running training"):
+        make_dreamerv2_trainer(cfg, tmp_path / "run", device="cpu", progress=False)
+    first.train()  # releases the directory when done
+    second = make_dreamerv2_trainer(cfg.replace(total_steps=160), tmp_path / "run", device="cpu", progress=False)
+    assert second.checkpointer.every.next > second.steps  # a resume does not rewrite the checkpoint at once
+    assert second.resumed and second.train()["steps"] == 160
+
+
+def test_resume_refuses_other_settings_and_keeps_the_logs_clean(tmp_path, capsys):
+    cfg = _debug(total_steps=220, prefill=100, log_every=20, checkpoint_every=10**9)
+    logdir = tmp_path / "run"
+    make_dreamerv2_trainer(cfg, logdir, device="cpu", progress=False).train()
+    frames = Checkpoint.manifest(logdir / CHECKPOINT_FILE)["metadata"]["steps"] * cfg.action_repeat
+    # a killed run logged past its checkpoint: those rows are repeated after the resume
+    with open(logdir / "scalars" / "fps.csv", "a") as f:
+        f.write(f"{frames + 40},1.0\n{frames + 80},2.0\n")
+    config_before = (logdir / "config.json").read_text()
+    other = DreamerV2Config.preset("atari", **QUIET)
+    with pytest.raises(ValueError, match="other settings"):
+        make_dreamerv2_trainer(other.replace(env=cfg.env), logdir, device="cpu", progress=False)
+    assert (logdir / "config.json").read_text() == config_before  # a refused start writes nothing
+    trainer = make_dreamerv2_trainer(cfg.replace(total_steps=300, kl_balance=0.5), logdir, device="cpu",
+                                     progress=False, keep_saved_config=True)
+    assert "saved values of ['kl_balance']" in capsys.readouterr().out and trainer.config.kl_balance == cfg.kl_balance
+    trainer.train()
+    for csv in (logdir / "scalars").glob("*.csv"):
+        steps = [float(line.split(",")[0]) for line in csv.read_text().splitlines() if line]
+        assert steps == sorted(set(steps)), csv.name  # no duplicate step, no backward jump
+
+
+def test_a_failed_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    cfg = _debug(total_steps=120, prefill=100)
+    trainer = make_dreamerv2_trainer(cfg, tmp_path / "run", device="cpu", progress=False)
+    trainer.train()
+    path = tmp_path / "run" / CHECKPOINT_FILE
+    good = path.read_bytes()
+
+    def full_disk(target, **kwargs):
+        target.write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(trainer.checkpointer.checkpoint, "save", full_disk)
+    with pytest.raises(CheckpointWriteError, match="No space left on device; the previous checkpoint is kept"):
+        trainer.save_checkpoint()
+    assert path.read_bytes() == good
+    assert not list(path.parent.glob(f"{CHECKPOINT_FILE}.tmp*"))
+
+
+def test_unwritable_log_directory_is_one_line(tmp_path, monkeypatch):
+    from torchrl_dreamer.trainers import trainer as trainer_module
+
+    def denied(self, logdir):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(trainer_module.RunLock, "__init__", denied)
+    with pytest.raises(OSError, match="Cannot write in the log directory .*Permission denied"):
+        make_dreamerv2_trainer(_debug(), tmp_path / "run", device="cpu", progress=False)
+    assert not (tmp_path / "run").exists()  # a start that failed leaves nothing behind
+
+
+def test_the_pace_is_measured_and_reported(tmp_path, capsys):
+    cfg = _debug(total_steps=300, prefill=100, train_every=10)
+    trainer = make_dreamerv2_trainer(cfg, tmp_path / "run", device="cpu", progress=False)
+    trainer.train()
+    report = trainer.speed_report.report
+    assert report and "s per update" in report and "agent steps/s" in report
+    assert report not in capsys.readouterr().out  # a run about to end is not told its pace
+    trainer.speed_report.report, trainer.speed_report.total_steps = None, 10**8  # a long run on a CPU
+    trainer.speed_report._start = (trainer.speed_report._start[0] - 50.0, 0, 0)
+    trainer.speed_report()
+    out = capsys.readouterr().out
+    assert "the remaining" in out and "need a GPU" in out and "--preset debug" in out
+
+
+def test_missing_tensorboard_is_said_once(tmp_path, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else find_spec(name, *a))
+    with pytest.warns(UserWarning, match="tensorboard is not installed"):
+        logger = make_logger(tmp_path)
+    assert len(logger.loggers) == 1
+
+
+def test_damaged_replay_is_never_trained_on_and_fresh_replay_keeps_the_models(tmp_path):
+    from torchrl_dreamer.trainers import CheckpointError
+
+    cfg = _debug(total_steps=150, prefill=100)
+    logdir = tmp_path / "run"
+    make_dreamerv2_trainer(cfg, logdir, device="cpu", progress=False).train()
+    saved = Checkpoint.manifest(logdir / CHECKPOINT_FILE)["metadata"]
+    [pixels] = [p for p in (logdir / "replay").rglob("*.memmap") if "pixels" in str(p)]
+    pixels.unlink()
+    files = {p: p.stat().st_mtime_ns for p in logdir.rglob("*") if p.is_file() and p.name != ".lock"}
+    with pytest.raises(CheckpointError, match=r"pixels.*missing.*--fresh-replay") as info:
+        make_dreamerv2_trainer(cfg.replace(total_steps=200), logdir, device="cpu", progress=False)
+    assert "\n" not in str(info.value) and "delete" not in str(info.value).lower()
+    assert {p: p.stat().st_mtime_ns for p in files} == files  # nothing touched
+    trainer = make_dreamerv2_trainer(cfg.replace(total_steps=200), logdir, device="cpu", progress=False,
+                                     fresh_replay=True)
+    assert (trainer.steps, trainer.updates) == (saved["steps"], saved["updates"]) and len(trainer.replay_buffer) == 0
+    result = trainer.train()
+    assert result["steps"] == 200 and len(trainer.replay_buffer) > 0
