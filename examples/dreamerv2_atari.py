@@ -167,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     for line in notes(cfg, args.preset):
         print(line, file=sys.stderr)
     name = cfg.env.replace(":", "-").replace(".", "-")
+    if args.logdir is not None and not args.logdir.strip():
+        print("error: --logdir is empty; give a directory, or leave the flag out for logs/<env>-<preset>-seed<seed>.",
+              file=sys.stderr)
+        return 2
     logdir = args.logdir or f"logs/{name}-{args.preset}-seed{cfg.seed}"
     try:
         trainer = make_dreamerv2_trainer(

@@ -135,11 +135,19 @@ def test_a_failed_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
         target.write_bytes(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    def torch_full_disk(target, **kwargs):  # how torch reports it
+        target.write_bytes(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . unable to write to file: No space left on device")
+
     monkeypatch.setattr(trainer.checkpointer.checkpoint, "save", full_disk)
     with pytest.raises(CheckpointWriteError, match="No space left on device; the previous checkpoint is kept"):
         trainer.save_checkpoint()
     assert path.read_bytes() == good
     assert not list(path.parent.glob(f"{CHECKPOINT_FILE}.tmp*"))
+    monkeypatch.setattr(trainer.checkpointer.checkpoint, "save", torch_full_disk)
+    with pytest.raises(CheckpointWriteError, match="No space left on device; the previous checkpoint is kept"):
+        trainer.save_checkpoint()
+    assert path.read_bytes() == good and not list(path.parent.glob(f"{CHECKPOINT_FILE}.tmp*"))
 
 
 def test_unwritable_log_directory_is_one_line(tmp_path, monkeypatch):
@@ -197,3 +205,26 @@ def test_damaged_replay_is_never_trained_on_and_fresh_replay_keeps_the_models(tm
     assert (trainer.steps, trainer.updates) == (saved["steps"], saved["updates"]) and len(trainer.replay_buffer) == 0
     result = trainer.train()
     assert result["steps"] == 200 and len(trainer.replay_buffer) > 0
+
+
+def test_the_checkpoint_carries_its_config_and_a_finished_run_says_so(tmp_path):
+    cfg = _debug(total_steps=120, prefill=100)
+    logdir = tmp_path / "run"
+    make_dreamerv2_trainer(cfg, logdir, device="cpu", progress=False).train()
+    (logdir / "config.json").unlink()  # lost: the checkpoint's copy still guards the run
+    with pytest.raises(ValueError, match="other settings"):
+        make_dreamerv2_trainer(cfg.replace(gamma=0.5), logdir, device="cpu", progress=False)
+    trainer = make_dreamerv2_trainer(cfg, logdir, device="cpu", progress=False)
+    with pytest.warns(UserWarning, match="Nothing to do: the run is at 120 agent steps"):
+        assert trainer.train()["steps"] == 120
+
+
+def test_an_empty_logdir_flag_is_refused():
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "dreamerv2_atari.py"
+    spec = importlib.util.spec_from_file_location("dreamerv2_atari", script)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    assert cli.main(["--preset", "debug", "--logdir", ""]) == 2

@@ -356,7 +356,8 @@ def _print(trainer: Any, message: str) -> None:
 
 
 class EpisodeReturnHook(_LoggingHook):
-    """Logs ``train_return`` and ``train_length`` of every episode finished in a collected batch.
+    """Logs ``train_return`` and ``train_length``: the mean over the episodes finished in each collected batch (one
+    row per batch, so no step repeats), and ``train_episodes``, the running count.
 
     Args:
         num_envs (int): parallel envs (the leading dim of collected batches).
@@ -368,10 +369,15 @@ class EpisodeReturnHook(_LoggingHook):
         self.last_return = float("nan")
 
     def __call__(self, batch: TensorDictBase) -> None:
-        for episode_return, length in self.tracker.update(batch):
-            self.episodes += 1
-            self.last_return = episode_return
-            self._log({"train_return": episode_return, "train_length": length})
+        finished = self.tracker.update(batch)
+        if finished:  # one row per collected batch: the mean of the episodes that ended in it
+            self.episodes += len(finished)
+            self.last_return = finished[-1][0]
+            self._log({
+                "train_return": sum(r for r, _ in finished) / len(finished),
+                "train_length": sum(n for _, n in finished) / len(finished),
+                "train_episodes": self.episodes,
+            })
         if self.trainer is not None and self.trainer.progress_bar:
             self.trainer._pbar_str["last_return"] = round(self.last_return, 2)
 
@@ -583,13 +589,14 @@ class CheckpointHook(_PeriodicHook):
             with open(tmp, "rb") as file:
                 os.fsync(file.fileno())
             os.replace(tmp, self.path)
-        except OSError as err:
+        except (OSError, RuntimeError) as err:  # torch reports a full disk as a RuntimeError
             for partial in [tmp, *self.path.parent.glob(f".{self.path.name}.tmp.*")]:
                 if partial.exists():
                     Checkpoint._remove_path(partial)
             kept = "the previous checkpoint is kept" if self.path.exists() else "no checkpoint was written"
+            reason = getattr(err, "strerror", None) or str(err).strip().splitlines()[-1]
             raise CheckpointWriteError(
-                f"Cannot write the checkpoint {self.path}: {err.strerror or err}; {kept}. Free space (or fix the "
+                f"Cannot write the checkpoint {self.path}: {reason}; {kept}. Free space (or fix the "
                 "permissions) and run the same command to resume."
             ) from err
         return self.path

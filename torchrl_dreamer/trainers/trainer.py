@@ -161,12 +161,6 @@ class DreamerV2Trainer(Trainer):
             auto_log_optim_steps=False,  # TrainMetricsHook averages over the logging interval
         )
         self.total_steps = total_steps
-        if prefill >= total_steps:
-            warnings.warn(
-                f"prefill ({prefill} agent steps of random actions) >= total_steps ({total_steps}): no update will run; "
-                "lower --prefill or raise --total-steps.",
-                stacklevel=2,
-            )
         self.schedule = UpdateSchedule(replay_buffer, prefill=prefill, pretrain=pretrain, train_every=train_every)
         self.schedule.register(self)
         world_model = loss_module.model_loss.world_model
@@ -209,7 +203,11 @@ class DreamerV2Trainer(Trainer):
             checkpoint = Checkpoint() if checkpoint is None else checkpoint
             self.checkpointer = CheckpointHook(
                 checkpoint, checkpoint_path, self.schedule, checkpoint_every=checkpoint_every,
-                metadata=lambda: {"steps": self.schedule.steps, "updates": self.schedule.updates},
+                metadata=lambda: {
+                    "steps": self.schedule.steps,
+                    "updates": self.schedule.updates,
+                    **({"config": self.config.to_dict()} if getattr(self, "config", None) is not None else {}),
+                },
             )
             self.checkpointer.register(self)  # last at post_steps: saves after evaluation and video
             self._register_checkpoint_components(checkpoint)
@@ -292,6 +290,18 @@ class DreamerV2Trainer(Trainer):
             torchrl_log.setLevel(max(log_level, logging.WARNING))
         for sig in handlers:
             signal.signal(sig, stop)
+        if self.schedule.steps >= self.total_steps:
+            warnings.warn(
+                f"Nothing to do: the run is at {self.schedule.steps} agent steps, total_steps is {self.total_steps}; "
+                "raise --total-steps to train further.",
+                stacklevel=2,
+            )
+        elif self.schedule.prefill >= self.total_steps and self.updates == 0:
+            warnings.warn(
+                f"prefill ({self.schedule.prefill} agent steps of random actions) >= total_steps ({self.total_steps}): "
+                "no update will run; lower --prefill or raise --total-steps.",
+                stacklevel=2,
+            )
         try:
             if self.schedule.steps < self.total_steps:
                 super().train()
@@ -312,7 +322,7 @@ class DreamerV2Trainer(Trainer):
         finally:
             if getattr(self, "run_lock", None) is not None:
                 self.run_lock.release()
-        if self.updates == 0 and self.steps >= self.total_steps:
+        if self.updates == 0 and self.steps >= self.total_steps and self.schedule.prefill < self.total_steps:
             warnings.warn(
                 f"The run ended after {self.steps} agent steps without a single update: "
                 + ("the prefill covered the whole run." if self.schedule.prefill >= self.total_steps else
@@ -344,10 +354,18 @@ def _reconcile_config(config: DreamerV2Config, logdir: Path, resuming: bool, kee
     Other differences (another env, another preset, another network size...) are refused unless ``keep_saved``,
     which resumes with the saved values; the env never changes.
     """
-    path = logdir / CONFIG_FILE
-    if not (resuming and path.exists()):
+    if not resuming:
         return config
-    saved = json.loads(path.read_text())
+    path = logdir / CONFIG_FILE
+    if path.exists():
+        saved = json.loads(path.read_text())
+    else:  # the checkpoint carries its config too
+        saved = Checkpoint.manifest(logdir / CHECKPOINT_FILE)["metadata"].get("config")
+        if saved is None:
+            raise ValueError(
+                f"{path} is missing and the checkpoint predates the config it now carries: the settings of this run "
+                "cannot be checked; restore config.json or use another --logdir."
+            )
     given = config.to_dict()
     changed = sorted(k for k in given if k in saved and given[k] != saved[k] and k not in _RESUMABLE_CHANGES)
     if "env" in changed:
@@ -363,7 +381,9 @@ def _reconcile_config(config: DreamerV2Config, logdir: Path, resuming: bool, kee
             "--keep-saved-config to resume with the saved values, or use another --logdir."
         )
     if changed:
-        print(f"Resuming {logdir} with its saved values of {changed} (not this command's).")
+        schedules = sorted(k for k in _RESUMABLE_CHANGES if k in saved and saved[k] != given.get(k))
+        print(f"Resuming {logdir} with its saved values of {changed} (not this command's)"
+              + (f"; the schedules {schedules} are this command's." if schedules else "."))
     keep = {k: v for k, v in saved.items() if k not in _RESUMABLE_CHANGES and k in given}
     return config.replace(**keep)
 
