@@ -194,3 +194,7 @@ def test_renamed_keys_reach_every_module_and_a_full_update_runs():
     assert (batch == before).all()
     with pytest.raises(ValueError, match="not a key"):
         loss.set_keys(pixels="x")
+    from torchrl_dreamer.record import open_loop_video
+
+    video = open_loop_video(models.world_model, batch, context=2, num_videos=2)  # reads the renamed keys too
+    assert video.shape == (5, 1, 3 * 16, 2 * 16)

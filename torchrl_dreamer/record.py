@@ -192,9 +192,11 @@ def open_loop_video(world_model, batch: TensorDictBase, *, context: int = 5, num
     observed = batch[:, :context].clone()
     world_model(observed)
     rssm = world_model.rssm
-    state, belief = observed.get("state")[:, -1], observed.get("belief")[:, -1]
-    states, beliefs = [observed.get("state")], [observed.get("belief")]
-    actions = batch.get("action").float()
+    filter_module = world_model.module[1]  # the RSSM filter: its keys follow set_keys renames
+    state_key, belief_key = filter_module.out_keys[:2]
+    state, belief = observed.get(state_key)[:, -1], observed.get(belief_key)[:, -1]
+    states, beliefs = [observed.get(state_key)], [observed.get(belief_key)]
+    actions = batch.get(filter_module.in_keys[1]).float()
     for t in range(context, steps):
         belief = rssm.deter_step(state, actions[:, t - 1], belief)
         state = rssm.sample(rssm.prior_logits(belief), straight_through=False)
