@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -61,6 +64,10 @@ def main(argv: list[str] | None = None) -> dict:
         help="after timing, profile one more update with torch.profiler and print the N ops with most self time",
     )
     parser.add_argument(
+        "--background-load", type=int, default=0, metavar="N",
+        help="run N busy processes beside the timed updates (as env workers and the collector do in training)",
+    )
+    parser.add_argument(
         "--plain-convolutions", action="store_true",
         help="run the image encoder/decoder as their plain nn.Sequential (fast_path=False), for comparison",
     )
@@ -88,16 +95,22 @@ def main(argv: list[str] | None = None) -> dict:
     flops = counter.get_total_flops()
     for net in image_nets:
         net.fast_path = not args.plain_convolutions
-    for _ in range(args.warmup):
-        stepper.step(None, batch.clone())
-    times = []
-    for i in range(args.updates):
-        sync(device)
-        start = time.perf_counter()
-        stepper.step(None, batch.clone())
-        sync(device)
-        times.append(time.perf_counter() - start)
-        print(f"update {i}: {times[-1] * 1e3:.1f} ms", flush=True)
+    load = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.background_load)]
+    try:
+        for _ in range(args.warmup):
+            stepper.step(None, batch.clone())
+        times = []
+        for i in range(args.updates):
+            sync(device)
+            start = time.perf_counter()
+            stepper.step(None, batch.clone())
+            sync(device)
+            times.append(time.perf_counter() - start)
+            print(f"update {i}: {times[-1] * 1e3:.1f} ms", flush=True)
+    finally:
+        for proc in load:
+            proc.kill()
+            proc.wait()
     if args.profile:
         print_profile(stepper, batch, device, args.profile)
     median = statistics.median(times)
@@ -107,6 +120,8 @@ def main(argv: list[str] | None = None) -> dict:
         "precision": args.precision,
         "batch": [args.batch_size, args.batch_length],
         "updates": args.updates,
+        "background_load": args.background_load,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(OpenMP default)"),
         "ms_per_update": round(median * 1e3, 2),
         "ms_min": round(min(times) * 1e3, 2),
         "gflop_per_update": round(flops / 1e9, 1),

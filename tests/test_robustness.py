@@ -228,3 +228,25 @@ def test_an_empty_logdir_flag_is_refused():
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
     assert cli.main(["--preset", "debug", "--logdir", ""]) == 2
+
+
+def test_cli_thread_policy(tmp_path, monkeypatch):
+    import importlib.util
+    import os
+    from pathlib import Path
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    script = Path(__file__).resolve().parents[1] / "examples" / "dreamerv2_atari.py"
+    spec = importlib.util.spec_from_file_location("dreamerv2_atari", script)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"  # set for the worker processes and any later OpenMP load
+    threads = torch.get_num_threads()
+    try:
+        assert cli.main(["--preset", "debug", "--threads", "0", "--logdir", str(tmp_path / "a")]) == 2
+        rc = cli.main(["--preset", "debug", "--env", "catch", "--total-steps", "110", "--prefill", "100",
+                       "--threads", "1", "--no-progress", "--eval-every", "1e9", "--video-every", "1e9",
+                       "--logdir", str(tmp_path / "b")])
+        assert rc == 0 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
