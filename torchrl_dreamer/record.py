@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 import torch
 from tensordict import TensorDictBase
-from torchrl.record.loggers import CSVLogger, Logger
+from torchrl.record.loggers import CSVLogger, Logger, TensorboardLogger
 
 __all__ = ["MultiLogger", "make_logger", "truncate_scalars", "EpisodeTracker", "open_loop_video", "write_gif"]
 
@@ -31,8 +31,7 @@ class MultiLogger:
 
     def log_video(self, name: str, video: torch.Tensor, step: int | None = None, **kwargs) -> None:
         for logger in list(self.loggers):
-            is_tensorboard = any(cls.__name__ == "TensorboardLogger" for cls in type(logger).__mro__)
-            if is_tensorboard and importlib.util.find_spec("moviepy") is None:
+            if isinstance(logger, TensorboardLogger) and importlib.util.find_spec("moviepy") is None:
                 if not self._warned_video:
                     warnings.warn("TensorBoard videos need moviepy (pip install moviepy); the open-loop videos are "
                                   "written as GIFs and CSV-logger tensors only.", stacklevel=2)
@@ -95,30 +94,21 @@ def make_logger(logdir: str | Path, *, tensorboard: bool = True, resume_step: in
                 stacklevel=2,
             )
         else:
-            loggers.append(_TensorboardLogger(exp_name="tb", log_dir=str(logdir), purge_step=resume_step))
+            loggers.append(ResumableTensorboardLogger(exp_name="tb", log_dir=str(logdir), purge_step=resume_step))
     return MultiLogger(loggers)
 
 
-def _tensorboard_logger_class():
-    from torchrl.record.loggers import TensorboardLogger
+class ResumableTensorboardLogger(TensorboardLogger):
+    """TorchRL's TensorBoard logger, purging the events after ``purge_step`` of a resumed run."""
 
-    class ResumableTensorboardLogger(TensorboardLogger):
-        """TorchRL's TensorBoard logger, purging the events after ``purge_step`` of a resumed run."""
+    def __init__(self, exp_name: str, log_dir: str, purge_step: int | None = None) -> None:
+        self._purge_step = purge_step
+        super().__init__(exp_name=exp_name, log_dir=log_dir)
 
-        def __init__(self, exp_name: str, log_dir: str, purge_step: int | None = None) -> None:
-            self._purge_step = purge_step
-            super().__init__(exp_name=exp_name, log_dir=log_dir)
+    def _create_experiment(self):
+        from torch.utils.tensorboard import SummaryWriter
 
-        def _create_experiment(self):
-            from torch.utils.tensorboard import SummaryWriter
-
-            return SummaryWriter(log_dir=str(Path(self.log_dir) / self.exp_name), purge_step=self._purge_step)
-
-    return ResumableTensorboardLogger
-
-
-def _TensorboardLogger(**kwargs):
-    return _tensorboard_logger_class()(**kwargs)
+        return SummaryWriter(log_dir=str(Path(self.log_dir) / self.exp_name), purge_step=self._purge_step)
 
 
 class EpisodeTracker:
