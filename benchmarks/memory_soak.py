@@ -40,6 +40,7 @@ import time
 import typing
 from pathlib import Path
 
+import torchrl_dreamer  # noqa: F401  (before torch: the library's OpenMP wait policy, as in training)
 import torch
 
 from torchrl_dreamer.config import PRESETS, DreamerV2Config

@@ -8,6 +8,8 @@ with ``torch.utils.flop_counter`` and the achieved FLOP/s; the last line is JSON
     python benchmarks/update_speed.py --device cpu --precision fp32 --updates 5
     python benchmarks/update_speed.py --profile 25           # also print the 25 most expensive ops
     python benchmarks/update_speed.py --plain-convolutions   # the encoder/decoder as plain nn.Sequential
+    python benchmarks/update_speed.py --compile              # compiled, timed alternately with eager
+    python benchmarks/update_speed.py --device cuda --compile --cudagraph --precision bf16
 
 See ``benchmarks/README.md`` for the figures.
 """
@@ -21,6 +23,7 @@ import subprocess
 import sys
 import time
 
+import torchrl_dreamer  # noqa: F401  (before torch: the library's OpenMP wait policy, as in training)
 import torch
 import torch.nn.functional as F
 from tensordict import TensorDict
@@ -71,19 +74,27 @@ def main(argv: list[str] | None = None) -> dict:
         "--plain-convolutions", action="store_true",
         help="run the image encoder/decoder as their plain nn.Sequential (fast_path=False), for comparison",
     )
+    parser.add_argument(
+        "--compile", action="store_true",
+        help="compile the update (torch.compile); eager updates on the same model are timed alternately beside it",
+    )
+    parser.add_argument("--cudagraph", action="store_true", help="capture the forward/backward passes (CUDA only)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda requested but CUDA is not available")
+    if args.cudagraph and args.device != "cuda":
+        parser.error("--cudagraph needs --device cuda")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    cfg = DreamerV2Config.preset("atari", precision=args.precision)
+    cfg = DreamerV2Config.preset("atari", precision=args.precision, compile=args.compile, cudagraph=args.cudagraph)
     obs_spec = Composite(pixels=Unbounded((1, 64, 64), dtype=torch.uint8))
     models = cfg.make_models(obs_spec, OneHot(args.actions), device=device)
     image_nets = [m for m in models.world_model.modules() if hasattr(m, "fast_path")]
     loss = cfg.make_loss(models)
     stepper = cfg.make_stepper(loss)
+    eager = cfg.replace(compile=False, cudagraph=False).make_stepper(loss)  # same model and parameters
     batch = make_batch(args.batch_size, args.batch_length, args.actions, device)
 
     # FLOPs of the model's operations as written (plain convolutions): the sub-pixel form of the
@@ -91,22 +102,32 @@ def main(argv: list[str] | None = None) -> dict:
     for net in image_nets:
         net.fast_path = False
     with FlopCount() as counter:
-        stepper.step(None, batch.clone())
+        eager.step(None, batch.clone())
     flops = counter.get_total_flops()
     for net in image_nets:
         net.fast_path = not args.plain_convolutions
     load = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.background_load)]
+    compiled = stepper.compile or stepper.cudagraph
+    warmup_s = None
     try:
+        if compiled:
+            start = time.perf_counter()
+            stepper.warmup(batch)
+            sync(device)
+            warmup_s = time.perf_counter() - start
+            print(f"compile/capture warm-up: {warmup_s:.1f} s", flush=True)
         for _ in range(args.warmup):
             stepper.step(None, batch.clone())
-        times = []
+        times, eager_times = [], []
         for i in range(args.updates):
-            sync(device)
-            start = time.perf_counter()
-            stepper.step(None, batch.clone())
-            sync(device)
-            times.append(time.perf_counter() - start)
-            print(f"update {i}: {times[-1] * 1e3:.1f} ms", flush=True)
+            # compiled and eager updates alternate, so that both see the same machine
+            for label, timed, out in (("", stepper, times), ("eager ", eager, eager_times))[: 1 + compiled]:
+                sync(device)
+                start = time.perf_counter()
+                timed.step(None, batch.clone())
+                sync(device)
+                out.append(time.perf_counter() - start)
+                print(f"{label}update {i}: {out[-1] * 1e3:.1f} ms", flush=True)
     finally:
         for proc in load:
             proc.kill()
@@ -122,13 +143,20 @@ def main(argv: list[str] | None = None) -> dict:
         "updates": args.updates,
         "background_load": args.background_load,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(OpenMP default)"),
+        "compile": args.compile,
+        "cudagraph": args.cudagraph,
         "ms_per_update": round(median * 1e3, 2),
         "ms_min": round(min(times) * 1e3, 2),
         "gflop_per_update": round(flops / 1e9, 1),
         "achieved_tflops": round(flops / median / 1e12, 4),
     }
+    if compiled:
+        result["warmup_s"] = round(warmup_s, 1)
+        result["eager_ms_per_update"] = round(statistics.median(eager_times) * 1e3, 2)
+        result["speedup_vs_eager"] = round(statistics.median(eager_times) / median, 3)
     print(f"median {result['ms_per_update']} ms per update, {result['gflop_per_update']} GFLOP per update, "
-          f"{result['achieved_tflops'] * 1e3:.1f} GFLOP/s achieved")
+          f"{result['achieved_tflops'] * 1e3:.1f} GFLOP/s achieved"
+          + (f"; eager beside it {result['eager_ms_per_update']} ms ({result['speedup_vs_eager']}x)" if compiled else ""))
     print(json.dumps(result))
     return result
 

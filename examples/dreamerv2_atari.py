@@ -23,20 +23,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import typing
 
-# Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning. In training the env workers and the
-# collector share the cores with the learner, and spinning threads then fight them for the cores (one update at
-# the Atari preset, 2 threads, one core busy: 11.1 s spinning, 7.8 s passive; idle: 4.42 s both). An explicit
-# OMP_WAIT_POLICY in the environment wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torchrl_dreamer  # noqa: F401  (first: before torch loads OpenMP, idle threads are set to sleep, see its docstring)
+import torch
 
-import torch  # noqa: E402
-
-from torchrl_dreamer.config import PRESETS, DreamerV2Config  # noqa: E402
-from torchrl_dreamer.trainers import (  # noqa: E402
+from torchrl_dreamer.config import PRESETS, DreamerV2Config
+from torchrl_dreamer.trainers import (
     CheckpointError,
     CheckpointWriteError,
     NonFiniteUpdateError,
@@ -44,7 +38,7 @@ from torchrl_dreamer.trainers import (  # noqa: E402
     make_dreamerv2_trainer,
 )
 
-_SPECIAL = {"env", "seed", "num_envs", "precision", "env_kwargs"}
+_SPECIAL = {"env", "seed", "num_envs", "precision", "env_kwargs", "compile", "cudagraph"}
 DEBUG_STEPS_NOTE = 20_000  # the debug preset beyond this many agent steps gets a note: it is a smoke test
 
 
@@ -111,6 +105,8 @@ def build_parser(preset: str = "atari") -> argparse.ArgumentParser:
     run.add_argument("--threads", type=int, default=None, metavar="INT",
                      help="torch CPU threads of the learner (default: torch's, one per core; OpenMP threads wait "
                           "passively, see OMP_WAIT_POLICY)")
+    run.add_argument("--compile", action="store_true", help=_hyper_help(fields["compile"], preset))
+    run.add_argument("--cudagraph", action="store_true", help=_hyper_help(fields["cudagraph"], preset))
     run.add_argument("--keep-saved-config", action="store_true",
                      help="resume a run whose saved settings differ from this command's, with the saved ones")
     run.add_argument("--fresh-replay", action="store_true",
@@ -140,6 +136,9 @@ def make_config(args: argparse.Namespace) -> DreamerV2Config:
     for name in ("seed", "num_envs", "precision"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
+    for name in ("compile", "cudagraph"):
+        if getattr(args, name):
+            overrides[name] = True
     if args.game and args.env:
         raise SystemExit("error: give either --game or --env, not both")
     if args.game:

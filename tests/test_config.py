@@ -60,7 +60,8 @@ BAD = [
     ("train_every", 0), ("batch_size", 0), ("batch_length", 0), ("replay_capacity", 0), ("eval_every", 0),
     ("eval_episodes", 0), ("log_every", 0), ("video_every", 0), ("checkpoint_every", -10), ("seed", -1),
     ("reward_transform", "clip"), ("actor_grad", "dynamic"), ("precision", "fp16"), ("discount_head", "yes"),
-    ("prioritize_ends", 1), ("strict_length", None), ("cnn_keys", "pixels,,x"), ("cnn_keys", 3),
+    ("prioritize_ends", 1), ("strict_length", None), ("compile", "yes"), ("cudagraph", 1), ("cnn_keys", "pixels,,x"),
+    ("cnn_keys", 3),
     ("mlp_keys", "a,a"), ("env", ""), ("env_kwargs", ["x"]),
 ]
 

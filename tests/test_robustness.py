@@ -174,6 +174,7 @@ def test_the_pace_is_measured_and_reported(tmp_path, capsys):
     trainer.speed_report()
     out = capsys.readouterr().out
     assert "the remaining" in out and "need a GPU" in out and "--preset debug" in out
+    assert ("--precision bf16" in out) == bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
 def test_missing_tensorboard_is_said_once(tmp_path, monkeypatch):
@@ -230,17 +231,29 @@ def test_an_empty_logdir_flag_is_refused():
     assert cli.main(["--preset", "debug", "--logdir", ""]) == 2
 
 
-def test_cli_thread_policy(tmp_path, monkeypatch):
+def test_thread_policy(tmp_path, monkeypatch):
     import importlib.util
     import os
     from pathlib import Path
 
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    import subprocess
+    import sys
+
+    # importing the library before torch sets the passive policy (for the process and its env workers), unless
+    # the environment says otherwise; after torch it cannot, and leaves the variable alone
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    code = "import os, {}; print(os.environ.get('OMP_WAIT_POLICY'), torchrl_dreamer.OMP_WAIT_POLICY_SET)"
+    for modules, expected in (("torchrl_dreamer, torch", "PASSIVE True"), ("torch, torchrl_dreamer", "None False")):
+        out = subprocess.run([sys.executable, "-c", code.format(modules)], env=env, capture_output=True, text=True)
+        assert out.stdout.split() == expected.split(), out.stderr[-2000:]
+    out = subprocess.run([sys.executable, "-c", code.format("torchrl_dreamer")], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
+                         capture_output=True, text=True)
+    assert out.stdout.split() == ["ACTIVE", "False"]
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
     script = Path(__file__).resolve().parents[1] / "examples" / "dreamerv2_atari.py"
     spec = importlib.util.spec_from_file_location("dreamerv2_atari", script)
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
-    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"  # set for the worker processes and any later OpenMP load
     threads = torch.get_num_threads()
     try:
         assert cli.main(["--preset", "debug", "--threads", "0", "--logdir", str(tmp_path / "a")]) == 2
@@ -248,5 +261,15 @@ def test_cli_thread_policy(tmp_path, monkeypatch):
                        "--threads", "1", "--no-progress", "--eval-every", "1e9", "--video-every", "1e9",
                        "--logdir", str(tmp_path / "b")])
         assert rc == 0 and torch.get_num_threads() == 1
+        # a trainer built in a process where the threads spin says so
+        from torchrl_dreamer.config import DreamerV2Config
+        from torchrl_dreamer.trainers import make_dreamerv2_trainer
+
+        monkeypatch.delenv("OMP_WAIT_POLICY")
+        torch.set_num_threads(2)
+        with pytest.warns(UserWarning, match="OpenMP threads spin while they wait"):
+            trainer = make_dreamerv2_trainer(DreamerV2Config.preset("debug", env="catch"), tmp_path / "c",
+                                             device="cpu", progress=False)
+        trainer.shutdown()
     finally:
         torch.set_num_threads(threads)

@@ -260,3 +260,19 @@ def test_several_serial_envs(tmp_path):
     assert len(trainer.replay_buffer) == 240 + 16
     with pytest.raises(ValueError, match="multiple of num_envs"):
         make_dreamerv2_trainer(cfg.replace(num_envs=3), tmp_path / "other", device="cpu", progress=False)
+
+
+def test_parallel_envs_leave_the_learner_its_threads(tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cfg = DreamerV2Config.preset("debug", num_envs=2, total_steps=200, **QUIET)
+        trainer = make_dreamerv2_trainer(cfg, tmp_path / "run", device="cpu", progress=False)
+        during = []
+        trainer.register_op("post_optim", lambda: during.append(torch.get_num_threads()))
+        result = trainer.train()
+        # TorchRL's ParallelEnv would leave the learner cores - workers threads (here 1); the workers wait
+        # while the learner updates, so it keeps its 2
+        assert result["updates"] > 0 and set(during) == {2}
+    finally:
+        torch.set_num_threads(threads)

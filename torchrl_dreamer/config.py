@@ -118,6 +118,9 @@ class DreamerV2Config:
     checkpoint_every: int = _h(100_000, help="agent steps between checkpoints (agent steps)")
     # execution
     precision: Literal["fp32", "bf16"] = _h("fp32", help="precision of the updates: fp32 or bf16 (autocast)")
+    compile: bool = _h(False, help="compile the update with torch.compile (TorchInductor); the first update compiles "
+                       "(minutes) (bool)")
+    cudagraph: bool = _h(False, help="capture the update's forward/backward passes in CUDA graphs; CUDA only (bool)")
     seed: int = _h(0, help="random seed of models, replay and envs (integer >= 0)")
     env_kwargs: dict[str, Any] = _h(factory=dict, help="extra keyword arguments of make_env for built-in env names "
                                     "(e.g. full_action_space=False)")
@@ -232,7 +235,11 @@ class DreamerV2Config:
         from torchrl_dreamer.trainers import DreamerV2OptimizationStepper
 
         return DreamerV2OptimizationStepper(
-            loss, optimizers if optimizers is not None else self.make_optimizers(loss), precision=self.precision
+            loss,
+            optimizers if optimizers is not None else self.make_optimizers(loss),
+            precision=self.precision,
+            compile=self.compile,
+            cudagraph=self.cudagraph,
         )
 
 
@@ -279,7 +286,7 @@ _CHOICES = {
     "actor_grad": ("reinforce", "dynamics", "both"),
     "precision": ("fp32", "bf16"),
 }
-_BOOLS = ("discount_head", "prioritize_ends", "strict_length")
+_BOOLS = ("discount_head", "prioritize_ends", "strict_length", "compile", "cudagraph")
 
 
 def _fail(name: str, value: Any, allowed: str) -> ValueError:

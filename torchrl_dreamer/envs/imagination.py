@@ -184,7 +184,11 @@ class DreamerV2ImaginationEnv(ModelBasedEnvBase):
             >>> env.start_states(posteriors).batch_size
             torch.Size([10])
         """
-        start = tensordict.select(*self.model_state_keys).detach().reshape(-1)
+        start = TensorDict(
+            {key: tensordict.get(key).detach().flatten(0, tensordict.ndim - 1) for key in self.model_state_keys},
+            batch_size=[tensordict.batch_size.numel()],
+            device=self.device,
+        )
         if discount is not None:
             start.set("discount", discount.reshape(-1, 1).to(start.get(self.model_state_keys[0]).dtype))
         return start

@@ -24,12 +24,14 @@ computes V_t from the reward and discount *at* each state.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from tensordict import TensorDict, TensorDictBase, TensorDictParams
 from tensordict.nn import ProbabilisticTensorDictSequential, TensorDictModule, TensorDictModuleBase
 from tensordict.utils import NestedKey
+from torchrl.data import Categorical, OneHot
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 from torchrl.objectives.common import LossModule
 from torchrl.objectives.utils import ValueEstimators, hold_out_net
@@ -112,9 +114,10 @@ class DreamerV2ValueLoss(LossModule):
     def target_value(self, tensordict: TensorDictBase) -> torch.Tensor:
         """The slow critic's value of each state of ``tensordict`` (its parameters carry no gradient)."""
         inputs = tensordict.select(*self.value_network.in_keys)
-        # detached aliases: to_module would turn the stored targets into trainable Parameters; gradients may flow
-        # through the states (dynamics actor gradient), never into the slow critic
-        with self.target_value_network_params.data.to_module(self.value_network):
+        # written as the plain, gradient-free tensors they are (preserve_module_state=True would wrap them in
+        # trainable Parameters); gradients may flow through the states (dynamics actor gradient), never into the
+        # slow critic
+        with self.target_value_network_params.to_module(self.value_network, preserve_module_state=False):
             return self.value_network(inputs).get(self.value_network.out_keys[0])
 
     def forward(self, tensordict: TensorDictBase) -> TensorDict:
@@ -204,6 +207,15 @@ class DreamerV2ActorLoss(LossModule):
     ``(losses, trajectory)``, where ``trajectory`` is a ``[N, H]`` TensorDict (``state``,
     ``belief``, ``lambda_target``, ``discount_weight``) for :class:`DreamerV2ValueLoss`. Nothing is
     written into the input.
+
+    Besides ``loss_actor``, the losses carry learning-health metrics (detached): ``actor_ent`` and
+    ``actor_ent_fraction`` (entropy over its maximum, :attr:`max_entropy`; near 0 the actor has collapsed),
+    ``advantage_scale`` (mean ``|lambda-return - slow value|``), the imagined rewards' ``reward_mean``,
+    ``reward_std``, ``reward_max`` (largest magnitude) and discounts' ``discount_mean``, ``discount_min``, the slow
+    critic's ``critic_slow`` and the targets' ``critic_target`` (means), and ``critic_bound``: the slow critic's
+    largest ``|value|`` over the largest discounted return the rewards allow, ``max |reward| / (1 - gamma)`` with
+    the largest imagined ``|reward|`` seen so far. Above 1 the critic values more than any reward stream could
+    give: it is diverging (the trainer warns).
 
     Args:
         actor_network (ProbabilisticTensorDictSequential): the actor, e.g. a TorchRL
@@ -304,6 +316,8 @@ class DreamerV2ActorLoss(LossModule):
         self.__dict__["_policy"] = _ImaginationPolicy(
             actor_network, self.action_key, reparameterize=actor_grad != "reinforce"
         )
+        # the largest |imagined reward| seen so far (not checkpointed: one batch restores it), for critic_bound
+        self.register_buffer("reward_scale", torch.zeros(()), persistent=False)
         if self.action_key not in model_based_env.full_action_spec.keys(True, True):
             raise ValueError(
                 f"The actor writes {self.action_key!r} but the imagination env reads "
@@ -349,7 +363,19 @@ class DreamerV2ActorLoss(LossModule):
         keys = self.tensor_keys
         return [*self.model_based_env.model_state_keys, keys.is_init, keys.reward, keys.terminated]
 
-    out_keys = ["loss_actor", "actor_loss", "actor_ent", "reward_mean", "reward_std", "critic_slow", "critic_target"]
+    out_keys = [
+        "loss_actor", "actor_loss", "actor_ent", "actor_ent_fraction", "advantage_scale", "reward_mean", "reward_std",
+        "reward_max", "discount_mean", "discount_min", "critic_slow", "critic_target", "critic_bound",
+    ]
+
+    @property
+    def max_entropy(self) -> float:
+        """The largest entropy of one action: ``log n`` for ``n`` discrete actions, the log-volume of the action
+        box for bounded continuous ones (the uniform distribution's)."""
+        spec = self.model_based_env.full_action_spec[self.action_key]
+        if isinstance(spec, (OneHot, Categorical)):
+            return math.log(spec.space.n)
+        return float((spec.space.high - spec.space.low).log().sum())
 
     @property
     def rho(self) -> float:
@@ -406,16 +432,29 @@ class DreamerV2ActorLoss(LossModule):
             objective = objective + (1 - rho) * target[:, 1:].squeeze(-1)
         actor_loss = -(weight[:, :-2].squeeze(-1) * objective).mean()
 
-        all_rewards = torch.cat([start_reward, next_reward], 1)
+        all_rewards = torch.cat([start_reward, next_reward], 1).detach()
+        with torch.no_grad():
+            # learning health: the slow critic's largest value as a fraction of the largest discounted return the
+            # reward scale allows (max |reward| so far / (1 - gamma)); above 1 the critic has diverged
+            self.reward_scale.copy_(torch.maximum(self.reward_scale, all_rewards.abs().max().float()))
+            gamma = self.value_estimator.gamma.to(value)
+            bound = self.reward_scale.clamp_min(1e-8) / (1.0 - gamma).clamp_min(1e-8)
+            advantage_scale = (target[:, 1:] - value[:, :-2]).abs().mean()
         losses = TensorDict(
             {
                 "loss_actor": actor_loss,
                 "actor_loss": actor_loss.detach(),
                 "actor_ent": entropy.detach().mean(),
-                "reward_mean": all_rewards.detach().mean(),
-                "reward_std": all_rewards.detach().std(),
+                "actor_ent_fraction": entropy.detach().mean() / self.max_entropy,
+                "advantage_scale": advantage_scale,
+                "reward_mean": all_rewards.mean(),
+                "reward_std": all_rewards.std(),
+                "reward_max": all_rewards.abs().max(),
+                "discount_mean": discount.detach().mean(),
+                "discount_min": discount.detach().min(),
                 "critic_slow": value.detach().mean(),
                 "critic_target": target.detach().mean(),
+                "critic_bound": value.detach().abs().max() / bound,
             },
             [],
         )

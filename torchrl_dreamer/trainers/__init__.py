@@ -12,6 +12,7 @@ from torchrl_dreamer.trainers.hooks import (
     OpenLoopVideoHook,
     SpeedReportHook,
     TrainMetricsHook,
+    health_warnings,
     UpdateSchedule,
 )
 from torchrl_dreamer.trainers.trainer import (

@@ -49,6 +49,7 @@ __all__ = [
     "CheckpointWriteError",
     "EpisodeReturnHook",
     "TrainMetricsHook",
+    "health_warnings",
     "EvaluationHook",
     "OpenLoopVideoHook",
     "CheckpointHook",
@@ -308,7 +309,9 @@ class SpeedReportHook(_LoggingHook):
         if self.report is not None:
             return
         now = time.perf_counter()
-        if self._start is None:  # the first update after the prefill (or a resume): start the clock
+        if self._start is None or self.schedule.steps == self._start[1]:
+            # the first update after the prefill (or a resume), and the pretraining updates at the same step: start
+            # the clock at the last of them, so that the pace is that of training
             self._start = (now, self.schedule.steps, self.schedule.updates)
             return
         start_time, start_steps, start_updates = self._start
@@ -327,6 +330,10 @@ class SpeedReportHook(_LoggingHook):
                 " The paper's settings need a GPU: install the CUDA build of torch (see the README), or on a CPU "
                 "use --preset debug (a smoke test) or fewer --total-steps."
             )
+            stepper = getattr(self.trainer, "optimization_stepper", None)
+            amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+            if amx and getattr(stepper, "precision", None) == "fp32":
+                message += " This CPU has AMX: --precision bf16 (the paper's mixed precision) about halves the update."
         self.report = message
         if left > 600:  # worth saying only for a run that is not about to end
             _print(self.trainer, message)
@@ -400,20 +407,55 @@ class EpisodeReturnHook(_LoggingHook):
         trainer.register_module(name, self)
 
 
+# learning-health limits, checked on the averaged training metrics at each log
+CRITIC_BOUND_LIMIT = 1.0  # the critic's largest value over the largest discounted return the rewards allow
+ENTROPY_FRACTION_LIMIT = 0.05  # the actor's entropy over its maximum
+
+
+def health_warnings(metrics: dict[str, float], *, entropy: bool = True) -> list[str]:
+    """One line per learning-health limit the averaged metrics cross (see ``DreamerV2ActorLoss``'s metrics).
+
+    ``entropy=False`` skips the entropy check (continuous actors: their entropy has no floor to compare with, a
+    narrow Gaussian's is negative).
+    """
+    lines = []
+    bound = metrics.get("critic_bound")
+    if bound is not None and not bound <= CRITIC_BOUND_LIMIT:  # also NaN
+        lines.append(
+            f"the critic is diverging: its values reach {bound:.2f}x the largest discounted return the rewards allow "
+            f"(critic_bound > {CRITIC_BOUND_LIMIT:g}; mean slow value {metrics.get('critic_slow', float('nan')):.4g}); "
+            "lower critic_lr, raise target_update_interval or lower gamma"
+        )
+    fraction = metrics.get("actor_ent_fraction")
+    if entropy and fraction is not None and not fraction >= ENTROPY_FRACTION_LIMIT:
+        lines.append(
+            f"the actor's entropy has collapsed to {fraction:.3f} of its maximum (actor_ent_fraction < "
+            f"{ENTROPY_FRACTION_LIMIT:g}): it barely explores; check critic_bound and advantage_scale, or raise "
+            "entropy_scale"
+        )
+    return lines
+
+
 class TrainMetricsHook(_PeriodicHook):
     """Averages the updates' metrics over ``log_every`` agent steps, then logs them with ``fps`` (frames / s).
+
+    Learning health is checked at each log: a critic whose values exceed the largest discounted return the rewards
+    allow (``critic_bound > 1``) or a discrete actor whose entropy has collapsed (``actor_ent_fraction < 0.05``)
+    is reported in one line while the run goes on (:func:`health_warnings`).
 
     Args:
         schedule (UpdateSchedule): the step and update counters.
 
     Keyword Args:
         log_every (int): agent steps between two logs.
+        check_entropy (bool): warn about a collapsed entropy (for discrete actors). Default: ``True``.
     """
 
     default_name = "train_metrics"
 
-    def __init__(self, schedule: UpdateSchedule, *, log_every: int) -> None:
+    def __init__(self, schedule: UpdateSchedule, *, log_every: int, check_entropy: bool = True) -> None:
         super().__init__(schedule, log_every)
+        self.check_entropy = check_entropy
         self._sums: dict[str, torch.Tensor] = {}
         self._count = 0
         self._clock = (time.perf_counter(), 0)
@@ -429,6 +471,8 @@ class TrainMetricsHook(_PeriodicHook):
     def run(self) -> None:
         steps = self.schedule.steps
         values = {key: float(total / self._count) for key, total in self._sums.items()} if self._count else {}
+        for line in health_warnings(values, entropy=self.check_entropy):
+            _print(self.trainer, f"warning at step {steps:_}: {line}")
         start, start_steps = self._clock
         now = time.perf_counter()
         if start_steps:

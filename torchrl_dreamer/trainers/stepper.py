@@ -6,6 +6,8 @@ from typing import Any
 
 import torch
 from tensordict import TensorDict, TensorDictBase
+from tensordict.nn import CudaGraphModule
+from torchrl.checkpoint import GlobalRNGState
 from torchrl.trainers.trainers import OptimizationStepper
 
 from torchrl_dreamer.objectives.composite import DreamerV2Loss
@@ -43,20 +45,36 @@ def make_dreamerv2_optimizers(
 
 
 class DreamerV2OptimizationStepper(OptimizationStepper):
-    """One DreamerV2 update in the reference order.
+    """One DreamerV2 update in the reference order, eager or compiled.
 
     1. world-model loss, backward, model optimiser step;
     2. imagination from the (stop-gradient) posterior states with the updated
-       world model, actor loss, backward, actor optimiser step;
-    3. critic loss on the same imagined trajectory, backward, critic step;
+       world model, actor loss; critic loss on the same imagined trajectory;
+       one backward through both (their parameters and graphs are disjoint: the
+       critic reads the trajectory detached and the actor the slow critic), then
+       the actor and the critic optimiser steps.
 
-    Each loss is computed through the trainer's ``compute_loss(batch, method=...)``
-    (``"model_loss"``, ``"actor_loss"``, ``"value_loss"``), as TorchRL's TD3
-    trainer does, so that a distributed learner backend sees every loss; on its
-    own (``step(None, batch)``) the stepper calls the loss's sub-losses directly.
     The slow critic is not copied here: a TorchRL :class:`~torchrl.trainers.TargetNetUpdaterHook`
     around :func:`~torchrl_dreamer.objectives.make_target_updater` does it after each step
     (call the updater's ``step()`` yourself when stepping by hand).
+
+    Eager updates compute each loss through the trainer's ``compute_loss(batch, method=...)``
+    (``"model_loss"``, ``"actor_loss"``, ``"value_loss"``), as TorchRL's TD3 trainer does;
+    on its own (``step(None, batch)``) the stepper calls the sub-losses directly.
+
+    **Compiled updates** follow TorchRL's ``DreamerV3OptimizationStepper``. The two
+    forward/backward passes above (world model; actor and critic) are one compile scope
+    over the losses: :func:`torch.compile` of the stepper's own two functions, which call
+    the sub-losses directly (the trainer's ``compute_loss`` is not traced); the optimiser
+    steps, which read the gradient norm on the host, run eagerly between them. On CUDA
+    ``cudagraph=True`` captures each forward/backward with TensorDict's
+    :class:`~tensordict.nn.CudaGraphModule`. :meth:`warmup` compiles (and captures) on a
+    representative batch and leaves the RNG, the loss's buffers and the optimisers as they
+    were; the first :meth:`step` calls it when it has not been called, so a compiled update
+    computes the eager one's function from the same state (inductor draws its own random numbers;
+    with ``torch._inductor.config.fallback_random = True`` it draws torch's, and the losses,
+    gradients and weights match the eager ones to rounding: ``tests/test_compile.py``). Batches must keep
+    the warm-up's shapes and keys (a replay sample always does); a new shape recompiles.
 
     Args:
         loss (DreamerV2Loss): the composite loss.
@@ -73,6 +91,13 @@ class DreamerV2OptimizationStepper(OptimizationStepper):
         precision (str): ``"fp32"`` or ``"bf16"`` autocast for the forward passes
             (the paper trained in mixed precision). Default: ``"fp32"``.
         max_nonfinite_updates (int): consecutive non-finite updates tolerated. Default: ``20``.
+        compile (bool): compile the update with TorchInductor. Default: ``False``.
+        compile_mode (str): :func:`torch.compile`'s ``mode``. Default: ``"default"``.
+        cudagraph (bool): capture each forward/backward in a CUDA graph (CUDA only).
+            Default: ``False``.
+        warmup_steps (int): forward/backward passes of the warm-up (at least 2: the first
+            fills the imagination env's caches, the next compiles the steady state;
+            CUDA-graph capture needs more). Default: ``3``.
 
     Returns (``step``): detached metrics named as the reference's, with
     ``model_grad_norm``, ``actor_grad_norm``, ``critic_grad_norm`` and ``nonfinite_updates``.
@@ -85,18 +110,29 @@ class DreamerV2OptimizationStepper(OptimizationStepper):
         *,
         precision: str = "fp32",
         max_nonfinite_updates: int = 20,
+        compile: bool = False,
+        compile_mode: str = "default",
+        cudagraph: bool = False,
+        warmup_steps: int = 3,
     ):
         if precision not in _PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(_PRECISIONS)}, got {precision!r}.")
         missing = {"model", "actor", "critic"} - set(optimizers)
         if missing:
             raise ValueError(f"optimizers is missing {sorted(missing)}.")
+        if warmup_steps < 2:
+            raise ValueError(f"warmup_steps must be at least 2, got {warmup_steps}.")
         self.loss = loss
         self.optimizers = optimizers
         self.precision = precision
         self.max_nonfinite_updates = max_nonfinite_updates
         self.nonfinite_updates = 0
         self.consecutive_nonfinite = 0
+        self.compile = bool(compile)
+        self.compile_mode = compile_mode
+        self.cudagraph = bool(cudagraph)
+        self.warmup_steps = warmup_steps
+        self._passes = None  # the compiled/captured (model, behaviour) forward/backward, after warmup()
 
     def _autocast(self, device: torch.device):
         dtype = _PRECISIONS[self.precision]
@@ -104,37 +140,91 @@ class DreamerV2OptimizationStepper(OptimizationStepper):
             return contextlib.nullcontext()
         return torch.autocast(device_type=device.type, dtype=dtype)
 
-    @staticmethod
-    def _optimise(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> torch.Tensor:
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return getattr(optimizer, "last_grad_norm", torch.zeros(())).detach()
+    def _zero_grad(self, *names: str) -> None:
+        # captured graphs write into the same gradient tensors every time: keep them allocated
+        for name in names:
+            self.optimizers[name].zero_grad(set_to_none=not self.cudagraph)
 
-    def _compute(self, trainer: Any, batch: TensorDictBase, method: str):
-        if trainer is not None:
-            return trainer.compute_loss(batch, method=method)
-        return getattr(self.loss, method)(batch)
+    def _model_pass(self, batch: TensorDictBase, trainer: Any = None) -> tuple[TensorDictBase, TensorDictBase]:
+        """World-model loss and its backward: ``(metrics, posteriors)``."""
+        with self._autocast(batch.device or next(self.loss.parameters()).device):
+            if trainer is not None:
+                out, posteriors = trainer.compute_loss(batch, method="model_loss")
+            else:
+                out, posteriors = self.loss.model_loss(batch)
+        self._zero_grad("model")
+        sum(v for k, v in out.items() if k.startswith("loss_")).backward()
+        return out.detach(), posteriors.detach()
+
+    def _behaviour_pass(self, posteriors: TensorDictBase, trainer: Any = None) -> TensorDictBase:
+        """Imagination, actor and critic losses and one backward through both: the metrics."""
+        compute = (lambda td, method: trainer.compute_loss(td, method=method)) if trainer is not None else (
+            lambda td, method: getattr(self.loss, method)(td)
+        )
+        with self._autocast(posteriors.device or next(self.loss.parameters()).device):
+            actor_out, trajectory = compute(posteriors, "actor_loss")
+            value_out = compute(trajectory, "value_loss")
+        self._zero_grad("actor", "critic")
+        (actor_out["loss_actor"] + value_out["loss_value"]).backward()
+        metrics = actor_out.detach()
+        metrics.update(value_out.detach())
+        return metrics
+
+    def warmup(self, batch: TensorDictBase) -> None:
+        """Compile (and on CUDA capture) the update on ``batch`` without changing anything.
+
+        Runs ``warmup_steps`` forward/backward passes, then restores the global RNG state and
+        the loss's buffers and clears the gradients; no optimiser steps, no target copies.
+        Does nothing for an eager stepper.
+        """
+        if not (self.compile or self.cudagraph):
+            return
+        device = next(self.loss.parameters()).device
+        if self.cudagraph and device.type != "cuda":
+            raise RuntimeError(f"cudagraph=True needs the loss on a CUDA device, it is on {device}.")
+        batch = batch.to(device) if batch.device != device else batch
+        model_pass, behaviour_pass = self._model_pass, self._behaviour_pass
+        if self.compile:
+            model_pass = torch.compile(model_pass, mode=self.compile_mode)
+            behaviour_pass = torch.compile(behaviour_pass, mode=self.compile_mode)
+        if self.cudagraph:
+            model_pass = CudaGraphModule(model_pass, warmup=self.warmup_steps - 1, device=device)
+            behaviour_pass = CudaGraphModule(behaviour_pass, warmup=self.warmup_steps - 1, device=device)
+        rng = GlobalRNGState()
+        rng_state = rng.state_dict()
+        buffers = [(buffer, buffer.detach().clone()) for buffer in self.loss.buffers()]
+        try:
+            for _ in range(self.warmup_steps):
+                _, posteriors = model_pass(batch)
+                behaviour_pass(posteriors)
+        finally:
+            with torch.no_grad():
+                for buffer, saved in buffers:
+                    buffer.copy_(saved)
+            rng.load_state_dict(rng_state)
+            self._zero_grad("model", "actor", "critic")
+        self._passes = (model_pass, behaviour_pass)
 
     def step(self, trainer: Any, sub_batch: TensorDictBase) -> TensorDictBase:
         device = next(self.loss.parameters()).device
         batch = sub_batch.to(device) if sub_batch.device != device else sub_batch
-        with self._autocast(device):
-            model_out, posteriors = self._compute(trainer, batch, "model_loss")
-        model_loss = sum(v for k, v in model_out.items() if k.startswith("loss_"))
-        model_norm = self._optimise(self.optimizers["model"], model_loss)
-
-        with self._autocast(device):
-            actor_out, trajectory = self._compute(trainer, posteriors, "actor_loss")
-        actor_norm = self._optimise(self.optimizers["actor"], actor_out["loss_actor"])
-
-        with self._autocast(device):
-            value_out = self._compute(trainer, trajectory, "value_loss")
-        critic_norm = self._optimise(self.optimizers["critic"], value_out["loss_value"])
+        if (self.compile or self.cudagraph) and self._passes is None:
+            self.warmup(batch)
+        if self._passes is not None:
+            model_pass, behaviour_pass = self._passes
+            model_out, posteriors = model_pass(batch)
+        else:
+            model_out, posteriors = self._model_pass(batch, trainer)
+        self.optimizers["model"].step()
+        behaviour_out = behaviour_pass(posteriors) if self._passes is not None else self._behaviour_pass(
+            posteriors, trainer
+        )
+        self.optimizers["actor"].step()
+        self.optimizers["critic"].step()
 
         metrics = TensorDict({}, [])
-        for out in (model_out, actor_out, value_out):
-            metrics.update({k: v.detach() for k, v in out.items() if not k.startswith("loss_")})
+        for out in (model_out, behaviour_out):
+            metrics.update({k: v for k, v in out.items() if not k.startswith("loss_")})
         skipped = [name for name, opt in self.optimizers.items() if getattr(opt, "skipped", False)]
         if skipped:
             self.nonfinite_updates += 1
@@ -150,9 +240,10 @@ class DreamerV2OptimizationStepper(OptimizationStepper):
             self.consecutive_nonfinite = 0
         metrics.update(
             {
-                "model_grad_norm": model_norm,
-                "actor_grad_norm": actor_norm,
-                "critic_grad_norm": critic_norm,
+                **{
+                    f"{name}_grad_norm": getattr(self.optimizers[name], "last_grad_norm", torch.zeros(())).detach()
+                    for name in ("model", "actor", "critic")
+                },
                 "nonfinite_updates": torch.tensor(float(self.nonfinite_updates)),
             }
         )

@@ -5,7 +5,7 @@ Data flow (every piece a TorchRL one, each injectable)::
     user env (+ InitTracker + the policy's primer) --Collector--> [num_envs, train_every / num_envs] transitions
         --> ReplayBufferTrainer.extend --> DreamerReplayBuffer (memmap, one row per observation)
         --> UpdateSchedule (prefill, pretrain, train_every) --> ReplayBufferTrainer.sample --> [B, L] sequences
-        --> DreamerV2OptimizationStepper (model, actor, critic steps through trainer.compute_loss)
+        --> DreamerV2OptimizationStepper (model, actor, critic steps; eager through trainer.compute_loss, or compiled)
         --> TargetNetUpdaterHook (HardUpdate), EpisodeReturnHook, TrainMetricsHook, EvaluationHook, OpenLoopVideoHook,
             CheckpointHook
 
@@ -34,6 +34,7 @@ from torchrl.trainers import ReplayBufferTrainer, TargetNetUpdaterHook, Trainer
 from torchrl_dreamer.config import DreamerV2Config
 from torchrl_dreamer.data import ReplayIntegrityError, make_replay_buffer
 from torchrl_dreamer.envs.resolve import EnvFactory, EnvLike, prepare_env
+from torchrl_dreamer.modules.builders import is_discrete_action_spec
 from torchrl_dreamer.record import make_logger
 from torchrl_dreamer.trainers.hooks import (
     CheckpointHook,
@@ -60,7 +61,9 @@ CHECKPOINT_FILE = "checkpoint.tdz"
 CONFIG_FILE = "config.json"
 LOCK_FILE = ".lock"
 # fields that may differ when a run is resumed
-_RESUMABLE_CHANGES = {"total_steps", "eval_every", "log_every", "video_every", "checkpoint_every", "eval_episodes"}
+_RESUMABLE_CHANGES = {
+    "total_steps", "eval_every", "log_every", "video_every", "checkpoint_every", "eval_episodes", "compile", "cudagraph"
+}
 
 
 class CheckpointError(RuntimeError):
@@ -180,7 +183,11 @@ class DreamerV2Trainer(Trainer):
         MemoryTrimHook().register(self)
         self.episode_returns = EpisodeReturnHook(num_envs)
         self.episode_returns.register(self)
-        TrainMetricsHook(self.schedule, log_every=log_every).register(self)
+        actor_loss = getattr(loss_module, "actor_loss", None)
+        discrete = actor_loss is not None and is_discrete_action_spec(
+            actor_loss.model_based_env.full_action_spec[actor_loss.action_key]
+        )
+        TrainMetricsHook(self.schedule, log_every=log_every, check_entropy=discrete).register(self)
         self.evaluation = None
         if make_eval_env is not None:
             if policy is None:
@@ -509,6 +516,16 @@ def make_dreamerv2_trainer(
     if factory.is_instance and config.num_envs > 1:
         raise ValueError("An env instance runs one env: pass a factory (a function returning the env) for num_envs > 1.")
     device = resolve_device(device)
+    if device.type == "cpu" and torch.get_num_threads() > 1 and "OMP_WAIT_POLICY" not in os.environ:
+        warnings.warn(
+            f"The learner's {torch.get_num_threads()} OpenMP threads spin while they wait (torch was imported before "
+            "torchrl_dreamer and OMP_WAIT_POLICY is not set): beside the env workers an update can take 2-3x longer; "
+            "set OMP_WAIT_POLICY=PASSIVE before starting Python, import torchrl_dreamer before torch, or call "
+            "torch.set_num_threads(1).",
+            stacklevel=2,
+        )
+    if config.cudagraph and device.type != "cuda":
+        raise ValueError(f"cudagraph needs a CUDA device, the updates run on {device}: drop --cudagraph or use --device cuda.")
     created = not logdir.exists()
     lock = None
     try:
@@ -567,7 +584,10 @@ def _build_trainer(
             base = factory(seed)
         else:
             if parallel_envs:
-                base = ParallelEnv(config.num_envs, _WorkerEnv(factory))
+                # the collector is synchronous: the workers wait while the learner updates, so the learner keeps
+                # its threads (ParallelEnv's default leaves it cores - workers: on 2 cores with 2 envs, 1 thread and
+                # an update twice as long)
+                base = ParallelEnv(config.num_envs, _WorkerEnv(factory), num_threads=torch.get_num_threads())
             else:
                 base = SerialEnv(config.num_envs, factory)
             base.set_seed(seed)
