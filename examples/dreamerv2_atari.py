@@ -87,7 +87,8 @@ def build_parser(preset: str = "atari") -> argparse.ArgumentParser:
     fields = {field.name: field for field in dataclasses.fields(DreamerV2Config)}
     run = parser.add_argument_group("run")
     run.add_argument("--preset", default="atari", choices=sorted(PRESETS),
-                     help="hyperparameter preset: atari (paper, Atari), dmc (paper, DMC from pixels), debug (a smoke "
+                     help="hyperparameter preset: atari (paper, Atari), dmc (paper, DMC from pixels), small (CPU-sized "
+                     "networks, the paper's behaviour: learns CartPole and Acrobot on one CPU thread), debug (a smoke "
                      "test: tiny networks on Catch) [default: atari; --preset <name> --help shows its values]")
     run.add_argument("--game", default=None, help="Atari game, e.g. Pong, Boxing, Freeway (sets --env atari:<game>)")
     run.add_argument("--env", default=None, help=_hyper_help(fields["env"], preset))
@@ -161,7 +162,8 @@ def notes(cfg: DreamerV2Config, preset: str) -> list[str]:
     lines = []
     if preset == "debug" and cfg.total_steps > DEBUG_STEPS_NOTE:
         lines.append(f"note: the debug preset is a smoke test (tiny networks), not a training setup: "
-                     f"{cfg.total_steps:_} steps of it will not learn much; use --preset atari or dmc for a real run")
+                     f"{cfg.total_steps:_} steps of it will not learn much; use --preset small on a CPU, atari or dmc on "
+                     "a GPU")
     if not cfg.is_builtin_env and cfg.action_repeat != 1:
         lines.append(f"note: {cfg.env} is your own env factory: it is not wrapped, --action-repeat "
                      f"{cfg.action_repeat} only scales the logged frames (set it to the frames your env does per "

@@ -27,49 +27,12 @@ except ImportError:  # an optional extra
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 from matplotlib.ticker import EngFormatter  # noqa: E402
 
 from torchrl_dreamer.paper import canonical_game, paper_curve  # noqa: E402
+from torchrl_dreamer.record import read_scalar  # noqa: E402,F401  (also this script's API)
 
 FRAMES_PER_BIN = 1_000_000
-
-
-def read_scalar(logdir: Path, metric: str) -> tuple[np.ndarray, np.ndarray]:
-    """Read one metric of a ``CSVLogger`` run, de-duplicated and sorted by step.
-
-    Args:
-        logdir: Run directory containing ``scalars/<metric>.csv``.
-        metric: Metric name (may contain ``/`` for nested names).
-
-    Returns:
-        ``(steps, values)``, float arrays of shape ``[num_points]``; for a step logged more than once (a resumed
-        run) only its last value is kept.
-
-    Raises:
-        FileNotFoundError: If the metric file is missing (the message lists the metrics the run has).
-        ValueError: If the file is empty or a line is not ``step,value``.
-    """
-    path = logdir / "scalars" / f"{metric}.csv"
-    if not path.is_file():
-        scalars = logdir / "scalars"
-        found = sorted(str(p.relative_to(scalars).with_suffix("")) for p in scalars.rglob("*.csv")) \
-            if scalars.is_dir() else []
-        raise FileNotFoundError(f"{logdir}: no metric {metric!r} (expected {path}); "
-                                f"metrics found: {', '.join(found) if found else 'none'}")
-    last_value: dict[float, float] = {}
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            step, value = (float(field) for field in line.split(","))
-        except ValueError:
-            raise ValueError(f"{path}:{number}: expected 'step,value', got {line!r}") from None
-        last_value[step] = value  # a later line for the same step overrides the earlier one
-    if not last_value:
-        raise ValueError(f"{path} has no data")
-    steps = np.array(sorted(last_value))
-    return steps, np.array([last_value[step] for step in steps])
 
 
 def game_of(logdir: Path) -> str | None:

@@ -173,7 +173,7 @@ def test_the_pace_is_measured_and_reported(tmp_path, capsys):
     trainer.speed_report._start = (trainer.speed_report._start[0] - 50.0, 0, 0)
     trainer.speed_report()
     out = capsys.readouterr().out
-    assert "the remaining" in out and "need a GPU" in out and "--preset debug" in out
+    assert "the remaining" in out and "need a GPU" in out and "--preset small" in out
     assert ("--precision bf16" in out) == bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 

@@ -11,7 +11,9 @@ import torch
 from tensordict import TensorDictBase
 from torchrl.record.loggers import CSVLogger, Logger, TensorboardLogger
 
-__all__ = ["MultiLogger", "make_logger", "truncate_scalars", "EpisodeTracker", "open_loop_video", "write_gif"]
+__all__ = [
+    "MultiLogger", "make_logger", "truncate_scalars", "read_scalar", "EpisodeTracker", "open_loop_video", "write_gif"
+]
 
 
 class MultiLogger:
@@ -67,6 +69,44 @@ def truncate_scalars(logdir: str | Path, step: int) -> int:
             tmp.write_text("".join(kept))
             tmp.replace(path)
     return dropped
+
+
+def read_scalar(logdir: str | Path, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Read one metric of a ``CSVLogger`` run, de-duplicated and sorted by step.
+
+    Args:
+        logdir: Run directory containing ``scalars/<metric>.csv``.
+        metric: Metric name (may contain ``/`` for nested names).
+
+    Returns:
+        ``(steps, values)``, float arrays of shape ``[num_points]``; for a step logged more than once (a resumed
+        run) only its last value is kept.
+
+    Raises:
+        FileNotFoundError: If the metric file is missing (the message lists the metrics the run has).
+        ValueError: If the file is empty or a line is not ``step,value``.
+    """
+    logdir = Path(logdir)
+    path = logdir / "scalars" / f"{metric}.csv"
+    if not path.is_file():
+        scalars = logdir / "scalars"
+        found = sorted(str(p.relative_to(scalars).with_suffix("")) for p in scalars.rglob("*.csv")) \
+            if scalars.is_dir() else []
+        raise FileNotFoundError(f"{logdir}: no metric {metric!r} (expected {path}); "
+                                f"metrics found: {', '.join(found) if found else 'none'}")
+    last_value: dict[float, float] = {}
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            step, value = (float(field) for field in line.split(","))
+        except ValueError:
+            raise ValueError(f"{path}:{number}: expected 'step,value', got {line!r}") from None
+        last_value[step] = value  # a later line for the same step overrides the earlier one
+    if not last_value:
+        raise ValueError(f"{path} has no data")
+    steps = np.array(sorted(last_value))
+    return steps, np.array([last_value[step] for step in steps])
 
 
 def _csv_step(line: str) -> float:

@@ -328,7 +328,7 @@ class SpeedReportHook(_LoggingHook):
         if self.device.type == "cpu" and left > 12 * 3600:
             message += (
                 " The paper's settings need a GPU: install the CUDA build of torch (see the README), or on a CPU "
-                "use --preset debug (a smoke test) or fewer --total-steps."
+                "use --preset small (CPU-sized networks) or fewer --total-steps."
             )
             stepper = getattr(self.trainer, "optimization_stepper", None)
             amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()

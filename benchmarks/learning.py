@@ -1,0 +1,232 @@
+"""Does it learn? Train a list of tasks for a budget over several seeds; table, plot and random baselines.
+
+Each (task, seed) is one run of the command users run, ``examples/dreamerv2_atari.py --preset <preset> --env <task>
+--seed <k> --threads 1``, in ``<out>/<task>/seed<k>`` (``--jobs`` runs at a time, one CPU thread each; running the
+same command again resumes unfinished runs and only rebuilds the tables of finished ones). The random baseline of each
+task is the mean return of ``--random-episodes`` episodes of uniformly random actions in the same env.
+
+    python benchmarks/learning.py                                     # CartPole-v1 and Acrobot-v1, 3 seeds, small
+    python benchmarks/learning.py --tasks gym:CartPole-v1=475 --seeds 1 --steps 20000
+    python benchmarks/learning.py --tasks atari:Boxing=10 --preset small --steps 40000 --jobs 2
+
+A task is ``<make_env name>=<threshold>``. Per run: the final greedy return (the mean of the last 5 evaluations,
+each ``eval_episodes`` episodes of the actor's mode), the agent steps of the first evaluation at or above the
+threshold, the lowest evaluation in the last third of the budget (a run that stays learnt keeps it high) and the
+largest ``critic_bound`` logged (above 1 the critic diverged). Writes ``<out>/learning.md`` (the table: per task the
+mean, std, min and max over seeds, next to the random baseline), ``learning.json`` and ``learning.png`` (the greedy
+return against agent steps, one panel per task, each seed and the mean). The last line printed is the JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torchrl_dreamer  # noqa: F401  (before torch: the library's OpenMP wait policy, as in training)
+import torch
+
+from torchrl_dreamer.config import PRESETS, DreamerV2Config
+from torchrl_dreamer.envs import make_env
+from torchrl_dreamer.record import read_scalar
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = ROOT / "examples" / "dreamerv2_atari.py"
+DEFAULT_TASKS = ("gym:CartPole-v1=475", "gym:Acrobot-v1=-100")
+LAST_EVALS = 5
+
+
+def parse_task(text: str) -> tuple[str, float]:
+    env, sep, threshold = text.rpartition("=")
+    if not sep or not env:
+        raise argparse.ArgumentTypeError(f"a task is <env>=<threshold>, e.g. gym:CartPole-v1=475; got {text!r}")
+    try:
+        return env, float(threshold)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"the threshold of {text!r} is not a number") from None
+
+
+def run_dir(out: Path, env: str, seed: int) -> Path:
+    return out / env.replace(":", "-").replace("/", "-") / f"seed{seed}"
+
+
+def random_baseline(env_name: str, episodes: int, config: DreamerV2Config, seed: int = 12345) -> dict:
+    """Returns of ``episodes`` episodes of uniformly random actions (the env's action spec)."""
+    env = make_env(env_name, **config.make_env_kwargs)
+    env.set_seed(seed)
+    returns = []
+    try:
+        while len(returns) < episodes:
+            rollout = env.rollout(100_000, break_when_any_done=True)
+            returns.append(float(rollout["next", "reward"].sum()))
+    finally:
+        env.close()
+    return {"episodes": episodes, "mean": statistics.fmean(returns), "std": statistics.pstdev(returns)}
+
+
+def train(jobs: list[tuple[str, int, Path]], args: argparse.Namespace) -> None:
+    """Runs the command for each (env, seed, logdir), ``args.jobs`` at a time, one thread each."""
+    pending, running = list(jobs), []
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            name, seed, logdir = pending.pop(0)
+            logdir.mkdir(parents=True, exist_ok=True)
+            command = [sys.executable, str(CLI), "--preset", args.preset, "--env", name, "--seed", str(seed),
+                       "--logdir", str(logdir), "--threads", "1", "--no-progress"]
+            if args.steps:
+                command += ["--total-steps", str(args.steps)]
+            log = open(logdir / "stdout.log", "a")
+            print(f"start  {name} seed {seed} -> {logdir}", flush=True)
+            running.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT),
+                            log, name, seed, time.perf_counter()))
+        time.sleep(2)
+        for item in list(running):
+            proc, log, name, seed, start = item
+            if proc.poll() is None:
+                continue
+            log.close()
+            running.remove(item)
+            status = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see stdout.log)"
+            print(f"{status:<6} {name} seed {seed} in {(time.perf_counter() - start) / 60:.1f} min", flush=True)
+
+
+def summarise_run(logdir: Path, threshold: float, budget: int) -> dict | None:
+    try:
+        steps, returns = read_scalar(logdir, "eval_return")
+    except (FileNotFoundError, ValueError):
+        return None
+    config = json.loads((logdir / "config.json").read_text())
+    steps = steps / config["action_repeat"]  # logged x-axes are frames
+    above = [int(s) for s, r in zip(steps, returns) if r >= threshold]
+    last_third = [float(r) for s, r in zip(steps, returns) if s >= budget * 2 / 3]
+    try:
+        bound = float(max(read_scalar(logdir, "critic_bound")[1]))
+    except (FileNotFoundError, ValueError):
+        bound = math.nan
+    return {
+        "final": float(returns[-LAST_EVALS:].mean()),
+        "steps_to_threshold": above[0] if above else None,
+        "min_last_third": min(last_third) if last_third else None,
+        "max_critic_bound": bound,
+        "last_step": int(steps[-1]),
+        "curve": [[int(s), float(r)] for s, r in zip(steps, returns)],
+    }
+
+
+def _stats(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "std": statistics.pstdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values)}
+
+
+def write_outputs(results: list[dict], out: Path, args: argparse.Namespace) -> None:
+    lines = [
+        f"Preset `{args.preset}`, {args.seeds} seed(s) per task, one CPU thread per run. Final: the mean greedy "
+        f"return over the last {LAST_EVALS} evaluations; steps: agent steps to the first evaluation at or above the "
+        "threshold; random: uniformly random actions.",
+        "",
+        "| task | budget (agent steps) | final: mean | std | min | max | threshold | seeds at threshold "
+        "| steps to threshold (mean; per seed) | lowest eval in the last third | max critic_bound | random |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for task in results:
+        runs = [run for run in task["runs"] if run is not None]
+        if not runs:
+            lines.append(f"| {task['env']} | {task['budget']:,} | no evaluations yet | | | | {task['threshold']:g} "
+                         "| | | | | |")
+            continue
+        final = _stats([run["final"] for run in runs])
+        reached = [run["steps_to_threshold"] for run in runs]
+        hit = [s for s in reached if s is not None]
+        per_seed = "; ".join(f"{s:,}" if s is not None else "never" for s in reached)
+        mean_steps = f"{statistics.fmean(hit):,.0f}" if hit else "never"
+        lows = [run["min_last_third"] for run in runs if run["min_last_third"] is not None]
+        rand = task["random"]
+        lines.append(
+            f"| {task['env']} | {task['budget']:,} | {final['mean']:.1f} | {final['std']:.1f} | {final['min']:.1f} "
+            f"| {final['max']:.1f} | {task['threshold']:g} | {len(hit)}/{len(runs)} | {mean_steps} ({per_seed}) "
+            f"| {min(lows):.1f} | {max(run['max_critic_bound'] for run in runs):.3f} "
+            f"| {rand['mean']:.1f} ± {rand['std']:.1f} ({rand['episodes']} ep.) |"
+        )
+    (out / "learning.md").write_text("\n".join(lines) + "\n")
+    (out / "learning.json").write_text(json.dumps(results, indent=1))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(no plot: matplotlib is not installed; pip install matplotlib)")
+        return
+    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], results):
+        runs = [run for run in task["runs"] if run is not None]
+        for seed, run in zip(task["seeds"], task["runs"]):
+            if run is not None:
+                xs, ys = zip(*run["curve"])
+                ax.plot(xs, ys, lw=1, alpha=0.6, label=f"seed {seed}")
+        if runs:
+            length = min(len(run["curve"]) for run in runs)
+            xs = [run["curve"][i][0] for i in range(length) for run in runs[:1]]
+            ys = [statistics.fmean(run["curve"][i][1] for run in runs) for i in range(length)]
+            ax.plot(xs, ys, lw=2.2, color="black", label="mean")
+        ax.axhline(task["threshold"], ls="--", color="green", lw=1, label="threshold")
+        ax.axhline(task["random"]["mean"], ls=":", color="red", lw=1, label="random")
+        ax.set_title(f"{task['env']} ({args.preset})")
+        ax.set_xlabel("agent steps")
+        ax.set_ylabel("greedy return")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "learning.png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", nargs="+", type=parse_task, default=[parse_task(t) for t in DEFAULT_TASKS],
+                        metavar="ENV=THRESHOLD")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 per task")
+    parser.add_argument("--preset", default="small", choices=sorted(PRESETS))
+    parser.add_argument("--steps", type=int, default=None, help="agent steps per run (default: the preset's)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one CPU thread each)")
+    parser.add_argument("--random-episodes", type=int, default=100)
+    parser.add_argument("--out", type=Path, default=Path("logs/learning"))
+    parser.add_argument("--tables-only", action="store_true", help="rebuild the tables from the runs as they are")
+    args = parser.parse_args(argv)
+    if args.seeds < 1 or args.jobs < 1 or args.random_episodes < 1 or (args.steps is not None and args.steps < 1):
+        parser.error("--seeds, --jobs, --random-episodes and --steps must be >= 1")
+    args.out.mkdir(parents=True, exist_ok=True)
+    configs = {env: DreamerV2Config.preset(args.preset, env=env) for env, _ in args.tasks}
+    if not args.tables_only:
+        train([(env, seed, run_dir(args.out, env, seed)) for env, _ in args.tasks for seed in range(args.seeds)], args)
+    results = []
+    for env, threshold in args.tasks:
+        budget = args.steps or configs[env].total_steps
+        seeds = list(range(args.seeds))
+        results.append({
+            "env": env, "threshold": threshold, "budget": budget, "seeds": seeds,
+            "random": random_baseline(env, args.random_episodes, configs[env]),
+            "runs": [summarise_run(run_dir(args.out, env, seed), threshold, budget) for seed in seeds],
+        })
+    write_outputs(results, args.out, args)
+    print((args.out / "learning.md").read_text())
+    summary = {"preset": args.preset, "seeds": args.seeds, "tasks": [
+        {key: task[key] for key in ("env", "threshold", "budget", "random")}
+        | {"final": [run and run["final"] for run in task["runs"]],
+           "steps_to_threshold": [run and run["steps_to_threshold"] for run in task["runs"]],
+           "min_last_third": [run and run["min_last_third"] for run in task["runs"]],
+           "max_critic_bound": [run and run["max_critic_bound"] for run in task["runs"]]}
+        for task in results
+    ]}
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main()
