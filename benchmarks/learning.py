@@ -28,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torchrl_dreamer  # noqa: F401  (before torch: the library's OpenMP wait policy, as in training)
 import torch
 
@@ -73,6 +74,16 @@ def train(jobs: list[tuple[str, int, Path]], args: argparse.Namespace) -> None:
     """Runs the command for each (env, seed, logdir), ``args.jobs`` at a time, one thread each."""
     pending, running = list(jobs), []
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    try:
+        _run_jobs(pending, running, env, args)
+    finally:  # interrupted: stop the runs (each saves a checkpoint on SIGTERM; running this again resumes them)
+        for proc, log, *_ in running:
+            proc.terminate()
+            proc.wait()
+            log.close()
+
+
+def _run_jobs(pending: list, running: list, env: dict, args: argparse.Namespace) -> None:
     while pending or running:
         while pending and len(running) < args.jobs:
             name, seed, logdir = pending.pop(0)
@@ -96,6 +107,16 @@ def train(jobs: list[tuple[str, int, Path]], args: argparse.Namespace) -> None:
             print(f"{status:<6} {name} seed {seed} in {(time.perf_counter() - start) / 60:.1f} min", flush=True)
 
 
+def last_logged_step(logdir: Path) -> int:
+    """The largest x (frames) of any logged scalar: how far the run got."""
+    last = 0
+    for path in (logdir / "scalars").glob("*.csv"):
+        lines = path.read_text().split()
+        if lines:
+            last = max(last, int(float(lines[-1].split(",")[0])))
+    return last
+
+
 def summarise_run(logdir: Path, threshold: float, budget: int) -> dict | None:
     try:
         steps, returns = read_scalar(logdir, "eval_return")
@@ -106,7 +127,7 @@ def summarise_run(logdir: Path, threshold: float, budget: int) -> dict | None:
     above = [int(s) for s, r in zip(steps, returns) if r >= threshold]
     last_third = [float(r) for s, r in zip(steps, returns) if s >= budget * 2 / 3]
     try:
-        bound = float(max(read_scalar(logdir, "critic_bound")[1]))
+        bound = float(np.nanmax(read_scalar(logdir, "critic_bound")[1]))
     except (FileNotFoundError, ValueError):
         bound = math.nan
     return {
@@ -114,7 +135,7 @@ def summarise_run(logdir: Path, threshold: float, budget: int) -> dict | None:
         "steps_to_threshold": above[0] if above else None,
         "min_last_third": min(last_third) if last_third else None,
         "max_critic_bound": bound,
-        "last_step": int(steps[-1]),
+        "last_step": last_logged_step(logdir) // config["action_repeat"],
         "curve": [[int(s), float(r)] for s, r in zip(steps, returns)],
     }
 
@@ -130,15 +151,16 @@ def write_outputs(results: list[dict], out: Path, args: argparse.Namespace) -> N
         f"return over the last {LAST_EVALS} evaluations; steps: agent steps to the first evaluation at or above the "
         "threshold; random: uniformly random actions.",
         "",
-        "| task | budget (agent steps) | final: mean | std | min | max | threshold | seeds at threshold "
-        "| steps to threshold (mean; per seed) | lowest eval in the last third | max critic_bound | random |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| task | budget (agent steps) | runs finished | final: mean | std | min | max | threshold "
+        "| seeds at threshold | steps to threshold (mean; per seed) | lowest eval in the last third "
+        "| max critic_bound | random |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for task in results:
         runs = [run for run in task["runs"] if run is not None]
         if not runs:
-            lines.append(f"| {task['env']} | {task['budget']:,} | no evaluations yet | | | | {task['threshold']:g} "
-                         "| | | | | |")
+            lines.append(f"| {task['env']} | {task['budget']:,} | 0/{len(task['runs'])} | no evaluations yet | | | "
+                         f"| {task['threshold']:g} | | | | | |")
             continue
         final = _stats([run["final"] for run in runs])
         reached = [run["steps_to_threshold"] for run in runs]
@@ -146,11 +168,17 @@ def write_outputs(results: list[dict], out: Path, args: argparse.Namespace) -> N
         per_seed = "; ".join(f"{s:,}" if s is not None else "never" for s in reached)
         mean_steps = f"{statistics.fmean(hit):,.0f}" if hit else "never"
         lows = [run["min_last_third"] for run in runs if run["min_last_third"] is not None]
+        low = f"{min(lows):.1f}" if lows else "n/a"
+        finished = sum(run["last_step"] >= task["budget"] for run in runs)
+        unfinished = ", ".join(f"seed {seed} at {run['last_step']:,}" for seed, run in zip(task["seeds"], task["runs"])
+                               if run is not None and run["last_step"] < task["budget"])
+        bound = float(np.nanmax([run["max_critic_bound"] for run in runs]))
         rand = task["random"]
         lines.append(
-            f"| {task['env']} | {task['budget']:,} | {final['mean']:.1f} | {final['std']:.1f} | {final['min']:.1f} "
-            f"| {final['max']:.1f} | {task['threshold']:g} | {len(hit)}/{len(runs)} | {mean_steps} ({per_seed}) "
-            f"| {min(lows):.1f} | {max(run['max_critic_bound'] for run in runs):.3f} "
+            f"| {task['env']} | {task['budget']:,} | {finished}/{len(task['runs'])}"
+            f"{f' ({unfinished})' if unfinished else ''} | {final['mean']:.1f} | {final['std']:.1f} "
+            f"| {final['min']:.1f} | {final['max']:.1f} | {task['threshold']:g} | {len(hit)}/{len(runs)} "
+            f"| {mean_steps} ({per_seed}) | {low} | {bound:.3f} "
             f"| {rand['mean']:.1f} ± {rand['std']:.1f} ({rand['episodes']} ep.) |"
         )
     (out / "learning.md").write_text("\n".join(lines) + "\n")

@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    threads = torch.get_num_threads()
     print(f"# atari:{args.game}, Atari preset, {args.device}, {args.precision}, compile={args.compile}, "
           f"cudagraph={args.cudagraph}, {torch.get_num_threads()} threads, prefill {args.prefill}, "
           f"{args.updates} timed updates, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(default)')}")
@@ -152,6 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
           + f" {'peak RSS MB':>11}", flush=True)
     runs = []
     for num_envs in args.num_envs:
+        torch.set_num_threads(threads)  # closing a ParallelEnv changes the process's thread count
         result = run(num_envs, args, device)
         runs.append(result)
         print(f"{num_envs:>4} {result['agent_steps_per_s']:>8.2f} {result['s_per_update']:>8.2f} "

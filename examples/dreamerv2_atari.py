@@ -88,7 +88,7 @@ def build_parser(preset: str = "atari") -> argparse.ArgumentParser:
     run = parser.add_argument_group("run")
     run.add_argument("--preset", default="atari", choices=sorted(PRESETS),
                      help="hyperparameter preset: atari (paper, Atari), dmc (paper, DMC from pixels), small (CPU-sized "
-                     "networks, the paper's behaviour: learns CartPole and Acrobot on one CPU thread), debug (a smoke "
+                     "networks, the paper's behaviour settings: small tasks such as CartPole on a CPU), debug (a smoke "
                      "test: tiny networks on Catch) [default: atari; --preset <name> --help shows its values]")
     run.add_argument("--game", default=None, help="Atari game, e.g. Pong, Boxing, Freeway (sets --env atari:<game>)")
     run.add_argument("--env", default=None, help=_hyper_help(fields["env"], preset))

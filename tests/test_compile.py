@@ -66,3 +66,5 @@ def test_bad_compile_settings_are_refused():
         _stepper(cudagraph=True)[0].warmup(make_batch(2, 6))
     with pytest.raises(ValueError, match="warmup_steps must be at least 2"):
         _stepper(compile=True, warmup_steps=1)
+    with pytest.raises(ValueError, match="warmup_steps must be at least 3"):
+        _stepper(compile=True, cudagraph=True, warmup_steps=2)

@@ -35,6 +35,15 @@ def test_health_metrics_measure_the_critic_against_the_reward_scale():
     # the largest imagined reward so far sets the bound: max |r| / (1 - gamma)
     scale = float(actor_loss.reward_scale)
     assert scale >= float(out["reward_max"]) > 0
+    # a non-finite imagined reward (an update the optimisers skip) leaves the scale as it was
+    bias = _last_linear(models.world_model.reward_head).bias
+    saved = bias.detach().clone()
+    with torch.no_grad():
+        bias.fill_(float("nan"))
+    actor_loss(posteriors)
+    assert float(actor_loss.reward_scale) == scale
+    with torch.no_grad():
+        bias.copy_(saved)
     # a slow critic worth 1e4 per state is far above any return of rewards this small
     target = loss.value_loss.target_value_network_params
     bias = [key for key in target.keys(True, True) if key[-1] == "bias"][-1]

@@ -215,7 +215,8 @@ class DreamerV2ActorLoss(LossModule):
     critic's ``critic_slow`` and the targets' ``critic_target`` (means), and ``critic_bound``: the slow critic's
     largest ``|value|`` over the largest discounted return the rewards allow, ``max |reward| / (1 - gamma)`` with
     the largest imagined ``|reward|`` seen so far. Above 1 the critic values more than any reward stream could
-    give: it is diverging (the trainer warns).
+    give: it is diverging (the trainer warns). It is a bound, not a tight one: at ``gamma = 0.999`` it is 1000
+    times the largest reward, so it catches gross divergence; watch its trend too.
 
     Args:
         actor_network (ProbabilisticTensorDictSequential): the actor, e.g. a TorchRL
@@ -317,7 +318,8 @@ class DreamerV2ActorLoss(LossModule):
             actor_network, self.action_key, reparameterize=actor_grad != "reinforce"
         )
         # the largest |imagined reward| seen so far (not checkpointed: one batch restores it), for critic_bound
-        self.register_buffer("reward_scale", torch.zeros(()), persistent=False)
+        device = next(actor_network.parameters()).device
+        self.register_buffer("reward_scale", torch.zeros((), device=device), persistent=False)
         if self.action_key not in model_based_env.full_action_spec.keys(True, True):
             raise ValueError(
                 f"The actor writes {self.action_key!r} but the imagination env reads "
@@ -355,7 +357,8 @@ class DreamerV2ActorLoss(LossModule):
         gamma = float(hyperparams["gamma"])
         if not 0.0 < gamma <= 1.0 or not 0.0 <= float(hyperparams["lmbda"]) <= 1.0:
             raise ValueError(f"gamma must be in (0, 1] and lmbda in [0, 1], got {gamma} and {hyperparams['lmbda']}.")
-        self._value_estimator = DreamerV2LambdaEstimator(**hyperparams)
+        # on the actor's device, with the loss's other tensors (no host copies in an update)
+        self._value_estimator = DreamerV2LambdaEstimator(**hyperparams).to(self.reward_scale.device)
         self.value_type = value_type
 
     @property
@@ -436,7 +439,10 @@ class DreamerV2ActorLoss(LossModule):
         with torch.no_grad():
             # learning health: the slow critic's largest value as a fraction of the largest discounted return the
             # reward scale allows (max |reward| so far / (1 - gamma)); above 1 the critic has diverged
-            self.reward_scale.copy_(torch.maximum(self.reward_scale, all_rewards.abs().max().float()))
+            largest = all_rewards.abs().max().float()
+            # a non-finite reward (an update the optimisers skip) must not poison the scale for good
+            largest = torch.where(torch.isfinite(largest), largest, torch.zeros_like(largest))
+            self.reward_scale.copy_(torch.maximum(self.reward_scale, largest))
             gamma = self.value_estimator.gamma.to(value)
             bound = self.reward_scale.clamp_min(1e-8) / (1.0 - gamma).clamp_min(1e-8)
             advantage_scale = (target[:, 1:] - value[:, :-2]).abs().mean()

@@ -68,13 +68,15 @@ class DreamerV2OptimizationStepper(OptimizationStepper):
     the sub-losses directly (the trainer's ``compute_loss`` is not traced); the optimiser
     steps, which read the gradient norm on the host, run eagerly between them. On CUDA
     ``cudagraph=True`` captures each forward/backward with TensorDict's
-    :class:`~tensordict.nn.CudaGraphModule`. :meth:`warmup` compiles (and captures) on a
+    :class:`~tensordict.nn.CudaGraphModule` (experimental: written to TorchRL's pattern, not yet run on a
+    GPU). A captured graph writes into the gradient tensors it was captured with: nothing else may set
+    them to ``None`` (``zero_grad(set_to_none=True)``), and a batch of another shape is not recaptured. :meth:`warmup` compiles (and captures) on a
     representative batch and leaves the RNG, the loss's buffers and the optimisers as they
     were; the first :meth:`step` calls it when it has not been called, so a compiled update
     computes the eager one's function from the same state (inductor draws its own random numbers;
     with ``torch._inductor.config.fallback_random = True`` it draws torch's, and the losses,
     gradients and weights match the eager ones to rounding: ``tests/test_compile.py``). Batches must keep
-    the warm-up's shapes and keys (a replay sample always does); a new shape recompiles.
+    the warm-up's shapes and keys (a replay sample always does); without CUDA graphs a new shape recompiles.
 
     Args:
         loss (DreamerV2Loss): the composite loss.
@@ -96,8 +98,8 @@ class DreamerV2OptimizationStepper(OptimizationStepper):
         cudagraph (bool): capture each forward/backward in a CUDA graph (CUDA only).
             Default: ``False``.
         warmup_steps (int): forward/backward passes of the warm-up (at least 2: the first
-            fills the imagination env's caches, the next compiles the steady state;
-            CUDA-graph capture needs more). Default: ``3``.
+            fills the imagination env's caches, the next compiles the steady state; at least 3
+            with ``cudagraph``, which captures on the last). Default: ``3``.
 
     Returns (``step``): detached metrics named as the reference's, with
     ``model_grad_norm``, ``actor_grad_norm``, ``critic_grad_norm`` and ``nonfinite_updates``.
@@ -120,8 +122,11 @@ class DreamerV2OptimizationStepper(OptimizationStepper):
         missing = {"model", "actor", "critic"} - set(optimizers)
         if missing:
             raise ValueError(f"optimizers is missing {sorted(missing)}.")
-        if warmup_steps < 2:
-            raise ValueError(f"warmup_steps must be at least 2, got {warmup_steps}.")
+        if warmup_steps < (3 if cudagraph else 2):
+            raise ValueError(
+                f"warmup_steps must be at least {3 if cudagraph else 2}, got {warmup_steps} (the first pass fills the "
+                "imagination env's caches; a CUDA graph is captured after the compiled passes are stable)."
+            )
         self.loss = loss
         self.optimizers = optimizers
         self.precision = precision
