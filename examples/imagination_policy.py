@@ -50,7 +50,7 @@ from torchrl_dreamer.trainers import make_dreamerv2_trainer
 
 GRID, SCALE = 8, 2  # Catch on an 8 x 8 grid drawn as 16 x 16 pixels: 7 steps per episode
 
-# A small DreamerV2 for the 16 x 16 frames (the sizes of tests/test_learning.py).
+# A small DreamerV2 for the 16 x 16 frames of Catch (smaller than the `small` preset: 7-step episodes).
 WORLD_MODEL = dict(
     env=f"catch:{GRID}",
     env_kwargs={"scale": SCALE},
