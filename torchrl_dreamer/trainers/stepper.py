@@ -150,25 +150,25 @@ class DreamerV2OptimizationStepper(OptimizationStepper):
         for name in names:
             self.optimizers[name].zero_grad(set_to_none=not self.cudagraph)
 
+    def _compute(self, trainer: Any, batch: TensorDictBase, method: str):
+        """One sub-loss, through the trainer's ``compute_loss`` when there is a trainer."""
+        if trainer is not None:
+            return trainer.compute_loss(batch, method=method)
+        return getattr(self.loss, method)(batch)
+
     def _model_pass(self, batch: TensorDictBase, trainer: Any = None) -> tuple[TensorDictBase, TensorDictBase]:
         """World-model loss and its backward: ``(metrics, posteriors)``."""
         with self._autocast(batch.device or next(self.loss.parameters()).device):
-            if trainer is not None:
-                out, posteriors = trainer.compute_loss(batch, method="model_loss")
-            else:
-                out, posteriors = self.loss.model_loss(batch)
+            out, posteriors = self._compute(trainer, batch, "model_loss")
         self._zero_grad("model")
         sum(v for k, v in out.items() if k.startswith("loss_")).backward()
         return out.detach(), posteriors.detach()
 
     def _behaviour_pass(self, posteriors: TensorDictBase, trainer: Any = None) -> TensorDictBase:
         """Imagination, actor and critic losses and one backward through both: the metrics."""
-        compute = (lambda td, method: trainer.compute_loss(td, method=method)) if trainer is not None else (
-            lambda td, method: getattr(self.loss, method)(td)
-        )
         with self._autocast(posteriors.device or next(self.loss.parameters()).device):
-            actor_out, trajectory = compute(posteriors, "actor_loss")
-            value_out = compute(trajectory, "value_loss")
+            actor_out, trajectory = self._compute(trainer, posteriors, "actor_loss")
+            value_out = self._compute(trainer, trajectory, "value_loss")
         self._zero_grad("actor", "critic")
         (actor_out["loss_actor"] + value_out["loss_value"]).backward()
         metrics = actor_out.detach()
