@@ -34,7 +34,7 @@ import torch
 
 from torchrl_dreamer.config import PRESETS, DreamerV2Config
 from torchrl_dreamer.envs import make_env
-from torchrl_dreamer.record import read_scalar
+from torchrl_dreamer.record import last_logged_step, read_scalar
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = ROOT / "examples" / "dreamerv2_atari.py"
@@ -105,16 +105,6 @@ def _run_jobs(pending: list, running: list, env: dict, args: argparse.Namespace)
             running.remove(item)
             status = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see stdout.log)"
             print(f"{status:<6} {name} seed {seed} in {(time.perf_counter() - start) / 60:.1f} min", flush=True)
-
-
-def last_logged_step(logdir: Path) -> int:
-    """The largest x (frames) of any logged scalar: how far the run got."""
-    last = 0
-    for path in (logdir / "scalars").glob("*.csv"):
-        lines = path.read_text().split()
-        if lines:
-            last = max(last, int(float(lines[-1].split(",")[0])))
-    return last
 
 
 def summarise_run(logdir: Path, threshold: float, budget: int) -> dict | None:

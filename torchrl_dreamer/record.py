@@ -12,7 +12,8 @@ from tensordict import TensorDictBase
 from torchrl.record.loggers import CSVLogger, Logger, TensorboardLogger
 
 __all__ = [
-    "MultiLogger", "make_logger", "truncate_scalars", "read_scalar", "EpisodeTracker", "open_loop_video", "write_gif"
+    "MultiLogger", "make_logger", "truncate_scalars", "last_logged_step", "read_scalar", "EpisodeTracker",
+    "open_loop_video", "write_gif",
 ]
 
 
@@ -107,6 +108,22 @@ def read_scalar(logdir: str | Path, metric: str) -> tuple[np.ndarray, np.ndarray
         raise ValueError(f"{path} has no data")
     steps = np.array(sorted(last_value))
     return steps, np.array([last_value[step] for step in steps])
+
+
+def last_logged_step(logdir: str | Path) -> int:
+    r"""The largest step (x value, frames) in ``<logdir>/scalars/*.csv``: how far a run got; 0 for none.
+
+    Examples:
+        >>> import tempfile
+        >>> logdir = Path(tempfile.mkdtemp())
+        >>> (logdir / "scalars").mkdir()
+        >>> _ = (logdir / "scalars" / "loss.csv").write_text("100,1.0\n300,0.2\n")
+        >>> _ = (logdir / "scalars" / "fps.csv").write_text("200,9.0\n25")  # a row cut by a kill
+        >>> last_logged_step(logdir)
+        300
+    """
+    steps = [_csv_step(line) for path in Path(logdir, "scalars").glob("*.csv") for line in path.read_text().split()]
+    return int(max([0.0, *steps]))
 
 
 def _csv_step(line: str) -> float:
