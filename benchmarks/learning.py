@@ -7,14 +7,16 @@ task is the mean return of ``--random-episodes`` episodes of uniformly random ac
 
     python benchmarks/learning.py                                     # CartPole-v1 and Acrobot-v1, 3 seeds, small
     python benchmarks/learning.py --tasks gym:CartPole-v1=475 --seeds 1 --steps 20000
-    python benchmarks/learning.py --tasks atari:Boxing=10 --preset small --steps 40000 --jobs 2
+    python benchmarks/learning.py --tasks minatar:Breakout=2 --steps 40000 --eval-episodes 20   # pixels
 
 A task is ``<make_env name>=<threshold>``. Per run: the final greedy return (the mean of the last 5 evaluations,
 each ``eval_episodes`` episodes of the actor's mode), the agent steps of the first evaluation at or above the
-threshold, the lowest evaluation in the last third of the budget (a run that stays learnt keeps it high) and the
-largest ``critic_bound`` logged (above 1 the critic diverged). Writes ``<out>/learning.md`` (the table: per task the
-mean, std, min and max over seeds, next to the random baseline), ``learning.json`` and ``learning.png`` (the greedy
-return against agent steps, one panel per task, each seed and the mean). The last line printed is the JSON.
+threshold, the lowest evaluation in the last third of the budget and the lowest from the first evaluation at the
+threshold on (a run that stays learnt keeps both high), the largest ``critic_bound`` logged (above 1 the critic
+diverged) and the minutes the run took (``wall_minutes.txt`` in its directory, summed over resumed sessions).
+Writes ``<out>/learning.md`` (the table: per task the mean, std, min and max over seeds, next to the random
+baseline), ``learning.json`` and ``learning.png`` (the greedy return against agent steps, one panel per task, each
+seed and the mean). The last line printed is the JSON.
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CLI = ROOT / "examples" / "dreamerv2_atari.py"
 DEFAULT_TASKS = ("gym:CartPole-v1=475", "gym:Acrobot-v1=-100")
 LAST_EVALS = 5
+WALL_FILE = "wall_minutes.txt"  # written by this script: minutes of one CPU thread the run took, over all sessions
 
 
 def parse_task(text: str) -> tuple[str, float]:
@@ -60,6 +63,7 @@ def random_baseline(env_name: str, episodes: int, config: DreamerV2Config, seed:
     """Returns of ``episodes`` episodes of uniformly random actions (the env's action spec)."""
     env = make_env(env_name, **config.make_env_kwargs)
     env.set_seed(seed)
+    torch.manual_seed(seed)  # the actions: the action spec's rand()
     returns = []
     try:
         while len(returns) < episodes:
@@ -92,19 +96,26 @@ def _run_jobs(pending: list, running: list, env: dict, args: argparse.Namespace)
                        "--logdir", str(logdir), "--threads", "1", "--no-progress"]
             if args.steps:
                 command += ["--total-steps", str(args.steps)]
+            if args.eval_episodes:
+                command += ["--eval-episodes", str(args.eval_episodes)]
             log = open(logdir / "stdout.log", "a")
             print(f"start  {name} seed {seed} -> {logdir}", flush=True)
             running.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT),
-                            log, name, seed, time.perf_counter()))
+                            log, name, seed, logdir, last_logged_step(logdir), time.perf_counter()))
         time.sleep(2)
         for item in list(running):
-            proc, log, name, seed, start = item
+            proc, log, name, seed, logdir, progress, start = item
             if proc.poll() is None:
                 continue
             log.close()
             running.remove(item)
+            minutes = (time.perf_counter() - start) / 60
             status = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see stdout.log)"
-            print(f"{status:<6} {name} seed {seed} in {(time.perf_counter() - start) / 60:.1f} min", flush=True)
+            print(f"{status:<6} {name} seed {seed} in {minutes:.1f} min", flush=True)
+            wall = logdir / WALL_FILE
+            if last_logged_step(logdir) > progress:  # it trained (not a finished run that only resumed and stopped)
+                previous = float(wall.read_text()) if wall.exists() else 0.0
+                wall.write_text(f"{previous + minutes:.2f}\n")  # summed over resumed sessions
 
 
 def summarise_run(logdir: Path, threshold: float, budget: int) -> dict | None:
@@ -116,18 +127,30 @@ def summarise_run(logdir: Path, threshold: float, budget: int) -> dict | None:
     steps = steps / config["action_repeat"]  # logged x-axes are frames
     above = [int(s) for s, r in zip(steps, returns) if r >= threshold]
     last_third = [float(r) for s, r in zip(steps, returns) if s >= budget * 2 / 3]
+    after = [float(r) for s, r in zip(steps, returns) if above and s >= above[0]]
     try:
         bound = float(np.nanmax(read_scalar(logdir, "critic_bound")[1]))
     except (FileNotFoundError, ValueError):
         bound = math.nan
+    wall = logdir / WALL_FILE
     return {
         "final": float(returns[-LAST_EVALS:].mean()),
+        "final_episodes": min(LAST_EVALS, len(returns)) * config["eval_episodes"],
+        "wall_minutes": float(wall.read_text()) if wall.exists() else None,
         "steps_to_threshold": above[0] if above else None,
         "min_last_third": min(last_third) if last_third else None,
+        "min_after_threshold": min(after) if after else None,
         "max_critic_bound": bound,
         "last_step": last_logged_step(logdir) // config["action_repeat"],
         "curve": [[int(s), float(r)] for s, r in zip(steps, returns)],
     }
+
+
+def _recorded_budget(logdirs: list[Path]) -> int | None:
+    """The agent-step budget the runs were started with (``--tables-only`` over tasks of different budgets)."""
+    configs = [d / "config.json" for d in logdirs if (d / "config.json").exists()]
+    budgets = [json.loads(path.read_text())["total_steps"] for path in configs]
+    return max(budgets) if budgets else None
 
 
 def _stats(values: list[float]) -> dict:
@@ -138,19 +161,20 @@ def _stats(values: list[float]) -> dict:
 def write_outputs(results: list[dict], out: Path, args: argparse.Namespace) -> None:
     lines = [
         f"Preset `{args.preset}`, {args.seeds} seed(s) per task, one CPU thread per run. Final: the mean greedy "
-        f"return over the last {LAST_EVALS} evaluations; steps: agent steps to the first evaluation at or above the "
-        "threshold; random: uniformly random actions.",
+        f"return over the last {LAST_EVALS} evaluations (episodes per seed in brackets); steps: agent steps to the "
+        "first evaluation at or above the threshold; wall: minutes per run on one thread (slowest seed; n/a where "
+        "the run predates the record); random: uniformly random actions.",
         "",
-        "| task | budget (agent steps) | runs finished | final: mean | std | min | max | threshold "
+        "| task | budget (agent steps) | runs finished | final: mean (episodes) | std | min | max | threshold "
         "| seeds at threshold | steps to threshold (mean; per seed) | lowest eval in the last third "
-        "| max critic_bound | random |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| lowest eval once at threshold | max critic_bound | wall (min) | random |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for task in results:
         runs = [run for run in task["runs"] if run is not None]
         if not runs:
             lines.append(f"| {task['env']} | {task['budget']:,} | 0/{len(task['runs'])} | no evaluations yet | | | "
-                         f"| {task['threshold']:g} | | | | | |")
+                         f"| {task['threshold']:g} | | | | | | | |")
             continue
         final = _stats([run["final"] for run in runs])
         reached = [run["steps_to_threshold"] for run in runs]
@@ -159,16 +183,21 @@ def write_outputs(results: list[dict], out: Path, args: argparse.Namespace) -> N
         mean_steps = f"{statistics.fmean(hit):,.0f}" if hit else "never"
         lows = [run["min_last_third"] for run in runs if run["min_last_third"] is not None]
         low = f"{min(lows):.1f}" if lows else "n/a"
+        kept = [run["min_after_threshold"] for run in runs if run["min_after_threshold"] is not None]
+        kept = f"{min(kept):.1f}" if kept else "n/a"
         finished = sum(run["last_step"] >= task["budget"] for run in runs)
         unfinished = ", ".join(f"seed {seed} at {run['last_step']:,}" for seed, run in zip(task["seeds"], task["runs"])
                                if run is not None and run["last_step"] < task["budget"])
         bound = float(np.nanmax([run["max_critic_bound"] for run in runs]))
+        walls = [run["wall_minutes"] for run in runs if run["wall_minutes"] is not None]
+        wall = f"{max(walls):.1f} ({len(walls)} of {len(runs)})" if walls else "n/a"
+        episodes = min(run["final_episodes"] for run in runs)
         rand = task["random"]
         lines.append(
             f"| {task['env']} | {task['budget']:,} | {finished}/{len(task['runs'])}"
-            f"{f' ({unfinished})' if unfinished else ''} | {final['mean']:.1f} | {final['std']:.1f} "
+            f"{f' ({unfinished})' if unfinished else ''} | {final['mean']:.1f} ({episodes}) | {final['std']:.1f} "
             f"| {final['min']:.1f} | {final['max']:.1f} | {task['threshold']:g} | {len(hit)}/{len(runs)} "
-            f"| {mean_steps} ({per_seed}) | {low} | {bound:.3f} "
+            f"| {mean_steps} ({per_seed}) | {low} | {kept} | {bound:.3f} | {wall} "
             f"| {rand['mean']:.1f} ± {rand['std']:.1f} ({rand['episodes']} ep.) |"
         )
     (out / "learning.md").write_text("\n".join(lines) + "\n")
@@ -212,20 +241,25 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--preset", default="small", choices=sorted(PRESETS))
     parser.add_argument("--steps", type=int, default=None, help="agent steps per run (default: the preset's)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one CPU thread each)")
+    parser.add_argument("--eval-episodes", type=int, default=None,
+                        help="greedy episodes per evaluation (default: the preset's); the final return averages "
+                             f"{LAST_EVALS} evaluations")
     parser.add_argument("--random-episodes", type=int, default=100)
     parser.add_argument("--out", type=Path, default=Path("logs/learning"))
     parser.add_argument("--tables-only", action="store_true", help="rebuild the tables from the runs as they are")
     args = parser.parse_args(argv)
-    if args.seeds < 1 or args.jobs < 1 or args.random_episodes < 1 or (args.steps is not None and args.steps < 1):
-        parser.error("--seeds, --jobs, --random-episodes and --steps must be >= 1")
+    if args.seeds < 1 or args.jobs < 1 or args.random_episodes < 1 or any(
+            value is not None and value < 1 for value in (args.steps, args.eval_episodes)):
+        parser.error("--seeds, --jobs, --random-episodes, --steps and --eval-episodes must be >= 1")
     args.out.mkdir(parents=True, exist_ok=True)
     configs = {env: DreamerV2Config.preset(args.preset, env=env) for env, _ in args.tasks}
     if not args.tables_only:
         train([(env, seed, run_dir(args.out, env, seed)) for env, _ in args.tasks for seed in range(args.seeds)], args)
     results = []
     for env, threshold in args.tasks:
-        budget = args.steps or configs[env].total_steps
         seeds = list(range(args.seeds))
+        budget = args.steps or _recorded_budget([run_dir(args.out, env, seed) for seed in seeds]) \
+            or configs[env].total_steps
         results.append({
             "env": env, "threshold": threshold, "budget": budget, "seeds": seeds,
             "random": random_baseline(env, args.random_episodes, configs[env]),
@@ -238,6 +272,7 @@ def main(argv: list[str] | None = None) -> dict:
         | {"final": [run and run["final"] for run in task["runs"]],
            "steps_to_threshold": [run and run["steps_to_threshold"] for run in task["runs"]],
            "min_last_third": [run and run["min_last_third"] for run in task["runs"]],
+           "min_after_threshold": [run and run["min_after_threshold"] for run in task["runs"]],
            "max_critic_bound": [run and run["max_critic_bound"] for run in task["runs"]]}
         for task in results
     ]}

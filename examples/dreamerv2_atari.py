@@ -6,9 +6,9 @@
     python examples/dreamerv2_atari.py --env my_package.envs:make_env   # your own TorchRL env factory
     python examples/dreamerv2_atari.py --preset debug --logdir /tmp/dbg   # ~1 minute on a CPU
 
-``--env`` takes a ``make_env`` name (``atari:<Game>``, ``gym:<id>``, ``dmc:<domain>-<task>``, ``catch``) or the
-import path ``package.module:function`` of a function that returns a TorchRL ``EnvBase`` (the current directory is
-importable); ``InitTracker`` and the policy's recurrent-state primer are added when missing.
+``--env`` takes a ``make_env`` name (``atari:<Game>``, ``gym:<id>``, ``dmc:<domain>-<task>``, ``minatar:<Game>``,
+``catch``) or the import path ``package.module:function`` of a function that returns a TorchRL ``EnvBase`` (the
+current directory is importable); ``InitTracker`` and the policy's recurrent-state primer are added when missing.
 
 Every hyperparameter of the preset can be overridden with ``--<name> <value>``
 (``--preset <name> --help`` lists each with its unit and that preset's value; out-of-range values are refused).

@@ -104,7 +104,8 @@ def test_edge_values_are_accepted():
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
-def test_help_describes_every_hyperparameter_with_its_preset_value(cli, preset):
+def test_help_describes_every_hyperparameter_with_its_preset_value(cli, preset, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")  # no line wrapping: argparse would break "dmc:walker-walk" at its hyphen
     parser = cli.build_parser(preset)
     actions = {a.dest: a for a in parser._actions}
     for f in FIELDS:

@@ -11,7 +11,8 @@ import pytest
 import torch
 from torchrl.envs.utils import check_env_specs, step_mdp
 
-from torchrl_dreamer.envs import factory, make_atari_env, make_env
+from torchrl_dreamer.config import BUILTIN_SUITES
+from torchrl_dreamer.envs import EnvFactory, factory, make_atari_env, make_env
 
 
 def _gym_env(env):
@@ -178,7 +179,9 @@ def test_atari_unknown_game():
 # ---------------------------------------------------------------- specs of every stack
 
 
-@pytest.mark.parametrize("name", ["atari:Pong", "gym:CartPole-v1", "gym:Pendulum-v1", "catch", "catch:8"])
+@pytest.mark.parametrize(
+    "name", ["atari:Pong", "gym:CartPole-v1", "gym:Pendulum-v1", "minatar:Breakout", "catch", "catch:8"]
+)
 def test_check_env_specs(name):
     env = make_env(name, seed=0)
     check_env_specs(env)
@@ -220,13 +223,61 @@ def test_gym_rejects_image_observations():
 
 @pytest.mark.parametrize(
     "name",
-    ["pong", "foo:bar", "atari", "atari:", "gym:", "dmc:walker", "dmc:-walk", "dmc:a-b-c", "catch:big", "catch:"],
+    ["pong", "foo:bar", "atari", "atari:", "gym:", "dmc:walker", "dmc:-walk", "dmc:a-b-c", "minatar:", "catch:big",
+     "catch:"],
 )
 def test_bad_names_list_supported_forms(name):
     with pytest.raises(ValueError, match="Supported names") as info:
         make_env(name)
-    for form in ("atari:<Game>", "gym:<gymnasium id>", "dmc:<domain>-<task>", "catch:<size>"):
+    for form in ("atari:<Game>", "gym:<gymnasium id>", "dmc:<domain>-<task>", "minatar:<Game>", "catch:<size>"):
         assert form in str(info.value)
+
+
+def test_every_builtin_suite_is_built_by_make_env():
+    # the config and the env resolver read BUILTIN_SUITES; make_env must know each of them
+    for suite in BUILTIN_SUITES:
+        with pytest.raises(ValueError) as info:
+            make_env(f"{suite}:")
+        assert "unknown suite" not in str(info.value)
+    assert EnvFactory("minatar:Breakout").description == "minatar:Breakout"  # a suite, not a module:function
+
+
+# ---------------------------------------------------------------- MinAtar
+
+
+def test_minatar_object_planes_as_uint8_pixels():
+    for scale in (2, 4):
+        env = make_env("minatar:Breakout", seed=0, scale=scale)
+        assert env.action_spec.space.n == 3  # the minimal action set
+        td = env.rollout(4)
+        assert td["pixels"].shape == (4, 4, 10 * scale, 10 * scale) and td["pixels"].dtype == torch.uint8
+        game = _gym_env(env).unwrapped.game  # MinAtar's own state after the last step: bool [10, 10, 4]
+        planes = torch.from_numpy(game.state()).permute(2, 0, 1).to(torch.uint8) * 255
+        assert planes.sum() > 0
+        assert torch.equal(td["next", "pixels"][-1], planes.repeat_interleave(scale, 1).repeat_interleave(scale, 2))
+
+
+def test_minatar_truncates_at_time_limit():
+    env = make_env("minatar:Breakout", seed=0, max_episode_steps=3)
+    td = env.rollout(10, break_when_any_done=True)
+    assert td.shape == (3,) and td["next", "truncated"][-1].item() and not td["next", "terminated"][-1].item()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"scale": 1}, "scale must be an integer >= 2"), ({"action_repeat": 4}, "action_repeat must be 1")],
+)
+def test_minatar_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make_env("minatar:Breakout", **kwargs)
+    with pytest.raises(ValueError, match="Unknown MinAtar game 'Pong'; the games are Asterix, Breakout"):
+        make_env("minatar:Pong")
+
+
+def test_missing_minatar_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "minatar.gym", None)
+    with pytest.raises(ImportError, match=r'pip install "torchrl_dreamer\[minatar\]"'):
+        make_env("minatar:Breakout")
 
 
 def test_unknown_gym_id():

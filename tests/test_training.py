@@ -78,6 +78,18 @@ def test_cartpole_from_the_readme_trains_and_evaluates(tmp_path):
 
 
 @pytest.mark.slow
+def test_minatar_pixels_train_through_the_cli(tmp_path):
+    # the pixel task of benchmarks/learning.py: 4 object planes, 20 x 20, an env from a package we did not write
+    proc = _run("--env", "minatar:Breakout", "--preset", "debug", "--total-steps", 300, "--prefill", 150,
+                "--eval-every", 300, "--logdir", tmp_path / "minatar", "--no-progress")
+    result = _result(proc)
+    assert result["updates"] > 0 and result["last_eval"]["eval_length"] >= 1
+    assert _last(tmp_path / "minatar", "image_loss")[1] > 0
+    config = json.loads((tmp_path / "minatar" / "config.json").read_text())
+    assert config["env"] == "minatar:Breakout" and config["action_repeat"] == 1
+
+
+@pytest.mark.slow
 def test_dict_observation_env_from_a_factory_cli_and_python(tmp_path):
     proc = _run("--env", "tests.user_envs:dict_catch", "--preset", "debug", "--total-steps", 300, "--prefill", 150,
                 "--logdir", tmp_path / "cli", "--no-progress", *sum(([f"--{k.replace('_', '-')}", v]

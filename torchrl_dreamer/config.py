@@ -51,7 +51,7 @@ class DreamerV2Config:
 
     # environment
     env: str = _h("atari:Pong", help='environment: a make_env name ("atari:Pong", "gym:CartPole-v1", '
-                  '"dmc:walker-walk", "catch") or an env factory "package.module:function"')
+                  '"dmc:walker-walk", "minatar:Breakout", "catch") or a factory "package.module:function"')
     action_repeat: int = _h(4, help="frames (emulator/physics steps) per agent step, applied by the built-in envs "
                             "(Atari frame skip); for a user env factory only the logged frame count (the env is "
                             "not wrapped: set it to the frames your env does per step)")
@@ -247,14 +247,14 @@ def _key_list(keys: str | None) -> list[str] | None:
     return None if keys is None else [key.strip() for key in keys.split(",") if key.strip()]
 
 
-# built-in make_env suites (the same list as torchrl_dreamer.envs.resolve; kept here so that building a config does
-# not import the emulators)
-_BUILTIN_SUITES = ("atari", "gym", "dmc", "catch")
+# the "<suite>:<id>" names make_env builds (any other "a:b" is a "module:function" env factory); here, not in
+# torchrl_dreamer.envs, so that building a config does not import the emulators
+BUILTIN_SUITES = ("atari", "gym", "dmc", "minatar", "catch")
 _REPEAT_KWARGS = ("action_repeat", "frame_skip", "frameskip")
 
 
 def _is_builtin_env(name: str) -> bool:
-    return name.partition(":")[0] in _BUILTIN_SUITES
+    return name.partition(":")[0] in BUILTIN_SUITES
 
 
 def _is_int(value: Any) -> bool:
@@ -340,7 +340,7 @@ def _validate(cfg: DreamerV2Config) -> None:
         raise _fail("env_kwargs", cfg.env_kwargs, "a dict of make_env keyword arguments with string keys")
     if cfg.env_kwargs and not _is_builtin_env(cfg.env):
         raise _fail("env_kwargs", cfg.env_kwargs, f"empty for the user env factory {cfg.env!r} (its arguments "
-                    f"apply to the built-in names {', '.join(_BUILTIN_SUITES)}; bind them in your factory)")
+                    f"apply to the built-in names {', '.join(BUILTIN_SUITES)}; bind them in your factory)")
     for key in _REPEAT_KWARGS:
         if key in cfg.env_kwargs:
             raise _fail("env_kwargs", cfg.env_kwargs, f"without {key!r}: set action_repeat (--action-repeat) "

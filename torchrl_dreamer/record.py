@@ -223,7 +223,9 @@ def open_loop_video(world_model, batch: TensorDictBase, *, context: int = 5, num
         context (int): observed frames. Default: ``5``.
         num_videos (int): sequences shown side by side. Default: ``6``.
 
-    Returns: ``uint8 [T, C, 3 * H, n * W]``: rows truth / model / ``(model - truth + 1) / 2``.
+    Returns: ``uint8 [T, C, 3 * H, n * W]``: rows truth / model / ``(model - truth + 1) / 2``. Images with other
+    than 1 or 3 channels (e.g. MinAtar's object planes) come back as ``[T, 1, 3 * H, C * n * W]``: one grayscale
+    panel per channel, side by side, which video loggers and GIFs can show.
     """
     if not world_model.cnn_keys:
         raise ValueError(
@@ -255,6 +257,8 @@ def open_loop_video(world_model, batch: TensorDictBase, *, context: int = 5, num
     error = (model - truth + 1) / 2
     video = torch.cat([truth, model, error], -2)  # [B, T, C, 3H, W]
     video = video.permute(1, 2, 3, 0, 4).flatten(-2)  # [T, C, 3H, B*W]
+    if video.shape[1] not in (1, 3):
+        video = video.transpose(1, 2).flatten(-2).unsqueeze(1)  # [T, 1, 3H, C*B*W]
     return (video * 255).round().to(torch.uint8).cpu()
 
 

@@ -9,6 +9,7 @@ from torchrl.envs import Compose, EnvBase, InitTracker, Transform, TransformedEn
 
 from torchrl_dreamer.envs.atari import make_atari_env
 from torchrl_dreamer.envs.catch import CatchEnv
+from torchrl_dreamer.envs.minatar import make_minatar_env
 from torchrl_dreamer.envs.suites import make_dmc_env, make_gym_env
 
 __all__ = ["SUPPORTED_ENV_NAMES", "ActionRepeat", "make_env"]
@@ -17,6 +18,7 @@ SUPPORTED_ENV_NAMES = (
     '"atari:<Game>" (e.g. "atari:Pong"), '
     '"gym:<gymnasium id>" (e.g. "gym:CartPole-v1", "gym:Pendulum-v1"), '
     '"dmc:<domain>-<task>" (e.g. "dmc:walker-walk"), '
+    '"minatar:<Game>" (e.g. "minatar:Breakout"), '
     '"catch" or "catch:<size>" (e.g. "catch:16")'
 )
 
@@ -76,6 +78,7 @@ def make_env(
     ``atari:<Game>``          :func:`make_atari_env` (DreamerV2 Atari protocol), uint8 ``"pixels"`` [1, 64, 64]
     ``gym:<gymnasium id>``    :func:`make_gym_env`, float32 ``"observation"``, actions one-hot or in [-1, 1]
     ``dmc:<domain>-<task>``   :func:`make_dmc_env`, uint8 RGB ``"pixels"`` [3, 64, 64], action repeat 2 by default
+    ``minatar:<Game>``        :func:`make_minatar_env` (MinAtar, an extra), uint8 ``"pixels"`` [C, 20, 20]
     ``catch`` / ``catch:N``   :class:`CatchEnv` on an N x N grid (default 16), uint8 ``"pixels"`` [1, N, N]
                               (``vector_obs=True`` adds a float32 ``"observation"`` [3])
     ========================  ===============================================================================
@@ -90,14 +93,14 @@ def make_env(
             gym and catch 1); :attr:`DreamerV2Config.make_env_kwargs` always sets it.
         **kwargs: forwarded to the suite's builder, e.g. ``full_action_space=False`` or ``max_episode_steps`` for
             Atari, ``gymnasium.make`` kwargs for ``gym:``, ``size`` / ``camera_id`` for ``dmc:``, ``scale`` /
-            ``vector_obs`` for ``catch``.
+            ``max_episode_steps`` for ``minatar:``, ``scale`` / ``vector_obs`` for ``catch``.
 
     Returns:
         A TorchRL env with batch size ``[]``, a one-hot ``"action"`` for discrete actions and ``"is_init"``.
 
     Raises:
         ValueError: for an unknown suite or a malformed name (the message lists the supported forms).
-        ImportError: for ``dmc:`` names when dm_control is not installed.
+        ImportError: for ``dmc:`` names when dm_control is not installed, ``minatar:`` names without MinAtar.
 
     Example:
         >>> env = make_env("catch:8", seed=0)
@@ -128,6 +131,12 @@ def make_env(
         if not (domain and sep and task) or "-" in task:
             raise _bad_name(name, "expected 'dmc:<domain>-<task>'")
         return make_dmc_env(domain, task, seed=seed, device=device, **kwargs)
+    if suite == "minatar":
+        if not rest:
+            raise _bad_name(name, "missing game after 'minatar:'")
+        if action_repeat is not None:
+            kwargs["action_repeat"] = action_repeat
+        return make_minatar_env(rest, seed=seed, device=device, **kwargs)
     if suite == "catch":
         if name == "catch":
             size = kwargs.pop("size", 16)

@@ -22,12 +22,12 @@ from typing import Any, Callable, Union
 
 from torchrl.envs import Compose, EnvBase, InitTracker, Transform, TransformedEnv
 
+from torchrl_dreamer.config import BUILTIN_SUITES
 from torchrl_dreamer.envs.factory import SUPPORTED_ENV_NAMES, make_env
 
 __all__ = ["EnvFactory", "EnvLike", "prepare_env", "load_factory"]
 
 EnvLike = Union[str, EnvBase, Callable[[], EnvBase]]
-_SUITES = ("atari", "gym", "dmc", "catch")
 
 
 def load_factory(path: str) -> Callable[[], EnvBase]:
@@ -56,7 +56,7 @@ def load_factory(path: str) -> Callable[[], EnvBase]:
 
 
 def _is_suite_name(name: str) -> bool:
-    return name.partition(":")[0] in _SUITES
+    return name.partition(":")[0] in BUILTIN_SUITES
 
 
 class EnvFactory:

@@ -84,7 +84,7 @@ def make_gym_env(
     if isinstance(space, gym.spaces.Box) and len(space.shape) > 1:
         raise ValueError(
             f"gym:{env_id} has image-like observations of shape {space.shape}; the 'gym:' suite is for vector "
-            "observations (use 'atari:<Game>' or 'dmc:<domain>-<task>' for pixels)."
+            "observations (use 'atari:<Game>', 'minatar:<Game>' or 'dmc:<domain>-<task>' for pixels)."
         )
     if not isinstance(space, gym.spaces.Box):
         env = FlattenObservation(env)
