@@ -25,9 +25,9 @@ import gymnasium as gym
 import numpy as np
 import torch
 from gymnasium.wrappers import AtariPreprocessing, TimeLimit
-from torchrl.envs import GymWrapper, InitTracker, TransformedEnv
+from torchrl.envs import TransformedEnv
 
-from torchrl_dreamer.envs._utils import declare_uint8_pixels
+from torchrl_dreamer.envs._utils import wrap_pixel_gym_env
 
 __all__ = ["make_atari_env", "make_atari_gymnasium_env"]
 
@@ -179,9 +179,4 @@ def make_atari_env(
         full_action_space=full_action_space,
         max_episode_steps=max_episode_steps,
     )
-    base = GymWrapper(gym_env, categorical_action_encoding=False, device=device)
-    declare_uint8_pixels(base)
-    env = TransformedEnv(base, InitTracker())
-    if seed is not None:
-        env.set_seed(seed)
-    return env
+    return wrap_pixel_gym_env(gym_env, seed=seed, device=device)

@@ -120,7 +120,7 @@ def make_env(
         if action_repeat is not None:
             kwargs["frame_skip"] = action_repeat
         return make_atari_env(rest, seed=seed, device=device, **kwargs)
-    if action_repeat is not None and suite in ("gym", "dmc"):
+    if action_repeat is not None and suite in ("gym", "dmc", "minatar"):
         kwargs["action_repeat"] = action_repeat
     if suite == "gym":
         if not rest:
@@ -134,8 +134,6 @@ def make_env(
     if suite == "minatar":
         if not rest:
             raise _bad_name(name, "missing game after 'minatar:'")
-        if action_repeat is not None:
-            kwargs["action_repeat"] = action_repeat
         return make_minatar_env(rest, seed=seed, device=device, **kwargs)
     if suite == "catch":
         if name == "catch":

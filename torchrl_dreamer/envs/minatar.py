@@ -17,9 +17,9 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
-from torchrl.envs import GymWrapper, InitTracker, TransformedEnv
+from torchrl.envs import TransformedEnv
 
-from torchrl_dreamer.envs._utils import declare_uint8_pixels
+from torchrl_dreamer.envs._utils import wrap_pixel_gym_env
 
 __all__ = ["MINATAR_GAMES", "make_minatar_env"]
 
@@ -98,9 +98,4 @@ def make_minatar_env(
     if env_id not in gym.registry:
         minatar.gym.register_envs()
     env = gym.make(env_id, max_episode_steps=max_episode_steps, disable_env_checker=True, **kwargs)
-    base = GymWrapper(_ObjectPlanes(env, scale), categorical_action_encoding=False, device=device)
-    declare_uint8_pixels(base)
-    wrapped = TransformedEnv(base, InitTracker())
-    if seed is not None:
-        wrapped.set_seed(seed)
-    return wrapped
+    return wrap_pixel_gym_env(_ObjectPlanes(env, scale), seed=seed, device=device)

@@ -68,15 +68,16 @@ class DreamerV2OptimizationStepper(OptimizationStepper):
     the sub-losses directly (the trainer's ``compute_loss`` is not traced); the optimiser
     steps, which read the gradient norm on the host, run eagerly between them. On CUDA
     ``cudagraph=True`` captures each forward/backward with TensorDict's
-    :class:`~tensordict.nn.CudaGraphModule` (experimental: written to TorchRL's pattern, not yet run on a
-    GPU). A captured graph writes into the gradient tensors it was captured with: nothing else may set
-    them to ``None`` (``zero_grad(set_to_none=True)``), and a batch of another shape is not recaptured. :meth:`warmup` compiles (and captures) on a
-    representative batch and leaves the RNG, the loss's buffers and the optimisers as they
-    were; the first :meth:`step` calls it when it has not been called, so a compiled update
-    computes the eager one's function from the same state (inductor draws its own random numbers;
-    with ``torch._inductor.config.fallback_random = True`` it draws torch's, and the losses,
-    gradients and weights match the eager ones to rounding: ``tests/test_compile.py``). Batches must keep
-    the warm-up's shapes and keys (a replay sample always does); without CUDA graphs a new shape recompiles.
+    :class:`~tensordict.nn.CudaGraphModule` (experimental: written to TorchRL's pattern, not yet run
+    on a GPU). A captured graph writes into the gradient tensors it was captured with: nothing else
+    may set them to ``None`` (``zero_grad(set_to_none=True)``), and a batch of another shape is not
+    recaptured. :meth:`warmup` compiles (and captures) on a representative batch and leaves the RNG,
+    the loss's buffers and the optimisers as they were; the first :meth:`step` calls it when it has
+    not been called, so a compiled update computes the eager one's function from the same state
+    (inductor draws its own random numbers; with ``torch._inductor.config.fallback_random = True``
+    it draws torch's, and the losses, gradients and weights match the eager ones to rounding:
+    ``tests/test_compile.py``). Batches must keep the warm-up's shapes and keys (a replay sample
+    always does); without CUDA graphs a new shape recompiles.
 
     Args:
         loss (DreamerV2Loss): the composite loss.
