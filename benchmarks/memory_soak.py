@@ -197,8 +197,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="fraction of the steps (after the prefill) excluded from the growth fit")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--malloc-trim", action="store_true",
-                        help="call glibc malloc_trim(0) after every optimisation loop (shows how much of RssAnon "
-                             "is freed memory the allocator keeps)")
+                        help="call glibc malloc_trim(0) after every optimisation loop: returns the memory the "
+                             "trainer's allocator keeps for the next update (shows how much of RssAnon it is)")
     parser.add_argument("--logdir", default=None, help="run directory (default: a temporary one, removed after)")
     args = parser.parse_args(argv)
     if args.threads:

@@ -9,6 +9,7 @@ with ``torch.utils.flop_counter`` and the achieved FLOP/s; the last line is JSON
     python benchmarks/update_speed.py --profile 25           # also print the 25 most expensive ops
     python benchmarks/update_speed.py --plain-convolutions   # the encoder/decoder as plain nn.Sequential
     python benchmarks/update_speed.py --compile              # compiled, timed alternately with eager
+    python benchmarks/update_speed.py --release-memory       # glibc's default: freed memory goes back to the system
     python benchmarks/update_speed.py --device cuda --compile --cudagraph --precision bf16
 
 See ``benchmarks/README.md`` for the figures.
@@ -32,6 +33,7 @@ from torch.utils.flop_counter import flop_registry
 from torchrl.data import Composite, OneHot, Unbounded
 
 from torchrl_dreamer.config import DreamerV2Config
+from torchrl_dreamer.trainers import keep_freed_memory
 
 
 def make_batch(batch: int, length: int, actions: int, device: torch.device) -> TensorDict:
@@ -57,7 +59,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--updates", type=int, default=5, help="timed updates (median reported)")
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument(
+        "--warmup", type=int, default=3,
+        help="untimed updates first: the allocator's heap grows to its steady size in the first 2-3 updates (page faults)",
+    )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--batch-length", type=int, default=50)
     parser.add_argument("--actions", type=int, default=18)
@@ -80,6 +85,11 @@ def main(argv: list[str] | None = None) -> dict:
         "(not with --cudagraph)",
     )
     parser.add_argument("--cudagraph", action="store_true", help="capture the forward/backward passes (CUDA only)")
+    parser.add_argument(
+        "--release-memory", action="store_true",
+        help="leave glibc's allocator at its default (freed activations go back to the system and are faulted in "
+        "again), instead of keeping them as the trainer does (keep_freed_memory)",
+    )
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda requested but CUDA is not available")
@@ -87,6 +97,8 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--cudagraph needs --device cuda")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not args.release_memory:
+        keep_freed_memory()
     device = torch.device(args.device)
     torch.manual_seed(0)
     cfg = DreamerV2Config.preset("atari", precision=args.precision, compile=args.compile, cudagraph=args.cudagraph)
@@ -147,6 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
         "updates": args.updates,
         "background_load": args.background_load,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(OpenMP default)"),
+        "freed_memory": "released" if args.release_memory else "kept",
         "compile": args.compile,
         "cudagraph": args.cudagraph,
         "ms_per_update": round(median * 1e3, 2),

@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -231,7 +232,47 @@ def test_an_empty_logdir_flag_is_refused():
     assert cli.main(["--preset", "debug", "--logdir", ""]) == 2
 
 
-def test_thread_policy(tmp_path, monkeypatch):
+_FAULTS_SCRIPT = """
+import resource, sys
+import torch
+{setup}
+def cycle():
+    # allocate, touch and free 64 MiB, as an update does with its activations
+    torch.empty(64 << 20, dtype=torch.uint8).fill_(1)
+for _ in range(3):  # kept, the heap settles within two cycles
+    cycle()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(4):
+    cycle()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_freed_memory_is_kept_for_the_next_update(tmp_path):
+    import subprocess
+
+    def faults(setup: str) -> int:
+        out = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT.format(setup=setup)], capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return int(out.stdout.split()[-1])
+
+    # glibc's default maps a 64 MiB block fresh each time and faults its 16,384 pages in again
+    assert faults("") > 4 * 10_000
+    # kept: the second and later blocks reuse the first one's pages
+    assert faults("from torchrl_dreamer.trainers import keep_freed_memory; assert keep_freed_memory()") < 1_000
+    # building the trainer keeps them
+    trainer = (
+        "from torchrl_dreamer.config import DreamerV2Config\n"
+        "from torchrl_dreamer.trainers import make_dreamerv2_trainer\n"
+        f"make_dreamerv2_trainer(DreamerV2Config.preset('debug', env='catch'), {str(tmp_path / 'run')!r}, "
+        "device='cpu', progress=False).shutdown()"
+    )
+    assert faults(trainer) < 1_000
+
+
+def test_thread_policy(tmp_path, monkeypatch, capsys):
     import importlib.util
     import os
     from pathlib import Path
@@ -257,6 +298,10 @@ def test_thread_policy(tmp_path, monkeypatch):
     threads = torch.get_num_threads()
     try:
         assert cli.main(["--preset", "debug", "--threads", "0", "--logdir", str(tmp_path / "a")]) == 2
+        # more threads than cores is said before anything runs (here the empty --logdir then stops the command)
+        capsys.readouterr()
+        assert cli.main(["--preset", "debug", "--threads", str(len(os.sched_getaffinity(0)) + 1), "--logdir", ""]) == 2
+        assert "is more than the" in capsys.readouterr().err
         rc = cli.main(["--preset", "debug", "--env", "catch", "--total-steps", "110", "--prefill", "100",
                        "--threads", "1", "--no-progress", "--eval-every", "1e9", "--video-every", "1e9",
                        "--logdir", str(tmp_path / "b")])

@@ -1,13 +1,13 @@
 """Optimisers, the DreamerV2 optimisation stepper, the TorchRL trainer and its hooks."""
 from torchrl_dreamer.trainers.optim import DreamerV2Optimizer
 from torchrl_dreamer.trainers.stepper import DreamerV2OptimizationStepper, NonFiniteUpdateError, make_dreamerv2_optimizers
+from torchrl_dreamer.trainers.allocator import keep_freed_memory
 from torchrl_dreamer.trainers.hooks import (
     CheckpointHook,
     CheckpointWriteError,
     EpisodeReturnHook,
     EvaluationHook,
     Every,
-    MemoryTrimHook,
     NonFiniteInputHook,
     OpenLoopVideoHook,
     SpeedReportHook,

@@ -14,7 +14,6 @@ hook                          stages                  what it does
 ``TargetNetUpdaterHook``      post_optim              TorchRL's: slow critic ``HardUpdate`` after update 0, N...
 :class:`NonFiniteInputHook`   batch_process           warns (naming the key) and counts NaN/inf from the env
 :class:`SpeedReportHook`      post_optim              once: measured pace and time left (advice on a CPU)
-:class:`MemoryTrimHook`       post_optim              returns freed activations to the system (glibc)
 :class:`EpisodeReturnHook`    pre_steps_log           ``train_return`` / ``train_length`` of finished episodes
 :class:`TrainMetricsHook`     post_optim_complete_    the updates' metrics averaged over ``log_every`` steps,
                               log, post_steps         and ``fps``
@@ -45,7 +44,6 @@ __all__ = [
     "UpdateSchedule",
     "NonFiniteInputHook",
     "SpeedReportHook",
-    "MemoryTrimHook",
     "CheckpointWriteError",
     "EpisodeReturnHook",
     "TrainMetricsHook",
@@ -256,33 +254,6 @@ class NonFiniteInputHook(_LoggingHook):
         self.trainer = trainer
         trainer.register_op("batch_process", self)
         trainer.register_module(name, self)
-
-
-class MemoryTrimHook(TrainerHookBase):
-    """Hands the memory freed by each update back to the system (glibc's ``malloc_trim``; a no-op elsewhere).
-
-    An update's activations (about 1.3 GiB at the Atari preset on a CPU) are freed when it ends, but glibc keeps
-    most of them, fragmented, so the resident memory between updates creeps up update after update and swings
-    with each one. Trimming after every update keeps it at the run's steady state (measured in
-    ``benchmarks/memory_soak.py``: 1,372 -> 653 MiB after 11 paper-sized updates, flat between updates).
-    """
-
-    def __init__(self) -> None:
-        import ctypes
-        import ctypes.util
-
-        self._trim = None
-        name = ctypes.util.find_library("c")
-        if name is not None:
-            libc = ctypes.CDLL(name)
-            self._trim = getattr(libc, "malloc_trim", None)
-
-    def __call__(self) -> None:
-        if self._trim is not None:
-            self._trim(0)
-
-    def register(self, trainer: Trainer, name: str = "memory_trim") -> None:
-        trainer.register_op("post_optim", self)
 
 
 class SpeedReportHook(_LoggingHook):
