@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--updates", type=int, default=5, help="timed updates (median reported)")
     parser.add_argument(
         "--warmup", type=int, default=3,
-        help="untimed updates first: the allocator's heap grows to its steady size in the first 2-3 updates (page faults)",
+        help="untimed updates first: the allocator's heap grows to its steady size in the first 2-3 updates "
+        "(page faults)",
     )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--batch-length", type=int, default=50)

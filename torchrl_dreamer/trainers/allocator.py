@@ -28,8 +28,9 @@ def keep_freed_memory() -> bool:
     """Makes glibc keep freed memory for reuse instead of returning it to the kernel (this process, from now on).
 
     Large allocations come from the heap instead of fresh mappings (``M_MMAP_MAX = 0``) and the heap's free top is
-    never trimmed (``M_TRIM_THRESHOLD`` at its largest). :func:`~torchrl_dreamer.trainers.make_dreamerv2_trainer`
-    calls it. Memory already mapped is unaffected; a later ``malloc_trim(0)`` still returns free memory.
+    never trimmed (``M_TRIM_THRESHOLD`` at its largest). Building a
+    :class:`~torchrl_dreamer.trainers.DreamerV2Trainer` calls it. Memory already mapped is unaffected; a later
+    ``malloc_trim(0)`` still returns free memory.
 
     Returns: ``True`` when glibc took both settings, ``False`` where there is no glibc (macOS, Windows, musl), where
     nothing changes.
