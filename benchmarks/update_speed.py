@@ -180,6 +180,10 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
+# in-place products count as their out-of-place forms (linear_on_parts accumulates its blocks with addmm_)
+_IN_PLACE = {torch.ops.aten.addmm_: torch.ops.aten.addmm}
+
+
 class FlopCount(TorchDispatchMode):
     """Sums ``torch.utils.flop_counter``'s per-op FLOP formulas over every op run.
 
@@ -193,7 +197,7 @@ class FlopCount(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        count = flop_registry.get(func._overloadpacket)
+        count = flop_registry.get(_IN_PLACE.get(func._overloadpacket, func._overloadpacket))
         if count is not None:
             self.total += count(*args, **kwargs, out_val=out)
         return out

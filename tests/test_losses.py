@@ -206,8 +206,8 @@ def test_actor_input_is_stop_gradient(actor_grad):
     models, loss, batch = _setup(actor_grad)
     _, posteriors = loss.model_loss(batch)
     seen = []
-    trunk = models.actor_network.trunk.mlp
-    handle = trunk.register_forward_pre_hook(lambda mod, args: seen.append(args[0].requires_grad))
+    trunk = models.actor_network.trunk  # FeatHead(state, belief)
+    handle = trunk.register_forward_pre_hook(lambda mod, args: seen.extend(a.requires_grad for a in args))
     loss.actor_loss(posteriors)
     handle.remove()
     assert seen and not any(seen)

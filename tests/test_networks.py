@@ -9,12 +9,15 @@ import torch.nn.functional as F
 
 from torchrl_dreamer.modules import RSSMV2, ObsDecoderV2, ObsEncoderV2, count_parameters, straight_through_sample
 from torchrl_dreamer.modules.networks import (
+    MLP,
     ConvDecoderV2,
     ConvEncoderV2,
+    FeatHead,
     conv2d_patches,
     conv_layout,
     conv_transpose2d_1x1,
     conv_transpose2d_subpixel,
+    linear_on_parts,
 )
 
 CL = torch.channels_last
@@ -58,6 +61,11 @@ def test_conv2d_patches_matches_conv2d(channels, out_channels, size, kernel, str
         lambda x, w: conv2d_patches(x, w, stride=stride), lambda x, w: F.conv2d(x, w, stride=stride), (x, w)
     )
     assert conv2d_patches(x, w, b, stride=stride).is_contiguous(memory_format=CL)
+    _assert_same_op(
+        lambda x, w, b: conv2d_patches(x, w, b, stride=stride, elu=True),
+        lambda x, w, b: F.elu(F.conv2d(x, w, b, stride=stride)),
+        (x, w, b),
+    )
 
 
 @pytest.mark.parametrize("kernel,stride", [(5, 2), (6, 2), (4, 1), (3, 3)])
@@ -70,9 +78,49 @@ def test_conv_transpose2d_1x1_matches_conv_transpose2d(kernel, stride):
         (x, w, b),
     )
     _assert_same_op(conv_transpose2d_1x1, lambda x, w: F.conv_transpose2d(x, w, stride=stride), (x, w))
+    _assert_same_op(
+        lambda x, w, b: conv_transpose2d_1x1(x, w, b, elu=True),
+        lambda x, w, b: F.elu(F.conv_transpose2d(x, w, b, stride=stride)),
+        (x, w, b),
+    )
     # a flat [N, C] input is read as [N, C, 1, 1]
     flat = x.detach().flatten(1)
     torch.testing.assert_close(conv_transpose2d_1x1(flat, w, b), F.conv_transpose2d(x, w, b, stride=stride))
+
+
+# ---- dense layers --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rows", [(3,), (2, 5), (40,)])  # fewer rows than outputs (concatenated), more (blocks)
+def test_linear_on_parts_is_the_layer_on_the_concatenation(rows):
+    layer = torch.nn.Linear(7, 6).double()
+    a, b, c = _leaf(*rows, 2), _leaf(*rows, 4), _leaf(*rows, 1)
+    params = (layer.weight, layer.bias)
+    out, ref = linear_on_parts([a, b, c], layer), layer(torch.cat([a, b, c], -1))
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+    grad_out = torch.randn_like(ref)
+    for g, g_ref in zip(_grads(out, (a, b, c, *params), grad_out), _grads(ref, (a, b, c, *params), grad_out)):
+        torch.testing.assert_close(g, g_ref, atol=1e-12, rtol=1e-12)
+    with torch.no_grad():  # no weight gradient: always the blocks
+        torch.testing.assert_close(linear_on_parts([a, b, c], layer), ref.detach(), atol=1e-12, rtol=1e-12)
+    with pytest.raises(ValueError, match="leading dimensions"):
+        linear_on_parts([a, b[..., :1, :]], torch.nn.Linear(6, 2).double())
+    with pytest.raises(ValueError, match="the layer takes 5"):
+        linear_on_parts([a, b], torch.nn.Linear(5, 2).double())
+
+
+def test_mlp_and_feat_head_in_place_elu_give_the_plain_values_and_gradients():
+    torch.manual_seed(0)
+    mlp = MLP(6, 3, num_cells=8, depth=2).double()
+    plain = torch.nn.Sequential(*(torch.nn.ELU() if isinstance(m, torch.nn.ELU) else m for m in mlp))
+    x = _leaf(4, 5, 6)
+    _assert_same_op(lambda x, *p: mlp(x), lambda x, *p: plain(x), (x, *mlp.parameters()))
+    head = FeatHead(4, 2, 1, num_cells=8, depth=2).double()
+    plain = torch.nn.Sequential(*(torch.nn.ELU() if isinstance(m, torch.nn.ELU) else m for m in head.mlp))
+    state, belief = _leaf(3, 5, 4), _leaf(3, 5, 2)
+    _assert_same_op(
+        lambda s, b, *p: head(s, b), lambda s, b, *p: plain(torch.cat([s, b], -1)), (state, belief, *head.parameters())
+    )
 
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, CL])

@@ -35,6 +35,7 @@ __all__ = [
     "conv2d_patches",
     "conv_transpose2d_1x1",
     "conv_transpose2d_subpixel",
+    "linear_on_parts",
 ]
 
 # The reference decoder's kernels (stride 2, no padding, out = (in - 1) * 2 + kernel): 1 -> 5 -> 13 -> 30 -> 64.
@@ -103,7 +104,7 @@ def preprocess_obs(obs: torch.Tensor, dtype: torch.dtype | None = None) -> torch
 
 
 def conv2d_patches(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 2
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 2, *, elu: bool = False
 ) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, stride)`` (no padding) as one matrix product over image patches.
 
@@ -117,6 +118,10 @@ def conv2d_patches(
         weight (Tensor): ``[C_out, C, kh, kw]``.
         bias (Tensor, optional): ``[C_out]``.
         stride (int): the stride. Default: ``2``.
+
+    Keyword Args:
+        elu (bool): apply ELU in place on the fresh product, before it is viewed as an image: ``F.elu`` of the
+            result without a second activation tensor (its gradient is taken from the output). Default: ``False``.
 
     Returns: ``[N, C_out, Ho, Wo]``, channels-last.
 
@@ -132,10 +137,14 @@ def conv2d_patches(
     cols = patches.permute(0, 1, 2, 4, 5, 3).reshape(n * ho * wo, kh * kw * channels)
     kernel = weight.permute(0, 2, 3, 1).reshape(out_channels, kh * kw * channels)
     out = cols @ kernel.t() if bias is None else torch.addmm(bias, cols, kernel.t())
+    if elu:
+        out = F.elu_(out)
     return out.view(n, ho, wo, out_channels).permute(0, 3, 1, 2)
 
 
-def conv_transpose2d_1x1(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def conv_transpose2d_1x1(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, elu: bool = False
+) -> torch.Tensor:
     """``F.conv_transpose2d`` of a ``1 x 1`` input (any stride, no padding) as one matrix product.
 
     Each input vector is multiplied by the whole kernel: ``out[n, o, i, j] =
@@ -145,6 +154,9 @@ def conv_transpose2d_1x1(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         x (Tensor): ``[N, C]`` or ``[N, C, 1, 1]``.
         weight (Tensor): ``[C, C_out, kh, kw]``.
         bias (Tensor, optional): ``[C_out]``.
+
+    Keyword Args:
+        elu (bool): apply ELU in place on the fresh product (see :func:`conv2d_patches`). Default: ``False``.
 
     Returns: ``[N, C_out, kh, kw]``.
 
@@ -160,6 +172,8 @@ def conv_transpose2d_1x1(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         out = x @ kernel
     else:
         out = torch.addmm(bias.repeat_interleave(kh * kw), x, kernel)
+    if elu:
+        out = F.elu_(out)
     return out.view(-1, out_channels, kh, kw)
 
 
@@ -205,8 +219,60 @@ def conv_transpose2d_subpixel(
     return F.pixel_shuffle(out, 2)[..., : 2 * (height - 1) + kh, : 2 * (width - 1) + kw]
 
 
+def linear_on_parts(parts: Sequence[torch.Tensor], layer: nn.Linear) -> torch.Tensor:
+    """``layer(torch.cat(parts, -1))``, without building the concatenation where that is cheaper.
+
+    The layer's weight is split by columns, one block per part, and every block's product
+    is accumulated into one output (``addmm_``): the same function of the same parameters
+    (only the order of the floating-point sums differs), without the ``[N, sum of sizes]``
+    copy that ``torch.cat`` makes. The price is the weight gradient, assembled from its
+    blocks in the backward (an ``[out, in]`` copy), so the blocks are used when the batch
+    ``N`` is larger than ``out_features`` or no weight gradient is taken (imagination's
+    heads, critics, RSSM), and the concatenation otherwise (the RSSM's filter over 16
+    sequences, one step at a time). The model state ``[state, belief]`` enters every head,
+    the decoder and the RSSM this way.
+
+    Args:
+        parts (sequence of Tensor): ``[*batch, size_i]`` each, with the same ``batch``.
+        layer (nn.Linear): with ``in_features == sum of size_i``.
+
+    Returns: ``[*batch, out_features]``; for a 2-D ``batch``-by-feature input, a fresh tensor (not a view), on
+    which an activation may work in place.
+
+    Examples:
+        >>> layer = nn.Linear(5, 3)
+        >>> a, b = torch.randn(2, 4, 2), torch.randn(2, 4, 3)
+        >>> torch.allclose(linear_on_parts([a, b], layer), layer(torch.cat([a, b], -1)), atol=1e-6)
+        True
+    """
+    batch = parts[0].shape[:-1]
+    if any(part.shape[:-1] != batch for part in parts[1:]):
+        raise ValueError(f"The parts must share their leading dimensions, got {[tuple(p.shape) for p in parts]}.")
+    sizes = [part.shape[-1] for part in parts]
+    if sum(sizes) != layer.in_features:
+        raise ValueError(f"The parts have {sum(sizes)} features in all ({sizes}), the layer takes {layer.in_features}.")
+    flat = [part.reshape(-1, size) for part, size in zip(parts, sizes)]
+    rows = flat[0].shape[0]
+    weight_grad = torch.is_grad_enabled() and layer.weight.requires_grad
+    if weight_grad and rows <= layer.out_features:
+        out = F.linear(torch.cat(flat, -1), layer.weight, layer.bias)
+    else:
+        weights = layer.weight.split(sizes, 1)
+        out = F.linear(flat[0], weights[0], layer.bias)
+        for x, weight in zip(flat[1:], weights[1:]):
+            # in place into the fresh output (the product's backward does not need it); the casts are no-ops
+            # except under autocast, where the output is in the lower precision
+            out = out.addmm_(x.to(out.dtype), weight.t().to(out.dtype))
+    return out if len(batch) == 1 else out.view(*batch, layer.out_features)
+
+
 class MLP(nn.Sequential):
     """Dense layers with ELU activations and a linear output layer.
+
+    The ELUs work in place on the fresh outputs of the dense layers (whose backward does
+    not need them): no extra activation tensor, and the gradient is taken from the ELU's
+    output, ``grad * (y + 1)`` for ``y < 0``, as the reference (TensorFlow's ``EluGrad``)
+    does, instead of ``exp(x)``.
 
     Args:
         in_features (int): input size.
@@ -225,10 +291,18 @@ class MLP(nn.Sequential):
     def __init__(self, in_features: int, out_features: int, *, num_cells: int = 400, depth: int = 4):
         layers: list[nn.Module] = []
         for i in range(depth):
-            layers += [nn.Linear(in_features if i == 0 else num_cells, num_cells), nn.ELU()]
+            layers += [nn.Linear(in_features if i == 0 else num_cells, num_cells), nn.ELU(inplace=True)]
         layers.append(nn.Linear(num_cells if depth else in_features, out_features))
         super().__init__(*layers)
         glorot_init_(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # on [N, features]: the dense layers' outputs are fresh tensors, not views, so the ELUs work in place
+        batch = x.shape[:-1]
+        x = x.reshape(-1, x.shape[-1])
+        for layer in self:
+            x = layer(x)
+        return x.view(*batch, x.shape[-1])
 
 
 class FeatHead(nn.Module):
@@ -259,7 +333,12 @@ class FeatHead(nn.Module):
         self.mlp = MLP(state_dim + belief_dim, out_features, num_cells=num_cells, depth=depth)
 
     def forward(self, state: torch.Tensor, belief: torch.Tensor) -> torch.Tensor:
-        return self.mlp(torch.cat([state, belief], -1))
+        batch = state.shape[:-1]
+        # the first layer on the two parts (no [state, belief] copy), everything on [N, features]
+        x = linear_on_parts([state.reshape(-1, state.shape[-1]), belief.reshape(-1, belief.shape[-1])], self.mlp[0])
+        for i in range(1, len(self.mlp)):
+            x = self.mlp[i](x)
+        return x.view(*batch, x.shape[-1])
 
 
 def conv_layout(
@@ -378,7 +457,7 @@ class ConvEncoderV2(nn.Module):
             # backward of the overlapping unfold writes out of bounds in torch 2.13)
             if i in (0, len(convs) - 1) and not torch.compiler.is_compiling():
                 padded = F.pad(x, (conv.padding[0],) * 4) if conv.padding[0] else x
-                x = F.elu(conv2d_patches(padded, conv.weight, conv.bias, stride=2))
+                x = conv2d_patches(padded, conv.weight, conv.bias, stride=2, elu=True)
             else:
                 # ELU in place on the fresh convolution output (the convolution's backward does not need it)
                 x = F.elu_(conv(x.contiguous(memory_format=torch.channels_last)))
@@ -457,7 +536,7 @@ class ConvDecoderV2(nn.Module):
 
     def forward(self, state: torch.Tensor, belief: torch.Tensor) -> torch.Tensor:
         batch = state.shape[:-1]
-        x = self.linear(torch.cat([state, belief], -1)).reshape(-1, *self.in_shape)
+        x = linear_on_parts([state, belief], self.linear).reshape(-1, *self.in_shape)
         if not self.fast_path:
             return self.deconvs(x).reshape(*batch, *self.out_shape)
         # Same layers, CPU-friendly kernels: a transposed convolution of a 1x1 input as a matrix
@@ -471,7 +550,7 @@ class ConvDecoderV2(nn.Module):
                 pad = deconv.padding[0]
                 x = conv_transpose2d_subpixel(x, deconv.weight, deconv.bias)[..., pad : pad + height, pad : pad + width]
             elif x.shape[-2:] == (1, 1):
-                x = F.elu(conv_transpose2d_1x1(x, deconv.weight, deconv.bias))
+                x = conv_transpose2d_1x1(x, deconv.weight, deconv.bias, elu=True)
             else:
                 # ELU in place on the fresh convolution output (the convolution's backward does not need it)
                 x = F.elu_(deconv(x.contiguous(memory_format=torch.channels_last)))
@@ -497,7 +576,7 @@ class MLPEncoderV2(nn.Module):
         super().__init__()
         layers: list[nn.Module] = []
         for i in range(depth):
-            layers += [nn.Linear(in_features if i == 0 else num_cells, num_cells), nn.ELU()]
+            layers += [nn.Linear(in_features if i == 0 else num_cells, num_cells), nn.ELU(inplace=True)]
         self.mlp = nn.Sequential(*layers)
         self.embed_dim = num_cells
         glorot_init_(self)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchrl_dreamer.modules.networks import glorot_init_
+from torchrl_dreamer.modules.networks import glorot_init_, linear_on_parts
 
 __all__ = ["LayerNormGRUCell", "straight_through_sample", "RSSMV2"]
 
@@ -54,7 +54,7 @@ class LayerNormGRUCell(nn.Module):
         glorot_init_(self)
 
     def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        parts = self.norm(self.linear(torch.cat([x, h], -1)))
+        parts = self.norm(linear_on_parts([x, h], self.linear))
         reset, cand, update = parts.chunk(3, -1)
         cand = torch.tanh(torch.sigmoid(reset) * cand)
         update = torch.sigmoid(update + self.update_bias)
@@ -153,18 +153,23 @@ class RSSMV2(nn.Module):
     # ---- one-step functions -------------------------------------------------------------
     def deter_step(self, state: torch.Tensor, action: torch.Tensor, belief: torch.Tensor) -> torch.Tensor:
         """``h_t = GRU(ELU(W [z_{t-1}, a_{t-1}]), h_{t-1})``."""
-        x = F.elu(self.img_in(torch.cat([state, action.to(state.dtype)], -1)))
-        return self.cell(x, belief)
+        batch = state.shape[:-1]
+        # on [N, features]: the dense layer's output is fresh (not a view), so the ELU works in place
+        flat = [state.reshape(-1, state.shape[-1]), action.to(state.dtype).reshape(-1, action.shape[-1])]
+        x = F.elu_(linear_on_parts(flat, self.img_in))
+        return self.cell(x, belief.reshape(-1, belief.shape[-1])).view(*batch, belief.shape[-1])
 
     def prior_logits(self, belief: torch.Tensor) -> torch.Tensor:
         """Prior logits ``[..., num_categoricals, num_classes]`` from ``h_t``."""
-        logits = self.img_logits(F.elu(self.img_out(belief)))
-        return logits.unflatten(-1, (self.num_categoricals, self.num_classes))
+        # on [N, features]: the dense layer's output is fresh (not a view), so the ELU works in place
+        hidden = F.elu_(self.img_out(belief.reshape(-1, belief.shape[-1])))
+        return self.img_logits(hidden).view(*belief.shape[:-1], self.num_categoricals, self.num_classes)
 
     def posterior_logits(self, belief: torch.Tensor, embed: torch.Tensor) -> torch.Tensor:
         """Posterior logits ``[..., num_categoricals, num_classes]`` from ``h_t`` and ``embed(o_t)``."""
-        logits = self.obs_logits(F.elu(self.obs_out(torch.cat([belief, embed], -1))))
-        return logits.unflatten(-1, (self.num_categoricals, self.num_classes))
+        flat = [belief.reshape(-1, belief.shape[-1]), embed.reshape(-1, embed.shape[-1])]
+        logits = self.obs_logits(F.elu_(linear_on_parts(flat, self.obs_out)))
+        return logits.view(*belief.shape[:-1], self.num_categoricals, self.num_classes)
 
     def sample(self, logits: torch.Tensor, *, straight_through: bool = True) -> torch.Tensor:
         """Flattened straight-through one-hot sample of ``[..., K, C]`` logits."""
@@ -210,7 +215,7 @@ class RSSMV2(nn.Module):
         for t in range(steps):
             mask = keep[:, t]
             belief = self.deter_step(state * mask, prev_action[:, t], belief * mask)
-            hidden = F.elu(F.linear(belief, w_belief) + embed_proj[:, t])
+            hidden = F.elu_(F.linear(belief, w_belief) + embed_proj[:, t])
             logits = self.obs_logits(hidden).unflatten(-1, (self.num_categoricals, self.num_classes))
             state = self.sample(logits)
             states.append(state)

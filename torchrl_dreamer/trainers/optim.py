@@ -8,6 +8,23 @@ import torch
 __all__ = ["DreamerV2Optimizer"]
 
 
+def _as_lists(params) -> list:
+    """Parameters or parameter groups as a list, each group's ``params`` as a list (read once)."""
+    out = []
+    for item in params:
+        if isinstance(item, dict):
+            group = item["params"]
+            item = dict(item, params=[group] if isinstance(group, torch.Tensor) else list(group))
+        out.append(item)
+    return out
+
+
+def _fused_supported(params: list) -> bool:
+    """Whether torch's fused Adam takes these parameters (floating point, on the CPU or CUDA)."""
+    tensors = [t for item in params for t in (item["params"] if isinstance(item, dict) else [item])]
+    return bool(tensors) and all(t.is_floating_point() and t.device.type in ("cpu", "cuda") for t in tensors)
+
+
 class DreamerV2Optimizer(torch.optim.Adam):
     """Adam (eps 1e-5) with global-norm gradient clipping and the reference weight decay.
 
@@ -17,6 +34,11 @@ class DreamerV2Optimizer(torch.optim.Adam):
     2. decays every parameter as ``w <- (1 - weight_decay) * w`` (not scaled by
        the learning rate, unlike ``torch.optim.AdamW``);
     3. takes the Adam step.
+
+    The Adam step is PyTorch's fused kernel (``fused=True``: one pass over each
+    parameter, its gradient and moments, instead of one pass per operation) wherever
+    every parameter is a floating-point tensor on the CPU or a CUDA device; it computes
+    the same update.
 
     The pre-clipping norm of the last step is kept in :attr:`last_grad_norm`
     (a tensor). A step whose gradient norm is not finite (a NaN or inf loss or
@@ -55,7 +77,8 @@ class DreamerV2Optimizer(torch.optim.Adam):
         weight_decay: float = 1e-6,
         max_grad_norm: float | None = 100.0,
     ):
-        super().__init__(params, lr=lr, eps=eps, betas=betas, weight_decay=0.0)
+        params = _as_lists(params)
+        super().__init__(params, lr=lr, eps=eps, betas=betas, weight_decay=0.0, fused=_fused_supported(params) or None)
         self.decoupled_weight_decay = weight_decay
         self.max_grad_norm = max_grad_norm
         self.last_grad_norm = torch.zeros(())
