@@ -88,3 +88,52 @@ def test_observe_matches_one_step_functions():
         torch.testing.assert_close(out["prior_logits"][:, t], rssm.prior_logits(belief))
         torch.testing.assert_close(out["posterior_logits"][:, t], rssm.posterior_logits(belief, embed[:, t]))
         state = out["state"][:, t]  # the sampled latent is fed forward
+
+
+def test_observe_gradients_match_the_one_step_functions_chained():
+    # observe takes each dense layer's weight gradient once over all steps (_DeferredDense); chaining the one-step
+    # functions takes it once per step: the same gradients, for the parameters and the embeddings, across resets
+    rssm = RSSMV2(action_dim=3, embed_dim=10, num_categoricals=4, num_classes=5, rnn_hidden_dim=6, hidden_dim=7).double()
+    embed = torch.randn(3, 6, 10, dtype=torch.float64, requires_grad=True)
+    action = torch.randn(3, 6, 3, dtype=torch.float64)
+    is_init = torch.zeros(3, 6, 1, dtype=torch.bool)
+    is_init[1, 3] = True
+    weights = {k: torch.randn(s, dtype=torch.float64) for k, s in
+               [("state", (3, 6, 20)), ("belief", (3, 6, 6)), ("prior_logits", (3, 6, 4, 5)),
+                ("posterior_logits", (3, 6, 4, 5))]}
+    params = [embed, *rssm.parameters()]
+
+    torch.manual_seed(7)
+    out = rssm.observe(embed, action, is_init)
+    grads = torch.autograd.grad(sum((out[k] * w).sum() for k, w in weights.items()), params)
+    node, seen = out["belief"].grad_fn, set()
+    stack = [node]
+    while stack:  # the deferred path was taken
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            stack += [n for n, _ in node.next_functions]
+    assert any(type(n).__name__ == "_CollectGradBackward" for n in seen)
+
+    torch.manual_seed(7)
+    keep = (~is_init).double()
+    keep[:, 0] = 0.0
+    state, belief = rssm.initial((3,))
+    ref = {"state": [], "belief": [], "posterior_logits": []}
+    for t in range(6):
+        mask = keep[:, t]
+        belief = rssm.deter_step(state * mask, action[:, t] * mask, belief * mask)
+        logits = rssm.posterior_logits(belief, embed[:, t])
+        state = rssm.sample(logits)
+        for key, value in zip(ref, (state, belief, logits)):
+            ref[key].append(value)
+    ref = {k: torch.stack(v, 1) for k, v in ref.items()}
+    ref["prior_logits"] = rssm.prior_logits(ref["belief"])
+    for key in weights:
+        torch.testing.assert_close(out[key], ref[key], atol=1e-12, rtol=1e-12)
+    ref_grads = torch.autograd.grad(sum((ref[k] * w).sum() for k, w in weights.items()), params)
+    for g, g_ref in zip(grads, ref_grads):
+        torch.testing.assert_close(g, g_ref, atol=1e-12, rtol=1e-12)
+    with torch.no_grad():  # without gradients, the plain one-step path
+        torch.manual_seed(7)
+        torch.testing.assert_close(rssm.observe(embed, action, is_init)["belief"], out["belief"].detach())
