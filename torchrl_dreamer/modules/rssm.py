@@ -167,7 +167,8 @@ def straight_through_sample(logits: torch.Tensor, *, straight_through: bool = Tr
         logits (Tensor): unnormalised log-probabilities ``[..., num_classes]``.
 
     Keyword Args:
-        straight_through (bool): add the straight-through gradient path. Default: ``True``.
+        straight_through (bool): add the straight-through gradient path (only where a gradient can flow:
+            ``logits`` requiring grad in grad mode; the value is the same one-hot either way). Default: ``True``.
 
     Returns: a one-hot tensor with the dtype of ``logits``.
 
@@ -177,6 +178,7 @@ def straight_through_sample(logits: torch.Tensor, *, straight_through: bool = Tr
         True
     """
     precise = logits.dtype if logits.dtype in (torch.float32, torch.float64) else torch.float32
+    straight_through = straight_through and logits.requires_grad and torch.is_grad_enabled()
     probs = logits.softmax(-1) if straight_through else None
     if probs is not None and probs.dtype == precise:
         cdf = probs.detach().cumsum(-1)

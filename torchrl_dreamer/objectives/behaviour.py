@@ -409,11 +409,12 @@ class DreamerV2ActorLoss(LossModule):
         state_key, belief_key = env.model_state_keys
         start_reward, traj = self._imagine(tensordict)
         horizon = self.imagination_horizon
-        # every imagined state z_0 .. z_H, [N, H + 1]
+        # the slow critic at every imagined state z_0 .. z_H, [N, H + 1]: on the rollout's states and on the last
+        # next state (two calls rather than a concatenated copy of all the states)
         last = traj[:, -1:].get("next").select(state_key, belief_key)
-        states = torch.cat([traj.select(state_key, belief_key), last], 1)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.actor_grad != "reinforce"):
-            value = self.critic_module.target_value(states).float()
+            target_value = self.critic_module.target_value
+            value = torch.cat([target_value(traj.select(state_key, belief_key)), target_value(last)], 1).float()
         next_reward = traj.get(("next", "reward"))
         reward = torch.cat([start_reward, next_reward[:, :-1]], 1)  # r_0 .. r_{H-1}, the reward at each state
         if env.has_discount:
