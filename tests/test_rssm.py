@@ -1,6 +1,7 @@
 """The layer-norm GRU, straight-through sampling and the RSSM rollouts."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -137,3 +138,12 @@ def test_observe_gradients_match_the_one_step_functions_chained():
     with torch.no_grad():  # without gradients, the plain one-step path
         torch.manual_seed(7)
         torch.testing.assert_close(rssm.observe(embed, action, is_init)["belief"], out["belief"].detach())
+
+
+def test_observe_refuses_a_second_derivative():
+    rssm = _rssm()
+    embed = torch.randn(2, 3, 10, requires_grad=True)
+    out = rssm.observe(embed, torch.randn(2, 3, 3), torch.zeros(2, 3, 1, dtype=torch.bool))
+    (grad,) = torch.autograd.grad(out["belief"].square().sum(), embed, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|twice"):
+        grad.sum().backward()

@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from torchrl_dreamer.modules.networks import glorot_init_, linear_on_parts
 
@@ -48,6 +49,7 @@ class _CollectGrad(torch.autograd.Function):
         return param.view_as(param)
 
     @staticmethod
+    @once_differentiable  # a second derivative through the recorded gradients would be wrong: refuse it
     def backward(ctx, _unused):
         rows = [(x, g) for x, g in zip(ctx.record.inputs, ctx.record.grads) if g is not None]
         if not rows:
@@ -69,6 +71,7 @@ class _StepLinear(torch.autograd.Function):
         return F.linear(x, weight, bias)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         (weight,) = ctx.saved_tensors
         ctx.record.grads[ctx.step] = grad
