@@ -330,3 +330,28 @@ def test_reference_optimiser_weight_decay_and_clipping():
     # clipping to norm 1 happened before Adam (Adam is scale-invariant, so check the stored moment)
     exp_avg = opt.state[w]["exp_avg"]
     torch.testing.assert_close(exp_avg, 0.1 * torch.tensor([0.6, 0.8, 0.0, 0.0]), atol=1e-4, rtol=0)
+
+
+def test_reference_optimiser_runs_fused_adam_with_the_plain_update():
+    torch.manual_seed(0)
+    net = torch.nn.Linear(5, 3)
+    ref = torch.nn.Linear(5, 3)
+    ref.load_state_dict(net.state_dict())
+    opt = DreamerV2Optimizer(net.named_parameters(), lr=1e-2, weight_decay=0.01, max_grad_norm=0.5)
+    assert all(group["fused"] for group in opt.param_groups)
+    plain = torch.optim.Adam(ref.parameters(), lr=1e-2, eps=1e-5, foreach=False)
+    for _ in range(3):
+        x = torch.randn(8, 5)
+        for model, optimiser in ((net, opt), (ref, None)):
+            model.zero_grad()
+            model(x).square().sum().backward()
+            if optimiser is not None:
+                optimiser.step()
+        grads = [p.grad for p in ref.parameters()]
+        norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
+        torch._foreach_mul_(grads, (0.5 / (norm + 1e-6)).clamp(max=1.0))
+        with torch.no_grad():
+            torch._foreach_mul_(list(ref.parameters()), 0.99)
+        plain.step()
+    for p, q in zip(net.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-6)

@@ -121,6 +121,8 @@ def test_mlp_and_feat_head_in_place_elu_give_the_plain_values_and_gradients():
     _assert_same_op(
         lambda s, b, *p: head(s, b), lambda s, b, *p: plain(torch.cat([s, b], -1)), (state, belief, *head.parameters())
     )
+    with pytest.raises(ValueError, match="leading dimensions"):
+        head(torch.zeros(2, 3, 4, dtype=torch.float64), torch.zeros(3, 2, 2, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, CL])

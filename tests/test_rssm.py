@@ -147,3 +147,38 @@ def test_observe_refuses_a_second_derivative():
     (grad,) = torch.autograd.grad(out["belief"].square().sum(), embed, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable|twice"):
         grad.sum().backward()
+
+
+def test_observe_second_backward_through_part_of_the_graph_counts_only_the_steps_it_reaches():
+    rssm = RSSMV2(action_dim=3, embed_dim=10, num_categoricals=4, num_classes=5, rnn_hidden_dim=6, hidden_dim=7).double()
+    embed, action = torch.randn(2, 4, 10, dtype=torch.float64), torch.randn(2, 4, 3, dtype=torch.float64)
+    is_init = torch.zeros(2, 4, 1, dtype=torch.bool)
+    params = list(rssm.parameters())
+    torch.manual_seed(1)
+    out = rssm.observe(embed, action, is_init)
+    # the first loss reaches the last step's posterior layers (through the state), the second does not
+    torch.autograd.grad(out["state"].square().sum(), params, retain_graph=True, allow_unused=True)
+    grads = torch.autograd.grad(out["belief"].sum(), params, allow_unused=True)
+    torch.manual_seed(1)
+    keep = torch.ones(2, 4, 1, dtype=torch.float64)
+    keep[:, 0] = 0.0
+    state, belief = rssm.initial((2,))
+    beliefs = []
+    for t in range(4):
+        belief = rssm.deter_step(state * keep[:, t], action[:, t] * keep[:, t], belief * keep[:, t])
+        state = rssm.sample(rssm.posterior_logits(belief, embed[:, t]))
+        beliefs.append(belief)
+    ref = torch.autograd.grad(torch.stack(beliefs, 1).sum(), params, allow_unused=True)
+    for g, g_ref in zip(grads, ref):
+        if g_ref is None:
+            assert g is None or not g.any()
+        else:
+            torch.testing.assert_close(g, g_ref, atol=1e-12, rtol=1e-12)
+
+
+def test_one_step_functions_refuse_mismatched_batches():
+    rssm = _rssm()
+    with pytest.raises(ValueError, match="leading dimensions"):
+        rssm.deter_step(torch.zeros(2, 3, 20), torch.zeros(6, 3), torch.zeros(3, 2, 8))
+    with pytest.raises(ValueError, match="leading dimensions"):
+        rssm.posterior_logits(torch.zeros(2, 3, 8), torch.zeros(3, 2, 10))

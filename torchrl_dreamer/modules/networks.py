@@ -36,6 +36,7 @@ __all__ = [
     "conv_transpose2d_1x1",
     "conv_transpose2d_subpixel",
     "linear_on_parts",
+    "same_batch",
 ]
 
 # The reference decoder's kernels (stride 2, no padding, out = (in - 1) * 2 + kernel): 1 -> 5 -> 13 -> 30 -> 64.
@@ -219,6 +220,19 @@ def conv_transpose2d_subpixel(
     return F.pixel_shuffle(out, 2)[..., : 2 * (height - 1) + kh, : 2 * (width - 1) + kw]
 
 
+def same_batch(*tensors: torch.Tensor) -> torch.Size:
+    """The leading (batch) dimensions that ``[*batch, features]`` tensors share; a one-line error if they differ.
+
+    Examples:
+        >>> same_batch(torch.zeros(2, 3, 4), torch.zeros(2, 3, 1))
+        torch.Size([2, 3])
+    """
+    batch = tensors[0].shape[:-1]
+    if any(t.shape[:-1] != batch for t in tensors[1:]):
+        raise ValueError(f"The inputs must share their leading dimensions, got {[tuple(t.shape) for t in tensors]}.")
+    return batch
+
+
 def linear_on_parts(parts: Sequence[torch.Tensor], layer: nn.Linear) -> torch.Tensor:
     """``layer(torch.cat(parts, -1))``, without building the concatenation where that is cheaper.
 
@@ -245,9 +259,7 @@ def linear_on_parts(parts: Sequence[torch.Tensor], layer: nn.Linear) -> torch.Te
         >>> torch.allclose(linear_on_parts([a, b], layer), layer(torch.cat([a, b], -1)), atol=1e-6)
         True
     """
-    batch = parts[0].shape[:-1]
-    if any(part.shape[:-1] != batch for part in parts[1:]):
-        raise ValueError(f"The parts must share their leading dimensions, got {[tuple(p.shape) for p in parts]}.")
+    batch = same_batch(*parts)
     sizes = [part.shape[-1] for part in parts]
     if sum(sizes) != layer.in_features:
         raise ValueError(f"The parts have {sum(sizes)} features in all ({sizes}), the layer takes {layer.in_features}.")
@@ -333,7 +345,7 @@ class FeatHead(nn.Module):
         self.mlp = MLP(state_dim + belief_dim, out_features, num_cells=num_cells, depth=depth)
 
     def forward(self, state: torch.Tensor, belief: torch.Tensor) -> torch.Tensor:
-        batch = state.shape[:-1]
+        batch = same_batch(state, belief)
         # the first layer on the two parts (no [state, belief] copy), everything on [N, features]
         x = linear_on_parts([state.reshape(-1, state.shape[-1]), belief.reshape(-1, belief.shape[-1])], self.mlp[0])
         for i in range(1, len(self.mlp)):

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from torchrl_dreamer.modules.networks import glorot_init_, linear_on_parts
+from torchrl_dreamer.modules.networks import glorot_init_, linear_on_parts, same_batch
 
 __all__ = ["LayerNormGRUCell", "straight_through_sample", "RSSMV2"]
 
@@ -35,29 +35,33 @@ class _Record:
 
 
 class _CollectGrad(torch.autograd.Function):
-    """Identity on a weight or bias used at every step of a loop; its backward takes the gradient over all steps.
+    """Identity on a weight and bias used at every step of a loop; its backward takes their gradients over all steps.
 
-    Every step's product reads the identity's output, so autograd runs this backward only after every step's backward
-    has recorded its output gradient: the weight's gradient is then one ``[out, T * B] x [T * B, in]`` product (the
-    bias's one sum) instead of ``T`` products of ``B`` rows and ``T - 1`` accumulations.
+    Every step's product reads the identity's outputs, so autograd runs this backward only after every step's backward
+    has recorded its output gradient: the weight's gradient is then one ``[out, T * B] x [T * B, in]`` product and the
+    bias's one sum, instead of ``T`` products of ``B`` rows and ``T - 1`` accumulations. The recorded gradients are
+    dropped once used, so that a later backward through part of the graph (``retain_graph``) counts only the steps it
+    reaches.
     """
 
     @staticmethod
-    def forward(ctx, record: _Record, param: torch.Tensor, is_bias: bool) -> torch.Tensor:
-        ctx.record, ctx.is_bias, ctx.dtype = record, is_bias, param.dtype
+    def forward(ctx, record: _Record, weight: torch.Tensor, bias: torch.Tensor | None):
+        ctx.record, ctx.dtype = record, weight.dtype
         ctx.set_materialize_grads(False)  # the steps pass no gradient to it: nothing to allocate
-        return param.view_as(param)
+        return weight.view_as(weight), None if bias is None else bias.view_as(bias)
 
     @staticmethod
     @once_differentiable  # a second derivative through the recorded gradients would be wrong: refuse it
-    def backward(ctx, _unused):
-        rows = [(x, g) for x, g in zip(ctx.record.inputs, ctx.record.grads) if g is not None]
+    def backward(ctx, _unused_weight, _unused_bias):
+        record = ctx.record
+        rows = [(x, g) for x, g in zip(record.inputs, record.grads) if g is not None]
+        record.grads = [None] * len(record.grads)
         if not rows:
             return None, None, None
         grads = torch.cat([g for _, g in rows]).to(ctx.dtype)
-        if ctx.is_bias:
-            return None, grads.sum(0), None
-        return None, grads.t() @ torch.cat([x for x, _ in rows]).to(ctx.dtype), None
+        weight_grad = grads.t() @ torch.cat([x for x, _ in rows]).to(ctx.dtype) if ctx.needs_input_grad[1] else None
+        bias_grad = grads.sum(0) if ctx.needs_input_grad[2] else None
+        return None, weight_grad, bias_grad
 
 
 class _StepLinear(torch.autograd.Function):
@@ -100,12 +104,8 @@ class _DeferredDense:
         self._proxies = {}
         for weight, bias in params:
             record = _Record(steps)
-            self._proxies[id(weight)] = (
-                weight,  # held, so that its id is not reused
-                record,
-                _CollectGrad.apply(record, weight, False),
-                None if bias is None else _CollectGrad.apply(record, bias, True),
-            )
+            # the weight is held, so that its id is not reused
+            self._proxies[id(weight)] = (weight, record, *_CollectGrad.apply(record, weight, bias))
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """``F.linear(x, weight, bias)`` with the bias registered for ``weight``."""
@@ -253,7 +253,7 @@ class RSSMV2(nn.Module):
         self, state: torch.Tensor, action: torch.Tensor, belief: torch.Tensor, *, dense: Dense = linear_on_parts
     ) -> torch.Tensor:
         """``h_t = GRU(ELU(W [z_{t-1}, a_{t-1}]), h_{t-1})`` (``dense(parts, layer)`` computes the dense layers)."""
-        batch = state.shape[:-1]
+        batch = same_batch(state, action, belief)
         # on [N, features]: the dense layer's output is fresh (not a view), so the ELU works in place
         flat = [state.reshape(-1, state.shape[-1]), action.to(state.dtype).reshape(-1, action.shape[-1])]
         x = F.elu_(dense(flat, self.img_in))
@@ -267,6 +267,7 @@ class RSSMV2(nn.Module):
 
     def posterior_logits(self, belief: torch.Tensor, embed: torch.Tensor) -> torch.Tensor:
         """Posterior logits ``[..., num_categoricals, num_classes]`` from ``h_t`` and ``embed(o_t)``."""
+        same_batch(belief, embed)
         flat = [belief.reshape(-1, belief.shape[-1]), embed.reshape(-1, embed.shape[-1])]
         logits = self.obs_logits(F.elu_(linear_on_parts(flat, self.obs_out)))
         return logits.view(*belief.shape[:-1], self.num_categoricals, self.num_classes)

@@ -22,6 +22,7 @@ def _as_lists(params) -> list:
 def _fused_supported(params: list) -> bool:
     """Whether torch's fused Adam takes these parameters (floating point, on the CPU or CUDA)."""
     tensors = [t for item in params for t in (item["params"] if isinstance(item, dict) else [item])]
+    tensors = [t[1] if isinstance(t, tuple) else t for t in tensors]  # named parameters: (name, tensor)
     return bool(tensors) and all(t.is_floating_point() and t.device.type in ("cpu", "cuda") for t in tensors)
 
 
