@@ -37,7 +37,7 @@ import torch
 
 from memory_soak import MB, Peaks
 from torchrl_dreamer.config import DreamerV2Config
-from torchrl_dreamer.trainers import make_dreamerv2_trainer
+from torchrl_dreamer.trainers import make_dreamerv2_trainer, parse_threads
 
 PARTS = ("env", "policy", "replay_write", "replay_sample", "update")
 
@@ -83,7 +83,7 @@ def run(num_envs: int, args: argparse.Namespace, device: torch.device) -> dict:
     logdir = Path(tempfile.mkdtemp(prefix="train_throughput-")) / "run"
     peaks = Peaks(0.05)
     peaks.start()
-    trainer = make_dreamerv2_trainer(config, logdir, device=device, progress=False)
+    trainer = make_dreamerv2_trainer(config, logdir, device=device, progress=False, threads=args.threads)
     timers = Timers(device)
     collector, replay = trainer.collector, trainer.replay_buffer
     collector.env.step_and_maybe_reset = timers.wrap("env", collector.env.step_and_maybe_reset)
@@ -121,6 +121,8 @@ def run(num_envs: int, args: argparse.Namespace, device: torch.device) -> dict:
         "s_per_update": round(timers.seconds["update"] / max(updates, 1), 3),
         "shares": shares,
         "peak_rss_mb": round(peaks.peak["total"] / MB, 1),
+        # the adaptive policy's state at the end (threads="auto" on the CPU): the count in use and its probes
+        "threads": repr(trainer.threads) if trainer.threads is not None else torch.get_num_threads(),
     }
 
 
@@ -134,7 +136,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--compile", action="store_true", help="compile the update (the first update compiles)")
     parser.add_argument("--cudagraph", action="store_true", help="capture the update's passes (CUDA only)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads of the learner (default: torch's)")
+    parser.add_argument(
+        "--threads", type=parse_threads, default="auto", metavar="INT|auto",
+        help="torch CPU threads of the learner, as the training command's flag (default: auto, adaptive)",
+    )
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda requested but CUDA is not available")
@@ -142,12 +147,10 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--cudagraph needs --device cuda")
     if any(n < 1 for n in args.num_envs) or args.updates < 1 or args.prefill < 50:
         parser.error("--num-envs and --updates must be >= 1 and --prefill >= 50 (one sequence)")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     threads = torch.get_num_threads()
     print(f"# atari:{args.game}, Atari preset, {args.device}, {args.precision}, compile={args.compile}, "
-          f"cudagraph={args.cudagraph}, {torch.get_num_threads()} threads, prefill {args.prefill}, "
+          f"cudagraph={args.cudagraph}, threads {args.threads} ({threads} now), prefill {args.prefill}, "
           f"{args.updates} timed updates, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(default)')}")
     print(f"{'envs':>4} {'steps/s':>8} {'s/update':>8} " + " ".join(f"{p:>13}" for p in (*PARTS, "other"))
           + f" {'peak RSS MB':>11}", flush=True)

@@ -10,6 +10,8 @@ with ``torch.utils.flop_counter`` and the achieved FLOP/s; the last line is JSON
     python benchmarks/update_speed.py --plain-convolutions   # the encoder/decoder as plain nn.Sequential
     python benchmarks/update_speed.py --compile              # compiled, timed alternately with eager
     python benchmarks/update_speed.py --release-memory       # glibc's default: freed memory goes back to the system
+    python benchmarks/update_speed.py --background-load 1    # one busy process beside it (auto threads adapt)
+    python benchmarks/update_speed.py --threads 2            # a fixed thread count instead of the adaptive policy
     python benchmarks/update_speed.py --device cuda --compile --cudagraph --precision bf16
 
 See ``benchmarks/README.md`` for the figures.
@@ -17,6 +19,7 @@ See ``benchmarks/README.md`` for the figures.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -33,7 +36,7 @@ from torch.utils.flop_counter import flop_registry
 from torchrl.data import Composite, OneHot, Unbounded
 
 from torchrl_dreamer.config import DreamerV2Config
-from torchrl_dreamer.trainers import keep_freed_memory
+from torchrl_dreamer.trainers import AdaptiveThreads, keep_freed_memory, parse_threads
 
 
 def make_batch(batch: int, length: int, actions: int, device: torch.device) -> TensorDict:
@@ -67,7 +70,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--batch-length", type=int, default=50)
     parser.add_argument("--actions", type=int, default=18)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument(
+        "--threads", type=parse_threads, default="auto", metavar="INT|auto",
+        help="torch CPU threads. auto (default, as in training): the warm-up runs under AdaptiveThreads (one thread "
+        "per core, or one more while that is faster) until it has compared both counts; the timed updates keep its "
+        "choice",
+    )
     parser.add_argument(
         "--profile", type=int, default=0, metavar="N",
         help="after timing, profile one more update with torch.profiler and print the N ops with most self time",
@@ -96,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--device cuda requested but CUDA is not available")
     if args.cudagraph and args.device != "cuda":
         parser.error("--cudagraph needs --device cuda")
-    if args.threads:
+    if args.threads != "auto":
         torch.set_num_threads(args.threads)
     if not args.release_memory:
         keep_freed_memory()
@@ -133,8 +141,15 @@ def main(argv: list[str] | None = None) -> dict:
             sync(device)
             warmup_s = time.perf_counter() - start
             print(f"compile/capture warm-up: {warmup_s:.1f} s", flush=True)
-        for _ in range(args.warmup):
-            stepper.step(None, batch.clone())
+        # auto: probing as soon as 2 updates per count are timed (training waits 8 between probes), then fixed
+        policy = AdaptiveThreads(history=2, min_interval=1) if args.threads == "auto" and device.type == "cpu" else None
+        warmup = max(args.warmup, policy.warmup + 2 + 1) if policy is not None else args.warmup
+        for _ in range(warmup):
+            with policy if policy is not None else contextlib.nullcontext():
+                stepper.step(None, batch.clone())
+        if policy is not None:
+            torch.set_num_threads(policy.current)
+            print(f"threads: {policy}", flush=True)
         times, eager_times = [], []
         for i in range(args.updates):
             # compiled and eager updates alternate, so that both see the same machine
@@ -160,6 +175,8 @@ def main(argv: list[str] | None = None) -> dict:
         "updates": args.updates,
         "background_load": args.background_load,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(OpenMP default)"),
+        "threads": torch.get_num_threads() if device.type == "cpu" else None,
+        "thread_policy": "auto" if args.threads == "auto" else "fixed",
         "freed_memory": "released" if args.release_memory else "kept",
         "compile": args.compile,
         "cudagraph": args.cudagraph,

@@ -68,6 +68,24 @@ def test_conv2d_patches_matches_conv2d(channels, out_channels, size, kernel, str
     )
 
 
+@pytest.mark.parametrize("channels", [1, 8])  # the bias as a column of ones (16 taps), and added (128)
+def test_conv2d_patches_rectangular(channels):
+    """Non-square images and kernels: the patch gradient's strided additions cover every input pixel."""
+    x = _leaf(2, channels, 13, 10, memory_format=CL)
+    w, b = _leaf(5, channels, 4, 2), _leaf(5)
+    _assert_same_op(
+        lambda x, w, b: conv2d_patches(x, w, b, stride=3, elu=True),
+        lambda x, w, b: F.elu(F.conv2d(x, w, b, stride=3)),
+        (x, w, b),
+    )
+    # an input without a gradient (the encoder's pixels): only the parameters get one
+    out = conv2d_patches(x.detach(), w, b, stride=2)
+    grad_w, grad_b = torch.autograd.grad(out.sum(), (w, b))
+    ref_w, ref_b = torch.autograd.grad(F.conv2d(x.detach(), w, b, stride=2).sum(), (w, b))
+    torch.testing.assert_close(grad_w, ref_w)
+    torch.testing.assert_close(grad_b, ref_b)
+
+
 @pytest.mark.parametrize("kernel,stride", [(5, 2), (6, 2), (4, 1), (3, 3)])
 def test_conv_transpose2d_1x1_matches_conv_transpose2d(kernel, stride):
     x = _leaf(4, 10, 1, 1)

@@ -297,11 +297,10 @@ def test_thread_policy(tmp_path, monkeypatch, capsys):
     spec.loader.exec_module(cli)
     threads = torch.get_num_threads()
     try:
-        assert cli.main(["--preset", "debug", "--threads", "0", "--logdir", str(tmp_path / "a")]) == 2
-        # more threads than cores is said before anything runs (here the empty --logdir then stops the command)
-        capsys.readouterr()
-        assert cli.main(["--preset", "debug", "--threads", str(len(os.sched_getaffinity(0)) + 1), "--logdir", ""]) == 2
-        assert "is more than the" in capsys.readouterr().err
+        for bad in ("0", "two"):
+            with pytest.raises(SystemExit):
+                cli.main(["--preset", "debug", "--threads", bad, "--logdir", str(tmp_path / "a")])
+            assert "expected 'auto' or an integer >= 1" in capsys.readouterr().err
         rc = cli.main(["--preset", "debug", "--env", "catch", "--total-steps", "110", "--prefill", "100",
                        "--threads", "1", "--no-progress", "--eval-every", "1e9", "--video-every", "1e9",
                        "--logdir", str(tmp_path / "b")])
@@ -310,6 +309,14 @@ def test_thread_policy(tmp_path, monkeypatch, capsys):
         from torchrl_dreamer.config import DreamerV2Config
         from torchrl_dreamer.trainers import make_dreamerv2_trainer
 
+        # more threads than cores is said before anything is built
+        with pytest.warns(UserWarning, match="is more than the"):
+            make_dreamerv2_trainer(DreamerV2Config.preset("debug", env="catch"), tmp_path / "d", device="cpu",
+                                   progress=False, threads=len(os.sched_getaffinity(0)) + 1).shutdown()
+        for bad in (0, "two", 1.5):
+            with pytest.raises(ValueError, match="threads must be 'auto' or an int >= 1"):
+                make_dreamerv2_trainer(DreamerV2Config.preset("debug", env="catch"), tmp_path / "e", threads=bad)
+        assert not (tmp_path / "e").exists()
         monkeypatch.delenv("OMP_WAIT_POLICY")
         torch.set_num_threads(2)
         with pytest.warns(UserWarning, match="OpenMP threads spin while they wait"):
