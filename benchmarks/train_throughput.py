@@ -121,7 +121,7 @@ def run(num_envs: int, args: argparse.Namespace, device: torch.device) -> dict:
         "s_per_update": round(timers.seconds["update"] / max(updates, 1), 3),
         "shares": shares,
         "peak_rss_mb": round(peaks.peak["total"] / MB, 1),
-        # the adaptive policy's state at the end (threads="auto" on the CPU): the count in use and its probes
+        # with --threads auto (CPU), the adaptive policy's state at the end: the count in use and its probes
         "threads": repr(trainer.threads) if trainer.threads is not None else torch.get_num_threads(),
     }
 
@@ -137,8 +137,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--compile", action="store_true", help="compile the update (the first update compiles)")
     parser.add_argument("--cudagraph", action="store_true", help="capture the update's passes (CUDA only)")
     parser.add_argument(
-        "--threads", type=parse_threads, default="auto", metavar="INT|auto",
-        help="torch CPU threads of the learner, as the training command's flag (default: auto, adaptive)",
+        "--threads", type=parse_threads, default=None, metavar="INT|auto",
+        help="torch CPU threads of the learner, as the training command's flag (default: torch's, one per core)",
     )
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():

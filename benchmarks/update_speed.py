@@ -10,8 +10,8 @@ with ``torch.utils.flop_counter`` and the achieved FLOP/s; the last line is JSON
     python benchmarks/update_speed.py --plain-convolutions   # the encoder/decoder as plain nn.Sequential
     python benchmarks/update_speed.py --compile              # compiled, timed alternately with eager
     python benchmarks/update_speed.py --release-memory       # glibc's default: freed memory goes back to the system
-    python benchmarks/update_speed.py --background-load 1    # one busy process beside it (auto threads adapt)
-    python benchmarks/update_speed.py --threads 2            # a fixed thread count instead of the adaptive policy
+    python benchmarks/update_speed.py --background-load 1    # one busy process beside the timed updates
+    python benchmarks/update_speed.py --threads auto --background-load 1   # the adaptive thread count picks
     python benchmarks/update_speed.py --device cuda --compile --cudagraph --precision bf16
 
 See ``benchmarks/README.md`` for the figures.
@@ -71,10 +71,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-length", type=int, default=50)
     parser.add_argument("--actions", type=int, default=18)
     parser.add_argument(
-        "--threads", type=parse_threads, default="auto", metavar="INT|auto",
-        help="torch CPU threads. auto (default, as in training): the warm-up runs under AdaptiveThreads (one thread "
-        "per core, or one more while that is faster) until it has compared both counts; the timed updates keep its "
-        "choice",
+        "--threads", type=parse_threads, default=None, metavar="INT|auto",
+        help="torch CPU threads (default: torch's, one per core). auto: the warm-up runs under AdaptiveThreads (one "
+        "thread per core, or one more while that is faster, as the trainer's threads='auto') until it has compared "
+        "both counts; the timed updates keep its choice",
     )
     parser.add_argument(
         "--profile", type=int, default=0, metavar="N",
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--device cuda requested but CUDA is not available")
     if args.cudagraph and args.device != "cuda":
         parser.error("--cudagraph needs --device cuda")
-    if args.threads != "auto":
+    if isinstance(args.threads, int):
         torch.set_num_threads(args.threads)
     if not args.release_memory:
         keep_freed_memory()
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"compile/capture warm-up: {warmup_s:.1f} s", flush=True)
         # auto: probing as soon as 2 updates per count are timed (training waits 8 between probes), then fixed
         policy = AdaptiveThreads(history=2, min_interval=1) if args.threads == "auto" and device.type == "cpu" else None
-        warmup = max(args.warmup, policy.warmup + 2 + 1) if policy is not None else args.warmup
+        warmup = max(args.warmup, policy.warmup + 2 + policy.probe_updates) if policy is not None else args.warmup
         for _ in range(warmup):
             with policy if policy is not None else contextlib.nullcontext():
                 stepper.step(None, batch.clone())
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
         "background_load": args.background_load,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(OpenMP default)"),
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
-        "thread_policy": "auto" if args.threads == "auto" else "fixed",
+        "thread_policy": "auto" if args.threads == "auto" else "fixed",  # fixed: --threads N or torch's count
         "freed_memory": "released" if args.release_memory else "kept",
         "compile": args.compile,
         "cudagraph": args.cudagraph,

@@ -314,7 +314,7 @@ def test_thread_policy(tmp_path, monkeypatch, capsys):
             make_dreamerv2_trainer(DreamerV2Config.preset("debug", env="catch"), tmp_path / "d", device="cpu",
                                    progress=False, threads=len(os.sched_getaffinity(0)) + 1).shutdown()
         for bad in (0, "two", 1.5):
-            with pytest.raises(ValueError, match="threads must be 'auto' or an int >= 1"):
+            with pytest.raises(ValueError, match="threads must be None, 'auto' or an int >= 1"):
                 make_dreamerv2_trainer(DreamerV2Config.preset("debug", env="catch"), tmp_path / "e", threads=bad)
         assert not (tmp_path / "e").exists()
         monkeypatch.delenv("OMP_WAIT_POLICY")

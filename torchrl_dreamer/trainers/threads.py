@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import time
@@ -46,12 +47,17 @@ class AdaptiveThreads(TrainerHookBase):
     third thread costs 20-28%. No count suits both, and the load changes during a run, so this measures.
 
     Policy: updates run with :attr:`current` (the first of ``counts``). After ``warmup`` updates (the allocator's
-    heap is still growing) and once ``history`` updates with the current count are timed, one update in
-    :attr:`interval` runs with the other count: a probe. A probe at least ``margin`` faster than the median of the
-    current count's recent updates makes the other count current. A probe that loses doubles the interval, up to
-    ``max_interval`` (at once if it took more than twice as long); a win, or the current count's times moving by
-    more than ``drift`` for two updates in a row (the load changed), brings it back to ``min_interval``. On an idle
-    machine the probes cost about a quarter of one update in ``max_interval``.
+    heap is still growing) and once ``history`` updates with the current count are timed, every :attr:`interval`
+    updates ``probe_updates`` updates run with the other count: a probe. A probe whose mean is at least ``margin``
+    faster than the median of the current count's recent updates makes the other count current. A probe that loses
+    doubles the interval, up to ``max_interval``; one update more than twice as slow ends the probe at once and
+    stops the probes until the load changes. A win, or the current count's times moving by more than ``drift`` for
+    two updates in a row (the load changed), brings the interval back to ``min_interval``. On an idle machine the
+    probes cost about half an update in ``max_interval``.
+
+    The thread count changes the order of some floating-point sums (oneDNN splits the weight gradients' batch
+    over the threads), so under this policy a seeded run no longer repeats bit for bit; a fixed count does. That is
+    why ``make_dreamerv2_trainer`` uses it only with ``threads="auto"``.
 
     Use it as a trainer hook (:meth:`register`: it sets the count when the update's batch is sampled and times it
     until ``post_optim``) or around any update (``with threads: stepper.step(None, batch)``). :meth:`restore` puts
@@ -68,9 +74,10 @@ class AdaptiveThreads(TrainerHookBase):
         max_interval (int): the longest interval. Default: ``160``.
         margin (float): how much faster a probe must be. Default: ``0.03``.
         drift (float): the relative change of the current count's times that triggers a probe. Default: ``0.15``.
+        probe_updates (int): updates in a probe (a single update under a shared core is noisy). Default: ``2``.
 
     Examples:
-        >>> threads = AdaptiveThreads((1, 2), warmup=0, history=1, min_interval=1)
+        >>> threads = AdaptiveThreads((1, 2), warmup=0, history=1, min_interval=1, probe_updates=1)
         >>> for _ in range(3):
         ...     with threads:
         ...         pass  # an update
@@ -89,6 +96,7 @@ class AdaptiveThreads(TrainerHookBase):
         max_interval: int = 160,
         margin: float = 0.03,
         drift: float = 0.15,
+        probe_updates: int = 2,
     ) -> None:
         if counts is None:
             base = min(torch.get_num_threads(), available_cores())
@@ -96,18 +104,19 @@ class AdaptiveThreads(TrainerHookBase):
         counts = tuple(counts)
         if len(counts) != 2 or len(set(counts)) != 2 or any(not isinstance(c, int) or c < 1 for c in counts):
             raise ValueError(f"AdaptiveThreads needs two different thread counts >= 1, got {counts}.")
-        if warmup < 0 or history < 1 or not 1 <= min_interval <= max_interval:
+        if warmup < 0 or history < 1 or probe_updates < 1 or not 1 <= min_interval <= max_interval:
             raise ValueError(
-                f"AdaptiveThreads: need warmup >= 0, history >= 1 and 1 <= min_interval <= max_interval, got "
-                f"warmup={warmup}, history={history}, min_interval={min_interval}, max_interval={max_interval}."
+                f"AdaptiveThreads: need warmup >= 0, history >= 1, probe_updates >= 1 and 1 <= min_interval <= "
+                f"max_interval, got warmup={warmup}, history={history}, probe_updates={probe_updates}, "
+                f"min_interval={min_interval}, max_interval={max_interval}."
             )
         if not 0 <= margin < 1 or drift <= 0:
             raise ValueError(f"AdaptiveThreads: need 0 <= margin < 1 and drift > 0, got margin={margin}, drift={drift}.")
         self.counts = counts
         self.current = counts[0]
         self.warmup, self.min_interval, self.max_interval = warmup, min_interval, max_interval
-        self.margin, self.drift = margin, drift
-        self.interval = min_interval
+        self.margin, self.drift, self.probe_updates = margin, drift, probe_updates
+        self.interval: float = min_interval
         self.probes = 0
         self.switches = 0
         self._times = {count: deque(maxlen=history) for count in counts}
@@ -115,6 +124,7 @@ class AdaptiveThreads(TrainerHookBase):
         self._since_probe = 0
         self._drifting = 0
         self._running: tuple[int, float, bool] | None = None
+        self._probe_times: list[float] = []
         self._before: int | None = None
 
     @property
@@ -125,7 +135,9 @@ class AdaptiveThreads(TrainerHookBase):
     def begin(self, batch: Any = None) -> Any:
         """Sets the count for the next update and starts its clock; returns ``batch`` (a ``process_optim_batch`` op)."""
         times = self._times[self.current]
-        probe = self._seen >= self.warmup and len(times) == times.maxlen and self._since_probe >= self.interval
+        probe = bool(self._probe_times) or (
+            self._seen >= self.warmup and len(times) == times.maxlen and self._since_probe >= self.interval
+        )
         count = self.other if probe else self.current
         if self._before is None:
             self._before = torch.get_num_threads()
@@ -146,18 +158,23 @@ class AdaptiveThreads(TrainerHookBase):
             return
         times = self._times[self.current]
         if probe:
+            self._probe_times.append(elapsed)
+            reference = statistics.median(times)
+            cliff = elapsed > 2 * reference
+            if len(self._probe_times) < self.probe_updates and not cliff:
+                return
             self.probes += 1
             self._since_probe = 0
-            reference = statistics.median(times)
-            if elapsed < reference * (1 - self.margin):
+            probe_times, self._probe_times = self._probe_times, []
+            if statistics.fmean(probe_times) < reference * (1 - self.margin):
                 self.current = count
                 self.switches += 1
                 times.clear()  # the old count's times are from another load
                 self._times[count].clear()
-                self._times[count].append(elapsed)
+                self._times[count].extend(probe_times)
                 self.interval = self.min_interval
-            elif elapsed > 2 * reference:
-                self.interval = self.max_interval
+            elif cliff:  # far slower (e.g. oversubscribed spin barriers): no more probes until the load changes
+                self.interval = math.inf
             else:
                 self.interval = min(2 * self.interval, self.max_interval)
             return

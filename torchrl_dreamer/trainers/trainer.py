@@ -483,7 +483,7 @@ def make_dreamerv2_trainer(
     parallel_envs: bool = True,
     keep_saved_config: bool = False,
     fresh_replay: bool = False,
-    threads: int | str = "auto",
+    threads: int | str | None = None,
 ) -> DreamerV2Trainer:
     """Builds a :class:`DreamerV2Trainer` and all its components from a config, in a run directory.
 
@@ -509,10 +509,11 @@ def make_dreamerv2_trainer(
         keep_saved_config (bool): resume with the saved config where this one differs. Default: ``False``.
         fresh_replay (bool): resume the models, optimisers and counters but discard the saved replay's rows and
             refill it (when its files are damaged: the resume then says so). Default: ``False``.
-        threads (int or "auto"): the learner's torch CPU threads. ``"auto"``: one per core, or one more while
-            that makes the updates faster (another process taking a core), picked from measured update times
-            (:class:`~torchrl_dreamer.trainers.AdaptiveThreads`; on CUDA torch's count is left as it is). An int
-            sets that count for the whole run. Default: ``"auto"``.
+        threads (int, "auto" or None): the learner's torch CPU threads. An int sets that count for the run.
+            ``"auto"``: one per core, or one more while measured updates say that is faster (another process
+            taking a core; :class:`~torchrl_dreamer.trainers.AdaptiveThreads`, CPU only). The count changes the
+            order of some floating-point sums, so with ``"auto"`` a seeded run no longer repeats bit for bit.
+            Default: ``None`` (torch's count, one per core, as it is).
 
     Returns: a :class:`DreamerV2Trainer`; call ``trainer.train()``.
 
@@ -523,8 +524,10 @@ def make_dreamerv2_trainer(
         >>> trainer.train()["steps"]
         200
     """
-    if not (threads == "auto" or (isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1)):
-        raise ValueError(f"threads must be 'auto' or an int >= 1, got {threads!r}.")
+    if not (threads is None or threads == "auto" or (
+        isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1
+    )):
+        raise ValueError(f"threads must be None, 'auto' or an int >= 1, got {threads!r}.")
     logdir = Path(logdir).expanduser().absolute()
     if logdir.exists() and not logdir.is_dir():
         raise FileExistsError(f"The log directory {logdir} is an existing file; choose another --logdir.")
@@ -544,7 +547,7 @@ def make_dreamerv2_trainer(
             warnings.warn(
                 f"threads={threads} is more than the {available_cores()} cores this process may use: with the cores "
                 "shared, every parallel region waits on a descheduled thread (an Atari update on 2 cores with one "
-                "busy took 159 s with 4 threads, 6.7 s with 2); threads='auto' adds one only while it is faster.",
+                "busy took 64-159 s with 4 threads, 6.7 s with 2); threads='auto' adds one only while it is faster.",
                 stacklevel=2,
             )
     if device.type == "cpu" and torch.get_num_threads() > 1 and "OMP_WAIT_POLICY" not in os.environ:
