@@ -145,6 +145,8 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--device cuda requested but CUDA is not available")
     if args.cudagraph and args.device != "cuda":
         parser.error("--cudagraph needs --device cuda")
+    if args.threads == "auto" and args.compile and args.device == "cpu":
+        parser.error("--threads auto cannot change the thread count of compiled CPU kernels: set --threads N")
     if any(n < 1 for n in args.num_envs) or args.updates < 1 or args.prefill < 50:
         parser.error("--num-envs and --updates must be >= 1 and --prefill >= 50 (one sequence)")
     device = torch.device(args.device)

@@ -104,6 +104,8 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--device cuda requested but CUDA is not available")
     if args.cudagraph and args.device != "cuda":
         parser.error("--cudagraph needs --device cuda")
+    if args.threads == "auto" and args.compile and args.device == "cpu":
+        parser.error("--threads auto cannot change the thread count of compiled CPU kernels: set --threads N")
     if isinstance(args.threads, int):
         torch.set_num_threads(args.threads)
     if not args.release_memory:
@@ -176,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
         "background_load": args.background_load,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(OpenMP default)"),
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
-        "thread_policy": "auto" if args.threads == "auto" else "fixed",  # fixed: --threads N or torch's count
+        "thread_policy": "auto" if policy is not None else "fixed",  # fixed: --threads N or torch's count
         "freed_memory": "released" if args.release_memory else "kept",
         "compile": args.compile,
         "cudagraph": args.cudagraph,

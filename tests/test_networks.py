@@ -68,10 +68,11 @@ def test_conv2d_patches_matches_conv2d(channels, out_channels, size, kernel, str
     )
 
 
-@pytest.mark.parametrize("channels", [1, 8])  # the bias as a column of ones (16 taps), and added (128)
-def test_conv2d_patches_rectangular(channels):
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, CL])
+@pytest.mark.parametrize("channels", [1, 8])  # the bias as a column of ones (8 taps), and added (64)
+def test_conv2d_patches_rectangular(channels, memory_format):
     """Non-square images and kernels: the patch gradient's strided additions cover every input pixel."""
-    x = _leaf(2, channels, 13, 10, memory_format=CL)
+    x = _leaf(2, channels, 13, 10, memory_format=memory_format)
     w, b = _leaf(5, channels, 4, 2), _leaf(5)
     _assert_same_op(
         lambda x, w, b: conv2d_patches(x, w, b, stride=3, elu=True),

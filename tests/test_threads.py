@@ -81,14 +81,36 @@ def test_a_failed_update_is_not_timed(monkeypatch, restore_threads):
     assert policy.current == 2 and policy.switches == 0
 
 
+def test_a_coarse_clock_and_an_interrupted_probe(monkeypatch, restore_threads):
+    """A clock that does not move (no division by zero); a probe interrupted by a failed update carries on."""
+    machine = _Machine(monkeypatch)
+    machine.seconds = {"idle": {2: 0.0, 3: 0.0}}
+    still = AdaptiveThreads((2, 3), warmup=0, history=1, min_interval=1)
+    machine.run(still, 10)
+    assert still.current == 2 and still.probes >= 2
+    machine.seconds = {"idle": {2: 4.0, 3: 5.0}}
+    policy = AdaptiveThreads((2, 3), warmup=0, history=1, min_interval=1)
+    assert machine.run(policy, 2) == [2, 3]  # one timed update, then the probe's first update
+    with pytest.raises(RuntimeError):
+        with policy:
+            raise RuntimeError("update failed")
+    assert machine.run(policy, 1) == [3] and policy.probes == 1  # the probe's second update ends it
+    # between updates the process is back at the current count
+    assert policy.current == 2 and torch.get_num_threads() == 2
+
+
 def test_bad_settings_are_refused():
-    for counts in [(2, 2), (0, 1), (2,), (2, 3, 4), (2.0, 3)]:
+    for counts in [(2, 2), (0, 1), (2,), (2, 3, 4), (2.0, 3), (True, 2)]:
         with pytest.raises(ValueError, match="two different thread counts"):
             AdaptiveThreads(counts)
     with pytest.raises(ValueError, match="min_interval"):
         AdaptiveThreads((1, 2), min_interval=10, max_interval=5)
     with pytest.raises(ValueError, match="probe_updates"):
         AdaptiveThreads((1, 2), probe_updates=0)
+    with pytest.raises(ValueError, match="must be ints"):
+        AdaptiveThreads((1, 2), history="3")
+    with pytest.raises(ValueError, match="drift"):
+        AdaptiveThreads((1, 2), drift=float("nan"))
     with pytest.raises(ValueError, match="margin"):
         AdaptiveThreads((1, 2), margin=1.5)
     default = AdaptiveThreads()
@@ -106,16 +128,32 @@ def test_trainer_sets_the_count_for_each_update(tmp_path, restore_threads):
     # probe at every chance, to see both counts used
     trainer.threads.warmup, trainer.threads.min_interval, trainer.threads.interval = 0, 1, 1
     trainer.threads.margin, trainer.threads.probe_updates = 0.99, 1  # never switch: the probes run with 2
-    during = []
-    trainer.register_op("post_optim", lambda: during.append(torch.get_num_threads()))
+    during, step = [], trainer.optimization_stepper.step
+
+    def recording_step(*args):  # the count each update runs with
+        during.append(torch.get_num_threads())
+        return step(*args)
+
+    trainer.optimization_stepper.step = recording_step
     result = trainer.train()
     assert result["updates"] == len(during) > 4
     assert set(during) == {1, 2} and trainer.threads.probes == during.count(2)
     assert torch.get_num_threads() == 1
-    # an explicit count: no policy, that count for the run; by default torch's count as it is
+    # by default: no policy, torch's count as it is; an explicit count: no policy, that count
+    default = make_dreamerv2_trainer(cfg, tmp_path / "default", device="cpu", progress=False)
+    assert default.threads is None and torch.get_num_threads() == 1
+    default.shutdown()
     fixed = make_dreamerv2_trainer(cfg, tmp_path / "fixed", device="cpu", progress=False, threads=2)
     assert fixed.threads is None and torch.get_num_threads() == 2
     fixed.shutdown()
-    default = make_dreamerv2_trainer(cfg, tmp_path / "default", device="cpu", progress=False)
-    assert default.threads is None and torch.get_num_threads() == 2
-    default.shutdown()
+    # a build that fails puts the count back; auto cannot steer compiled CPU kernels
+    torch.set_num_threads(1)
+
+    def broken_env():
+        raise RuntimeError("no env here")
+
+    with pytest.raises(RuntimeError, match="no env here"):
+        make_dreamerv2_trainer(cfg, tmp_path / "broken", env=broken_env, device="cpu", progress=False, threads=2)
+    assert torch.get_num_threads() == 1
+    with pytest.raises(ValueError, match="compiled CPU kernels"):
+        make_dreamerv2_trainer(cfg.replace(compile=True), tmp_path / "compiled", device="cpu", threads="auto")

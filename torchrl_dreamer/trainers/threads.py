@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import operator
 import os
 import statistics
 import time
@@ -34,6 +35,15 @@ def parse_threads(text: str) -> int | str:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected 'auto' or an integer >= 1, got {text!r}")
     return int(text)
+
+
+def _is_count(value: Any, minimum: int = 1) -> bool:
+    if isinstance(value, bool):
+        return False
+    try:
+        return operator.index(value) >= minimum
+    except TypeError:
+        return False
 
 
 class AdaptiveThreads(TrainerHookBase):
@@ -102,15 +112,18 @@ class AdaptiveThreads(TrainerHookBase):
             base = min(torch.get_num_threads(), available_cores())
             counts = (base, base + 1)
         counts = tuple(counts)
-        if len(counts) != 2 or len(set(counts)) != 2 or any(not isinstance(c, int) or c < 1 for c in counts):
+        if len(counts) != 2 or not all(_is_count(c) for c in counts) or len({int(c) for c in counts}) != 2:
             raise ValueError(f"AdaptiveThreads needs two different thread counts >= 1, got {counts}.")
+        counts = tuple(int(c) for c in counts)
+        if not all(_is_count(n, minimum=0) for n in (warmup, history, probe_updates, min_interval, max_interval)):
+            raise ValueError("AdaptiveThreads: warmup, history, probe_updates, min_interval and max_interval must be ints.")
         if warmup < 0 or history < 1 or probe_updates < 1 or not 1 <= min_interval <= max_interval:
             raise ValueError(
                 f"AdaptiveThreads: need warmup >= 0, history >= 1, probe_updates >= 1 and 1 <= min_interval <= "
                 f"max_interval, got warmup={warmup}, history={history}, probe_updates={probe_updates}, "
                 f"min_interval={min_interval}, max_interval={max_interval}."
             )
-        if not 0 <= margin < 1 or drift <= 0:
+        if not 0 <= margin < 1 or not (math.isfinite(drift) and drift > 0):
             raise ValueError(f"AdaptiveThreads: need 0 <= margin < 1 and drift > 0, got margin={margin}, drift={drift}.")
         self.counts = counts
         self.current = counts[0]
@@ -160,7 +173,7 @@ class AdaptiveThreads(TrainerHookBase):
         if probe:
             self._probe_times.append(elapsed)
             reference = statistics.median(times)
-            cliff = elapsed > 2 * reference
+            cliff = reference > 0 and elapsed > 2 * reference
             if len(self._probe_times) < self.probe_updates and not cliff:
                 return
             self.probes += 1
@@ -177,9 +190,12 @@ class AdaptiveThreads(TrainerHookBase):
                 self.interval = math.inf
             else:
                 self.interval = min(2 * self.interval, self.max_interval)
+            # between updates (collection, evaluation) the process runs with the chosen count
+            torch.set_num_threads(self.current)
             return
         self._since_probe += 1
-        if len(times) == times.maxlen and abs(elapsed / statistics.median(times) - 1) > self.drift:
+        median = statistics.median(times) if len(times) == times.maxlen else 0.0
+        if median > 0 and abs(elapsed / median - 1) > self.drift:
             self._drifting += 1
             if self._drifting >= 2:  # the load changed: time the current count afresh, then probe soon
                 self._drifting = 0

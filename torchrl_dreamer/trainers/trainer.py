@@ -509,11 +509,12 @@ def make_dreamerv2_trainer(
         keep_saved_config (bool): resume with the saved config where this one differs. Default: ``False``.
         fresh_replay (bool): resume the models, optimisers and counters but discard the saved replay's rows and
             refill it (when its files are damaged: the resume then says so). Default: ``False``.
-        threads (int, "auto" or None): the learner's torch CPU threads. An int sets that count for the run.
+        threads (int, "auto" or None): the learner's torch CPU threads. An int sets torch's count (for the process;
+            put back if the build fails).
             ``"auto"``: one per core, or one more while measured updates say that is faster (another process
             taking a core; :class:`~torchrl_dreamer.trainers.AdaptiveThreads`, CPU only). The count changes the
-            order of some floating-point sums, so with ``"auto"`` a seeded run no longer repeats bit for bit.
-            Default: ``None`` (torch's count, one per core, as it is).
+            order of some floating-point sums, so with ``"auto"`` a seeded run no longer repeats bit for bit; it
+            cannot be used with ``config.compile`` on the CPU. Default: ``None`` (torch's count, as it is).
 
     Returns: a :class:`DreamerV2Trainer`; call ``trainer.train()``.
 
@@ -541,6 +542,12 @@ def make_dreamerv2_trainer(
     if factory.is_instance and config.num_envs > 1:
         raise ValueError("An env instance runs one env: pass a factory (a function returning the env) for num_envs > 1.")
     device = resolve_device(device)
+    if threads == "auto" and device.type == "cpu" and config.compile:
+        raise ValueError(
+            "threads='auto' cannot change the thread count of compiled CPU kernels (inductor fixes it when it compiles): "
+            "drop --compile or set --threads N."
+        )
+    threads_before = torch.get_num_threads()
     if isinstance(threads, int):
         torch.set_num_threads(threads)
         if threads > available_cores():
@@ -578,6 +585,7 @@ def make_dreamerv2_trainer(
             thread_policy,
         )
     except BaseException:
+        torch.set_num_threads(threads_before)
         if lock is not None:
             lock.release()
         if created and logdir.is_dir():  # leave no trace of a run that never started
