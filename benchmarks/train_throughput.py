@@ -39,6 +39,8 @@ from memory_soak import MB, Peaks
 from torchrl_dreamer.config import DreamerV2Config
 from torchrl_dreamer.trainers import make_dreamerv2_trainer, parse_threads
 
+from _checks import check_device_args  # benchmarks/_checks.py, beside this script
+
 PARTS = ("env", "policy", "replay_write", "replay_sample", "update")
 
 
@@ -141,12 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
         help="torch CPU threads of the learner, as the training command's flag (default: torch's, one per core)",
     )
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda requested but CUDA is not available")
-    if args.cudagraph and args.device != "cuda":
-        parser.error("--cudagraph needs --device cuda")
-    if args.threads == "auto" and args.compile and args.device == "cpu":
-        parser.error("--threads auto cannot change the thread count of compiled CPU kernels: set --threads N")
+    check_device_args(parser, args)
     if any(n < 1 for n in args.num_envs) or args.updates < 1 or args.prefill < 50:
         parser.error("--num-envs and --updates must be >= 1 and --prefill >= 50 (one sequence)")
     device = torch.device(args.device)

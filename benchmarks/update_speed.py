@@ -38,6 +38,8 @@ from torchrl.data import Composite, OneHot, Unbounded
 from torchrl_dreamer.config import DreamerV2Config
 from torchrl_dreamer.trainers import AdaptiveThreads, keep_freed_memory, parse_threads
 
+from _checks import check_device_args  # benchmarks/_checks.py, beside this script
+
 
 def make_batch(batch: int, length: int, actions: int, device: torch.device) -> TensorDict:
     return TensorDict(
@@ -100,12 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
         "again), instead of keeping them as the trainer does (keep_freed_memory)",
     )
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda requested but CUDA is not available")
-    if args.cudagraph and args.device != "cuda":
-        parser.error("--cudagraph needs --device cuda")
-    if args.threads == "auto" and args.compile and args.device == "cpu":
-        parser.error("--threads auto cannot change the thread count of compiled CPU kernels: set --threads N")
+    check_device_args(parser, args)
     if isinstance(args.threads, int):
         torch.set_num_threads(args.threads)
     if not args.release_memory:
