@@ -141,8 +141,11 @@ def main(argv: list[str] | None = None) -> dict:
             warmup_s = time.perf_counter() - start
             print(f"compile/capture warm-up: {warmup_s:.1f} s", flush=True)
         # auto: probing as soon as 2 updates per count are timed (training waits 8 between probes), then fixed
-        policy = AdaptiveThreads(history=2, min_interval=1) if args.threads == "auto" and device.type == "cpu" else None
-        warmup = max(args.warmup, policy.warmup + 2 + policy.probe_updates) if policy is not None else args.warmup
+        history = 2
+        policy = (
+            AdaptiveThreads(history=history, min_interval=1) if args.threads == "auto" and device.type == "cpu" else None
+        )
+        warmup = max(args.warmup, policy.warmup + history + policy.probe_updates) if policy is not None else args.warmup
         for _ in range(warmup):
             with policy if policy is not None else contextlib.nullcontext():
                 stepper.step(None, batch.clone())

@@ -352,12 +352,16 @@ class MLP(nn.Sequential):
         glorot_init_(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # on [N, features]: the dense layers' outputs are fresh tensors, not views, so the ELUs work in place
         batch = x.shape[:-1]
-        x = x.reshape(-1, x.shape[-1])
-        for layer in self:
-            x = layer(x)
-        return x.view(*batch, x.shape[-1])
+        out = self.run_from(0, x.reshape(-1, x.shape[-1]))
+        return out.view(*batch, out.shape[-1])
+
+    def run_from(self, start: int, x: torch.Tensor) -> torch.Tensor:
+        """The layers from index ``start`` on, on ``[N, features]`` (the dense layers' outputs are then fresh
+        tensors, not views, so the ELUs work in place)."""
+        for i in range(start, len(self)):
+            x = self[i](x)
+        return x
 
 
 class FeatHead(nn.Module):
@@ -391,9 +395,8 @@ class FeatHead(nn.Module):
         batch = same_batch(state, belief)
         # the first layer on the two parts (no [state, belief] copy), everything on [N, features]
         x = linear_on_parts([state.reshape(-1, state.shape[-1]), belief.reshape(-1, belief.shape[-1])], self.mlp[0])
-        for i in range(1, len(self.mlp)):
-            x = self.mlp[i](x)
-        return x.view(*batch, x.shape[-1])
+        out = self.mlp.run_from(1, x)
+        return out.view(*batch, out.shape[-1])
 
 
 def conv_layout(
