@@ -7,10 +7,18 @@ import torch
 
 
 def check_device_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """One-line errors (``parser.error``) for ``--device``, ``--cudagraph``, ``--compile`` and ``--threads``."""
+    """One-line errors (``parser.error``) for ``--device``, ``--cudagraph``, ``--compile`` and ``--shards``."""
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda requested but CUDA is not available")
     if args.cudagraph and args.device != "cuda":
         parser.error("--cudagraph needs --device cuda")
-    if args.threads == "auto" and args.compile and args.device == "cpu":
-        parser.error("--threads auto cannot change the thread count of compiled CPU kernels: set --threads N")
+    shards = getattr(args, "shards", None)
+    if shards is not None and shards > 1 and (args.compile or args.device != "cpu"):
+        parser.error("--shards > 1 runs eager CPU passes in threads: not with --compile or --device cuda")
+
+
+def default_shards(args: argparse.Namespace) -> int:
+    """The trainer's rule: an eager CPU update runs as one shard per torch thread; compiled or CUDA, one pass."""
+    if getattr(args, "shards", None) is not None:
+        return args.shards
+    return torch.get_num_threads() if args.device == "cpu" and not args.compile else 1

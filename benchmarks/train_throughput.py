@@ -123,8 +123,9 @@ def run(num_envs: int, args: argparse.Namespace, device: torch.device) -> dict:
         "s_per_update": round(timers.seconds["update"] / max(updates, 1), 3),
         "shares": shares,
         "peak_rss_mb": round(peaks.peak["total"] / MB, 1),
-        # with --threads auto (CPU), the adaptive policy's state at the end: the count in use and its probes
-        "threads": repr(trainer.threads) if trainer.threads is not None else torch.get_num_threads(),
+        "threads": torch.get_num_threads(),
+        # the update's worker threads (one per thread for an eager CPU update; 1: one pass on torch's threads)
+        "shards": getattr(trainer.optimization_stepper.shard_pool, "shards", 1),
     }
 
 
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--compile", action="store_true", help="compile the update (the first update compiles)")
     parser.add_argument("--cudagraph", action="store_true", help="capture the update's passes (CUDA only)")
     parser.add_argument(
-        "--threads", type=parse_threads, default=None, metavar="INT|auto",
+        "--threads", type=parse_threads, default=None, metavar="INT",
         help="torch CPU threads of the learner, as the training command's flag (default: torch's, one per core)",
     )
     args = parser.parse_args(argv)

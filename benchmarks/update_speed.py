@@ -11,7 +11,7 @@ with ``torch.utils.flop_counter`` and the achieved FLOP/s; the last line is JSON
     python benchmarks/update_speed.py --compile              # compiled, timed alternately with eager
     python benchmarks/update_speed.py --release-memory       # glibc's default: freed memory goes back to the system
     python benchmarks/update_speed.py --background-load 1    # one busy process beside the timed updates
-    python benchmarks/update_speed.py --threads auto --background-load 1   # the adaptive thread count picks
+    python benchmarks/update_speed.py --shards 1 --background-load 1   # one pass on torch's threads, for comparison
     python benchmarks/update_speed.py --device cuda --compile --cudagraph --precision bf16
 
 See ``benchmarks/README.md`` for the figures.
@@ -19,7 +19,6 @@ See ``benchmarks/README.md`` for the figures.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -36,9 +35,9 @@ from torch.utils.flop_counter import flop_registry
 from torchrl.data import Composite, OneHot, Unbounded
 
 from torchrl_dreamer.config import DreamerV2Config
-from torchrl_dreamer.trainers import AdaptiveThreads, keep_freed_memory, parse_threads
+from torchrl_dreamer.trainers import keep_freed_memory, parse_threads
 
-from _checks import check_device_args  # benchmarks/_checks.py, beside this script
+from _checks import check_device_args, default_shards  # benchmarks/_checks.py, beside this script
 
 
 def make_batch(batch: int, length: int, actions: int, device: torch.device) -> TensorDict:
@@ -73,14 +72,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-length", type=int, default=50)
     parser.add_argument("--actions", type=int, default=18)
     parser.add_argument(
-        "--threads", type=parse_threads, default=None, metavar="INT|auto",
-        help="torch CPU threads (default: torch's, one per core). auto: the warm-up runs under AdaptiveThreads (one "
-        "thread per core, or one more while that is faster, as the trainer's threads='auto') until it has compared "
-        "both counts; the timed updates keep its choice",
+        "--threads", type=parse_threads, default=None, metavar="INT",
+        help="torch CPU threads, as the training command's flag (default: torch's, one per core)",
+    )
+    parser.add_argument(
+        "--shards", type=parse_threads, default=None, metavar="INT",
+        help="worker threads of the update's sharded passes (ShardPool); default as in training: one per thread on "
+        "the CPU (eager), 1 when compiled or on CUDA. --shards 1 runs each pass as one, on torch's threads",
     )
     parser.add_argument(
         "--profile", type=int, default=0, metavar="N",
-        help="after timing, profile one more update with torch.profiler and print the N ops with most self time",
+        help="after timing, profile one more update with torch.profiler and print the N ops with most self time "
+        "(of the update as one pass: the profiler does not see the shards' threads)",
     )
     parser.add_argument(
         "--background-load", type=int, default=0, metavar="N",
@@ -114,7 +117,8 @@ def main(argv: list[str] | None = None) -> dict:
     models = cfg.make_models(obs_spec, OneHot(args.actions), device=device)
     image_nets = [m for m in models.world_model.modules() if hasattr(m, "fast_path")]
     loss = cfg.make_loss(models)
-    stepper = cfg.make_stepper(loss)
+    shards = default_shards(args)
+    stepper = cfg.make_stepper(loss, shards=shards)
     eager = cfg.replace(compile=False, cudagraph=False).make_stepper(loss)  # same model and parameters
     batch = make_batch(args.batch_size, args.batch_length, args.actions, device)
 
@@ -140,18 +144,8 @@ def main(argv: list[str] | None = None) -> dict:
             sync(device)
             warmup_s = time.perf_counter() - start
             print(f"compile/capture warm-up: {warmup_s:.1f} s", flush=True)
-        # auto: probing as soon as 2 updates per count are timed (training waits 8 between probes), then fixed
-        history = 2
-        policy = (
-            AdaptiveThreads(history=history, min_interval=1) if args.threads == "auto" and device.type == "cpu" else None
-        )
-        warmup = max(args.warmup, policy.warmup + history + policy.probe_updates) if policy is not None else args.warmup
-        for _ in range(warmup):
-            with policy if policy is not None else contextlib.nullcontext():
-                stepper.step(None, batch.clone())
-        if policy is not None:
-            torch.set_num_threads(policy.current)
-            print(f"threads: {policy}", flush=True)
+        for _ in range(args.warmup):
+            stepper.step(None, batch.clone())
         times, eager_times = [], []
         for i in range(args.updates):
             # compiled and eager updates alternate, so that both see the same machine
@@ -167,7 +161,9 @@ def main(argv: list[str] | None = None) -> dict:
             proc.kill()
             proc.wait()
     if args.profile:
-        print_profile(stepper, batch, device, args.profile)
+        if shards > 1:  # torch.profiler records the calling thread's operations, not the shards' workers'
+            print("profile of the update as one pass (--shards 1), on torch's threads:")
+        print_profile(stepper if shards == 1 else eager, batch, device, args.profile)
     median = statistics.median(times)
     result = {
         "device": args.device,
@@ -178,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
         "background_load": args.background_load,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(OpenMP default)"),
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
-        "thread_policy": "auto" if policy is not None else "fixed",  # fixed: --threads N or torch's count
+        "shards": shards,
         "freed_memory": "released" if args.release_memory else "kept",
         "compile": args.compile,
         "cudagraph": args.cudagraph,

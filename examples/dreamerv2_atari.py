@@ -103,11 +103,11 @@ def build_parser(preset: str = "atari") -> argparse.ArgumentParser:
     run.add_argument("--minimal-actions", action="store_true", help="Atari: minimal action set instead of all 18")
     run.add_argument("--serial-envs", action="store_true", help="step several envs in this process")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
-    run.add_argument("--threads", type=parse_threads, default=None, metavar="INT|auto",
-                     help="torch CPU threads of the learner (default: torch's, one per core). auto: one per core, or "
-                          "one more while measured updates say that is faster (another process taking a core; CPU, "
-                          "not with --compile; a seeded run then no longer repeats bit for bit). OpenMP threads wait "
-                          "passively, see OMP_WAIT_POLICY")
+    run.add_argument("--threads", type=parse_threads, default=None, metavar="INT",
+                     help="CPU threads of the learner (default: torch's, one per core). On the CPU the update runs as "
+                          "that many shards of the batch, one thread each, which holds its speed beside the env "
+                          "workers; a seeded run repeats bit for bit for a given count. OpenMP threads wait passively, "
+                          "see OMP_WAIT_POLICY")
     run.add_argument("--compile", action="store_true", help=_hyper_help(fields["compile"], preset))
     run.add_argument("--cudagraph", action="store_true", help=_hyper_help(fields["cudagraph"], preset))
     run.add_argument("--keep-saved-config", action="store_true",

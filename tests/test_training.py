@@ -280,6 +280,7 @@ def test_parallel_envs_leave_the_learner_its_threads(tmp_path):
     try:
         cfg = DreamerV2Config.preset("debug", num_envs=2, total_steps=200, **QUIET)
         trainer = make_dreamerv2_trainer(cfg, tmp_path / "run", device="cpu", progress=False)
+        assert trainer.optimization_stepper.shard_pool.shards == 2  # the update in one shard per thread
         during = []
         trainer.register_op("post_optim", lambda: during.append(torch.get_num_threads()))
         result = trainer.train()

@@ -230,8 +230,9 @@ class DreamerV2Config:
             max_grad_norm=self.max_grad_norm,
         )
 
-    def make_stepper(self, loss, optimizers=None):
-        """The :class:`~torchrl_dreamer.trainers.DreamerV2OptimizationStepper` of one update."""
+    def make_stepper(self, loss, optimizers=None, *, shards: int = 1):
+        """The :class:`~torchrl_dreamer.trainers.DreamerV2OptimizationStepper` of one update (``shards``: its CPU
+        worker threads, see the stepper)."""
         from torchrl_dreamer.trainers import DreamerV2OptimizationStepper
 
         return DreamerV2OptimizationStepper(
@@ -240,6 +241,7 @@ class DreamerV2Config:
             precision=self.precision,
             compile=self.compile,
             cudagraph=self.cudagraph,
+            shards=shards,
         )
 
 

@@ -20,6 +20,7 @@ One step from ``(z_t, h_t)`` under ``a_t``::
 """
 from __future__ import annotations
 
+import threading
 from typing import Sequence
 
 import torch
@@ -155,7 +156,9 @@ class DreamerV2ImaginationEnv(ModelBasedEnvBase):
         self.source_world_model = world_model
         self.model_state_keys = list(feat)
         self.discount_threshold = discount_threshold
-        self._starts = [None]  # the last full reset's start states, where terminated trajectories restart
+        # the last full reset's start states, where terminated trajectories restart; per thread, as the shards of a
+        # sharded pass (torchrl_dreamer.modules.shards) roll out in several threads at once
+        self._starts = {}
         self.has_discount = world_model.continue_head is not None
         rssm = world_model.rssm
         obs = {state_key: Unbounded((rssm.state_dim,)), belief_key: Unbounded((rssm.rnn_hidden_dim,))}
@@ -197,7 +200,7 @@ class DreamerV2ImaginationEnv(ModelBasedEnvBase):
         keys = tensordict.keys(True) if tensordict is not None else ()
         if "_reset" in keys and any(key not in keys for key in self.model_state_keys):
             # a partial reset during a rollout: the terminated trajectories restart from their start states
-            starts = self._starts[0]
+            starts = self._starts.get(threading.get_ident())
             if starts is None or starts.batch_size != tensordict.batch_size:
                 raise RuntimeError("DreamerV2ImaginationEnv: a partial reset needs a full reset with start states first.")
             return starts.clone()
@@ -212,7 +215,7 @@ class DreamerV2ImaginationEnv(ModelBasedEnvBase):
         zeros = torch.zeros(*out.batch_size, 1, dtype=torch.bool, device=out.device)
         out.set("terminated", zeros)
         out.set("done", zeros.clone())
-        self._starts[0] = out.detach()
+        self._starts[threading.get_ident()] = out.detach()
         return out
 
     def any_done(self, tensordict: TensorDictBase) -> bool:

@@ -30,3 +30,4 @@ from torchrl_dreamer.modules.networks import (
 )
 from torchrl_dreamer.modules.observation import ObsDecoderV2, ObsEncoderV2
 from torchrl_dreamer.modules.rssm import LayerNormGRUCell, RSSMV2, straight_through_sample
+from torchrl_dreamer.modules.shards import ShardPool, run_sharded, shard_generator

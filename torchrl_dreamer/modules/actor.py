@@ -20,6 +20,7 @@ from torchrl.modules.distributions import OneHotCategorical, TruncatedNormal
 
 from torchrl_dreamer.modules.networks import FeatHead
 from torchrl_dreamer.modules.rssm import straight_through_sample
+from torchrl_dreamer.modules.shards import shard_generator
 
 __all__ = ["ActorV2", "StraightThroughOneHotCategorical", "make_dreamerv2_actor"]
 
@@ -110,6 +111,30 @@ class ActorV2(nn.Module):
         return torch.tanh(mean), 2 * torch.sigmoid(std / 2) + self.min_std
 
 
+class _ShardedTruncatedNormal(TruncatedNormal):
+    """TorchRL's truncated normal; in a shard of a sharded pass it draws from the shard's generator.
+
+    TorchRL's draws ``uniform_`` from torch's global generator, which shards running in several threads would
+    share in whatever order the threads reach it (:mod:`torchrl_dreamer.modules.shards`). The same draw, the same
+    inverse CDF; outside shards it is TorchRL's sampling unchanged.
+    """
+
+    def rsample(self, sample_shape: torch.Size | Sequence[int] = ()) -> torch.Tensor:
+        generator = shard_generator()
+        if generator is None:
+            return super().rsample(torch.Size(sample_shape))
+        base = self.base_dist
+        shape = base._extended_shape(torch.Size(sample_shape))
+        p = base.a.new_empty(shape).uniform_(base._dtype_min_gt_0, base._dtype_max_lt_1, generator=generator)
+        return base.icdf(p)
+
+    def sample(self, sample_shape: torch.Size | Sequence[int] = ()) -> torch.Tensor:
+        if shard_generator() is None:
+            return super().sample(torch.Size(sample_shape))
+        with torch.no_grad():
+            return self.rsample(sample_shape)
+
+
 def make_dreamerv2_actor(
     network: ActorV2,
     *,
@@ -137,7 +162,7 @@ def make_dreamerv2_actor(
     if network.discrete:
         params_keys, dist_class, dist_kwargs = ["logits"], StraightThroughOneHotCategorical, {}
     else:
-        params_keys, dist_class = ["loc", "scale"], TruncatedNormal
+        params_keys, dist_class = ["loc", "scale"], _ShardedTruncatedNormal
         dist_kwargs = {"low": -1.0, "high": 1.0, "tanh_loc": False}
     return ProbabilisticActor(
         TensorDictModule(network, in_keys=list(in_keys), out_keys=params_keys),

@@ -19,6 +19,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from torchrl_dreamer.modules.networks import glorot_init_, linear_on_parts, same_batch
+from torchrl_dreamer.modules.shards import shard_generator
 
 __all__ = ["LayerNormGRUCell", "straight_through_sample", "RSSMV2"]
 
@@ -188,7 +189,9 @@ def straight_through_sample(logits: torch.Tensor, *, straight_through: bool = Tr
     else:  # half-precision logits: draw from float32 probabilities
         cdf = logits.detach().to(precise).softmax(-1).cumsum(-1)
     # u is scaled by the computed total so that rounding of the cumulative sum cannot leave it uncovered
-    u = torch.rand(cdf.shape[:-1] + (1,), device=cdf.device, dtype=cdf.dtype) * cdf[..., -1:]
+    # in a shard of a sharded pass, the shard's own generator (torchrl_dreamer.modules.shards); else torch's
+    u = torch.rand(cdf.shape[:-1] + (1,), device=cdf.device, dtype=cdf.dtype, generator=shard_generator())
+    u = u * cdf[..., -1:]
     index = (cdf <= u).sum(-1, keepdim=True).clamp_max_(logits.shape[-1] - 1)
     sample = torch.zeros_like(logits).scatter_(-1, index, 1.0)
     if straight_through:

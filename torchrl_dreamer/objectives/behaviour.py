@@ -38,6 +38,7 @@ from torchrl.objectives.utils import ValueEstimators, hold_out_net
 from torchrl.objectives.value import ValueEstimatorBase
 
 from torchrl_dreamer.envs.imagination import DreamerV2ImaginationEnv
+from torchrl_dreamer.modules.shards import run_sharded
 from torchrl_dreamer.objectives.functional import discount_weights, transition_targets
 from torchrl_dreamer.objectives.value import DreamerV2LambdaEstimator
 
@@ -395,14 +396,21 @@ class DreamerV2ActorLoss(LossModule):
         # the start's discount is the true one, gamma * (1 - terminal), not the head's prediction
         discount = gamma.to(terminal.device) * (1.0 - terminal) if env.has_discount else None
         start = env.start_states(tensordict, discount)
+        # shared state is set here, not in the rollouts: they run in several threads at once when sharded
         with hold_out_net(env), set_exploration_type(ExplorationType.RANDOM):
-            start = env.reset(start)
-            with torch.set_grad_enabled(torch.is_grad_enabled() and self.actor_grad != "reinforce"):
-                start_reward = env.heads.reward(*(start.get(key) for key in env.model_state_keys)).unsqueeze(1)
-            traj = env.rollout(
-                self.imagination_horizon, self._policy, auto_reset=False, tensordict=start, break_when_any_done=False
-            )
-        return start_reward, traj
+            out = run_sharded(self._rollout, start, self.actor_network.parameters())
+        return out.get("start_reward"), out.get("traj")
+
+    def _rollout(self, start: TensorDictBase) -> TensorDict:
+        """The reward head at the start states and the ``[n, H]`` rollout from them (per start state)."""
+        env = self.model_based_env
+        start = env.reset(start)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.actor_grad != "reinforce"):
+            start_reward = env.heads.reward(*(start.get(key) for key in env.model_state_keys)).unsqueeze(1)
+        traj = env.rollout(
+            self.imagination_horizon, self._policy, auto_reset=False, tensordict=start, break_when_any_done=False
+        )
+        return TensorDict({"start_reward": start_reward, "traj": traj}, start.batch_size[:1])
 
     def forward(self, tensordict: TensorDictBase) -> tuple[TensorDict, TensorDict]:
         keys, env = self.tensor_keys, self.model_based_env

@@ -17,6 +17,7 @@ from torchrl_dreamer.objectives.functional import (
     transition_targets,
 )
 from torchrl_dreamer.modules.networks import preprocess_obs
+from torchrl_dreamer.modules.shards import run_sharded
 
 __all__ = ["DreamerV2ModelLoss"]
 
@@ -216,7 +217,8 @@ class DreamerV2ModelLoss(LossModule):
                 f"DreamerV2ModelLoss: the batch lacks {missing} (it has {sorted(map(str, tensordict.keys(True, True)))}). "
                 "Rename keys with loss.set_keys(...)."
             )
-        tensordict = self.world_model(tensordict.copy())
+        # per sequence: in shards of the batch when a ShardPool is active (torchrl_dreamer.modules.shards)
+        tensordict = run_sharded(self.world_model, tensordict.copy(), self.world_model.parameters())
         wm = self.world_model.module
         prior_key, post_key = wm[1].out_keys[2:4]
         post, prior = tensordict.get(post_key), tensordict.get(prior_key)

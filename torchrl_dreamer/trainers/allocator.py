@@ -6,7 +6,11 @@ freed, so every update faults the same memory in again, page by page, zeroed by 
 2.8 million page faults and 0.5-1 s of kernel time per update (``benchmarks/update_speed.py``: 5.0-5.1 s per update
 with the default, 4.1-4.2 s with the memory kept). TorchRL and PyTorch keep no cache of CPU memory (PyTorch's
 caching allocator is for CUDA), so this is set here, in glibc: no mmap for large blocks (they come from the heap and
-are reused) and no trimming of the heap's free top.
+are reused) and no trimming of the heap's free top. Threads other than the main one would each get an arena of
+their own, whose heaps glibc still maps and gives back (a sharded update, ``torchrl_dreamer.modules.ShardPool``,
+faulted 230,000-255,000 pages in per world-model pass with its 2 workers, 0.5-0.7 s of kernel time): every thread
+allocates from the one main heap (``M_ARENA_MAX = 1``; torch allocates few, large blocks, so the arena's lock is
+not contended).
 
 The process then holds its largest update's memory between updates instead of returning it: resident memory rises
 to the peak in the first updates and stays flat there (``benchmarks/memory_soak.py``); the peak itself is the same.
@@ -21,18 +25,20 @@ __all__ = ["keep_freed_memory"]
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
+_M_ARENA_MAX = -8
 _INT_MAX = 2**31 - 1
 
 
 def keep_freed_memory() -> bool:
     """Makes glibc keep freed memory for reuse instead of returning it to the kernel (this process, from now on).
 
-    Large allocations come from the heap instead of fresh mappings (``M_MMAP_MAX = 0``) and the heap's free top is
-    never trimmed (``M_TRIM_THRESHOLD`` at its largest). Building a
+    Large allocations come from the heap instead of fresh mappings (``M_MMAP_MAX = 0``), the heap's free top is
+    never trimmed (``M_TRIM_THRESHOLD`` at its largest) and every thread allocates from that heap
+    (``M_ARENA_MAX = 1``; call it before the threads allocate). Building a
     :class:`~torchrl_dreamer.trainers.DreamerV2Trainer` calls it. Memory already mapped is unaffected; a later
     ``malloc_trim(0)`` still returns free memory.
 
-    Returns: ``True`` when glibc took both settings, ``False`` where there is no glibc (macOS, Windows, musl), where
+    Returns: ``True`` when glibc took the settings, ``False`` where there is no glibc (macOS, Windows, musl), where
     nothing changes.
 
     Examples:
@@ -45,4 +51,5 @@ def keep_freed_memory() -> bool:
     libc = ctypes.CDLL(name)
     if not hasattr(libc, "gnu_get_libc_version"):  # not glibc: the parameters below are glibc's
         return False
-    return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, _INT_MAX))
+    settings = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _INT_MAX), (_M_ARENA_MAX, 1))
+    return all([bool(libc.mallopt(parameter, value)) for parameter, value in settings])

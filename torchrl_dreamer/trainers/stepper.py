@@ -10,6 +10,7 @@ from tensordict.nn import CudaGraphModule
 from torchrl.checkpoint import GlobalRNGState
 from torchrl.trainers.trainers import OptimizationStepper
 
+from torchrl_dreamer.modules.shards import ShardPool
 from torchrl_dreamer.objectives.composite import DreamerV2Loss
 from torchrl_dreamer.trainers.optim import DreamerV2Optimizer
 
@@ -101,6 +102,12 @@ class DreamerV2OptimizationStepper(OptimizationStepper):
         warmup_steps (int): forward/backward passes of the warm-up (at least 2: the first
             fills the imagination env's caches, the next compiles the steady state; at least 3
             with ``cudagraph``, which captures on the last). Default: ``3``.
+        shards (int): on the CPU, run the world model's pass and the imagination rollouts as
+            this many slices of the batch at once, each in a worker thread with one torch thread
+            (:class:`~torchrl_dreamer.modules.ShardPool`): the same losses and gradients (up to the
+            order of floating-point sums; each shard draws from its own generator), and an update
+            that holds its speed when other processes share the cores. Eager only. ``1`` runs them
+            as one pass with torch's threads. Default: ``1``.
 
     Returns (``step``): detached metrics named as the reference's, with
     ``model_grad_norm``, ``actor_grad_norm``, ``critic_grad_norm`` and ``nonfinite_updates``.
@@ -117,6 +124,7 @@ class DreamerV2OptimizationStepper(OptimizationStepper):
         compile_mode: str = "default",
         cudagraph: bool = False,
         warmup_steps: int = 3,
+        shards: int = 1,
     ):
         if precision not in _PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(_PRECISIONS)}, got {precision!r}.")
@@ -128,8 +136,15 @@ class DreamerV2OptimizationStepper(OptimizationStepper):
                 f"warmup_steps must be at least {3 if cudagraph else 2}, got {warmup_steps} (the first pass fills the "
                 "imagination env's caches; a CUDA graph is captured after the compiled passes are stable)."
             )
+        if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
+            raise ValueError(f"shards must be an int >= 1, got {shards!r}.")
+        if shards > 1 and (compile or cudagraph):
+            raise ValueError(f"shards={shards} runs eager passes in threads: it cannot be combined with compile or cudagraph.")
+        if shards > 1 and next(loss.parameters()).device.type != "cpu":
+            raise ValueError(f"shards={shards} splits the update over CPU threads; the loss is on {next(loss.parameters()).device}.")
         self.loss = loss
         self.optimizers = optimizers
+        self.shard_pool = ShardPool(shards) if shards > 1 else None
         self.precision = precision
         self.max_nonfinite_updates = max_nonfinite_updates
         self.nonfinite_updates = 0
@@ -219,12 +234,13 @@ class DreamerV2OptimizationStepper(OptimizationStepper):
         if self._passes is not None:
             model_pass, behaviour_pass = self._passes
             model_out, posteriors = model_pass(batch)
+            self.optimizers["model"].step()
+            behaviour_out = behaviour_pass(posteriors)
         else:
-            model_out, posteriors = self._model_pass(batch, trainer)
-        self.optimizers["model"].step()
-        behaviour_out = behaviour_pass(posteriors) if self._passes is not None else self._behaviour_pass(
-            posteriors, trainer
-        )
+            with self.shard_pool if self.shard_pool is not None else contextlib.nullcontext():
+                model_out, posteriors = self._model_pass(batch, trainer)
+                self.optimizers["model"].step()
+                behaviour_out = self._behaviour_pass(posteriors, trainer)
         self.optimizers["actor"].step()
         self.optimizers["critic"].step()
 

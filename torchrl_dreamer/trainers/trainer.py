@@ -37,7 +37,7 @@ from torchrl_dreamer.envs.resolve import EnvFactory, EnvLike, prepare_env
 from torchrl_dreamer.modules.builders import is_discrete_action_spec
 from torchrl_dreamer.record import make_logger
 from torchrl_dreamer.trainers.allocator import keep_freed_memory
-from torchrl_dreamer.trainers.threads import AdaptiveThreads, available_cores
+from torchrl_dreamer.trainers.threads import available_cores
 from torchrl_dreamer.trainers.hooks import (
     CheckpointHook,
     EpisodeReturnHook,
@@ -123,9 +123,6 @@ class DreamerV2Trainer(Trainer):
         device: where the policy runs for evaluation. Default: ``"cpu"``.
         progress_bar (bool): a tqdm bar. Default: ``True``.
         seed (int, optional): the evaluation envs' base seed offset. Default: ``0``.
-        threads (AdaptiveThreads, optional): the learner's CPU thread policy, registered as a hook (each update's
-            count picked from measured update times); torch's thread count is put back when :meth:`train` returns.
-            Default: ``None`` (torch's count as it is).
     """
 
     def __init__(
@@ -157,7 +154,6 @@ class DreamerV2Trainer(Trainer):
         device: torch.device | str = "cpu",
         progress_bar: bool = True,
         seed: int = 0,
-        threads: AdaptiveThreads | None = None,
     ) -> None:
         super().__init__(
             collector=collector,
@@ -182,9 +178,6 @@ class DreamerV2Trainer(Trainer):
         self.register_op("batch_process", replay_hook.extend)
         self.register_op("process_optim_batch", replay_hook.sample)
         self.register_module("replay_buffer", replay_hook)
-        self.threads = threads
-        if threads is not None:  # after the replay sample: the clock times the update alone
-            threads.register(self)
         # TargetNetUpdaterHook.register would put it at post_steps (once per collected batch): the reference
         # counts updates, so it goes at post_optim; its counter is checkpointed
         self.target_net_updater = target_net_updater
@@ -337,8 +330,9 @@ class DreamerV2Trainer(Trainer):
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
             torchrl_log.setLevel(log_level)
-            if self.threads is not None:
-                self.threads.restore()
+            shards = getattr(self.optimization_stepper, "shard_pool", None)
+            if shards is not None:  # the update's worker threads (a later train() starts them again)
+                shards.close()
         try:
             self.save_checkpoint()
         finally:
@@ -483,7 +477,7 @@ def make_dreamerv2_trainer(
     parallel_envs: bool = True,
     keep_saved_config: bool = False,
     fresh_replay: bool = False,
-    threads: int | str | None = None,
+    threads: int | None = None,
 ) -> DreamerV2Trainer:
     """Builds a :class:`DreamerV2Trainer` and all its components from a config, in a run directory.
 
@@ -509,12 +503,12 @@ def make_dreamerv2_trainer(
         keep_saved_config (bool): resume with the saved config where this one differs. Default: ``False``.
         fresh_replay (bool): resume the models, optimisers and counters but discard the saved replay's rows and
             refill it (when its files are damaged: the resume then says so). Default: ``False``.
-        threads (int, "auto" or None): the learner's torch CPU threads. An int sets torch's count (for the process;
-            put back if the build fails).
-            ``"auto"``: one per core, or one more while measured updates say that is faster (another process
-            taking a core; :class:`~torchrl_dreamer.trainers.AdaptiveThreads`, CPU only). The count changes the
-            order of some floating-point sums, so with ``"auto"`` a seeded run no longer repeats bit for bit; it
-            cannot be used with ``config.compile`` on the CPU. Default: ``None`` (torch's count, as it is).
+        threads (int or None): the learner's CPU threads. On the CPU an eager update runs as that many
+            data-parallel shards of the batch, one worker thread each with one torch thread
+            (:class:`~torchrl_dreamer.modules.ShardPool`: the same losses and gradients; it holds its speed when the
+            env workers or other processes take cores); the rest of the update, a compiled update and the CUDA
+            side use torch's count, which this sets (for the process; put back if the build fails). A seeded run
+            repeats bit for bit for a given count. Default: ``None`` (torch's count as it is, one per core).
 
     Returns: a :class:`DreamerV2Trainer`; call ``trainer.train()``.
 
@@ -525,10 +519,8 @@ def make_dreamerv2_trainer(
         >>> trainer.train()["steps"]
         200
     """
-    if not (threads is None or threads == "auto" or (
-        isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1
-    )):
-        raise ValueError(f"threads must be None, 'auto' or an int >= 1, got {threads!r}.")
+    if not (threads is None or (isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1)):
+        raise ValueError(f"threads must be None or an int >= 1, got {threads!r}.")
     logdir = Path(logdir).expanduser().absolute()
     if logdir.exists() and not logdir.is_dir():
         raise FileExistsError(f"The log directory {logdir} is an existing file; choose another --logdir.")
@@ -542,19 +534,14 @@ def make_dreamerv2_trainer(
     if factory.is_instance and config.num_envs > 1:
         raise ValueError("An env instance runs one env: pass a factory (a function returning the env) for num_envs > 1.")
     device = resolve_device(device)
-    if threads == "auto" and device.type == "cpu" and config.compile:
-        raise ValueError(
-            "threads='auto' cannot change the thread count of compiled CPU kernels (inductor fixes it when it compiles): "
-            "drop --compile or set --threads N."
-        )
     threads_before = torch.get_num_threads()
     if isinstance(threads, int):
         torch.set_num_threads(threads)
         if threads > available_cores():
             warnings.warn(
-                f"threads={threads} is more than the {available_cores()} cores this process may use: with the cores "
-                "shared, every parallel region waits on a descheduled thread (an Atari update on 2 cores with one "
-                "busy took 64-159 s with 4 threads, 6.7 s with 2); threads='auto' adds one only while it is faster.",
+                f"threads={threads} is more than the {available_cores()} cores this process may use: the parts of the "
+                "update that run on torch's threads wait at every parallel region for a descheduled thread (an Atari "
+                "update on 2 cores with one busy took 64-159 s with 4 torch threads, 6.7 s with 2).",
                 stacklevel=2,
             )
     if device.type == "cpu" and torch.get_num_threads() > 1 and "OMP_WAIT_POLICY" not in os.environ:
@@ -579,10 +566,11 @@ def make_dreamerv2_trainer(
             raise OSError(
                 f"Cannot write in the log directory {logdir}: {err.strerror or err}; choose another --logdir."
             ) from None
-        thread_policy = AdaptiveThreads() if threads == "auto" and device.type == "cpu" else None
+        # the eager CPU update in shards, one per thread (compiled kernels and CUDA run as one pass)
+        shards = torch.get_num_threads() if device.type == "cpu" and not config.compile else 1
         trainer = _build_trainer(
             config, logdir, factory, device, saved, resuming, progress, parallel_envs, fresh_replay and resuming,
-            thread_policy,
+            shards,
         )
     except BaseException:
         torch.set_num_threads(threads_before)
@@ -601,7 +589,7 @@ def make_dreamerv2_trainer(
 
 
 def _build_trainer(
-    config, logdir, factory, device, saved, resuming, progress, parallel_envs, fresh_replay, threads
+    config, logdir, factory, device, saved, resuming, progress, parallel_envs, fresh_replay, shards
 ) -> DreamerV2Trainer:
     torch.manual_seed(config.seed)
     checkpoint_path = logdir / CHECKPOINT_FILE
@@ -615,7 +603,7 @@ def _build_trainer(
     if not factory.is_instance:
         probe.close()
     loss = config.make_loss(models)
-    stepper = config.make_stepper(loss)
+    stepper = config.make_stepper(loss, shards=shards)
     replay = make_replay_buffer(
         capacity=config.replay_capacity, seq_len=config.batch_length, batch_size=config.batch_size,
         obs_keys=models.world_model.obs_keys, scratch_dir=logdir / "replay", prioritize_ends=config.prioritize_ends,
@@ -661,7 +649,7 @@ def _build_trainer(
         make_eval_env=make_eval_env,
         eval_episodes=config.eval_episodes, eval_owns_env=not factory.is_instance,
         videos_dir=logdir / "videos", num_envs=config.num_envs, device=device, progress_bar=progress,
-        seed=config.seed, threads=threads,
+        seed=config.seed,
     )
     if factory.is_instance:  # evaluation ran on the training env: restart its episode
         trainer.evaluation.after = lambda: (collector.reset(), trainer.episode_returns.restart())
