@@ -160,6 +160,25 @@ def test_run_sharded_differentiates_its_inputs_and_params_and_refuses_unlisted_o
     pool.close()
 
 
+def test_a_failing_shard_raises_after_every_shard_has_finished_and_nested_calls_run_as_one_pass():
+    finished = []
+
+    def fn(t):
+        if t["x"][0] == 0:
+            raise ValueError("bad shard")
+        finished.append(threading.get_ident())
+        return t.set("inner", run_sharded(lambda u: u.set("y", u["x"] * 2), t)["y"])  # inside a shard: one pass
+
+    td = TensorDict({"x": torch.arange(6.0)}, [6])
+    with ShardPool(3) as pool:
+        with pytest.raises(ValueError, match="bad shard"):
+            run_sharded(fn, td)
+        assert len(finished) == 2  # the other shards ran to their end before the error came out
+        out = run_sharded(fn, TensorDict({"x": torch.arange(1.0, 7.0)}, [6]))
+    pool.close()
+    assert torch.equal(out["inner"], torch.arange(1.0, 7.0) * 2)
+
+
 def test_bad_shard_settings_are_refused():
     for bad in (0, -1, 1.5, True, "2"):
         with pytest.raises(ValueError, match="shards must be an int >= 1"):

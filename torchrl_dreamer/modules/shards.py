@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Callable, Iterable, Iterator
 
 import torch
@@ -117,10 +117,19 @@ class ShardPool:
             self._executor = executor
         return self._executor
 
-    def map(self, fn: Callable, items: list) -> list:
-        """``[fn(item) for item in items]``, one item per worker thread, in the caller's context."""
+    def map(self, fn: Callable, items: Iterable) -> list:
+        """``[fn(item) for item in items]``, one item per worker thread, in the caller's context.
+
+        Every item has finished when it returns or raises (the first item's error, in order).
+        """
         executor = self._start()
-        futures = [executor.submit(contextvars.copy_context().run, fn, item) for item in items]
+
+        def call(item):
+            _ACTIVE.set(None)  # in the worker's copy of the context: a nested run_sharded runs as one pass
+            return fn(item)
+
+        futures = [executor.submit(contextvars.copy_context().run, call, item) for item in items]
+        wait(futures)
         return [future.result() for future in futures]
 
     def close(self) -> None:
