@@ -19,10 +19,10 @@ from conftest import make_batch
 SPEC = Composite(pixels=Unbounded((1, 16, 16), dtype=torch.uint8))
 
 
-def _stepper(shards: int, action_spec=None, seed: int = 3):
+def _stepper(shards: int, action_spec=None, seed: int = 3, actor_grad: str = "reinforce"):
     torch.manual_seed(seed)
     models = make_dreamerv2_models(SPEC, action_spec if action_spec is not None else OneHot(3), **DEBUG_SIZES)
-    loss = make_dreamerv2_loss(models, imagination_horizon=4)
+    loss = make_dreamerv2_loss(models, imagination_horizon=4, actor_grad=actor_grad)
     stepper = DreamerV2OptimizationStepper(loss, make_dreamerv2_optimizers(loss), shards=shards)
     return stepper, make_target_updater(loss.value_loss, interval=2)
 
@@ -52,13 +52,14 @@ def _passes(loss, batch):
     return metrics, dict(zip([n for n, p in loss.named_parameters() if p.requires_grad], grads))
 
 
-@pytest.mark.parametrize("shards", [2, 3])
-def test_sharded_passes_give_the_whole_batch_losses_and_gradients(monkeypatch, shards):
+@pytest.mark.parametrize("shards, actor_grad", [(2, "reinforce"), (3, "reinforce"), (2, "dynamics"), (3, "both")])
+def test_sharded_passes_give_the_whole_batch_losses_and_gradients(monkeypatch, shards, actor_grad):
     # the samples are the only thing a shard changes (its own generator): with draws that depend on the logits
-    # alone, the sharded passes are the whole batch's, up to the order of floating-point sums
+    # alone, the sharded passes are the whole batch's, up to the order of floating-point sums; with dynamics
+    # gradients the actor's gradient comes back from the slow critic's values through the imagined states
     monkeypatch.setattr(rssm_module, "straight_through_sample", _row_local_sample)
     monkeypatch.setattr(actor_module, "straight_through_sample", _row_local_sample)
-    stepper, _ = _stepper(1)
+    stepper, _ = _stepper(1, actor_grad=actor_grad)
     batch = make_batch(5, 6)  # 5 sequences: uneven shards (3 + 2; 2 + 2 + 1), 30 imagination starts
     batch["is_init"][1, 2] = True  # an episode start inside a sequence: the masked reward mean spans the shards
     batch["next", "terminated"][3, 4] = True
@@ -85,7 +86,8 @@ def test_sharded_updates_repeat_bit_for_bit_under_a_seed(continuous):
     action_spec = Bounded(-1.0, 1.0, (2,)) if continuous else OneHot(3)
     runs = []
     for _ in range(2):
-        stepper, updater = _stepper(2, action_spec)
+        # continuous actions as the DMC preset trains them: dynamics gradients through the truncated normal's draws
+        stepper, updater = _stepper(2, action_spec, actor_grad="dynamics" if continuous else "reinforce")
         torch.manual_seed(11)
         for _ in range(2):
             batch = make_batch(4, 6, action_dim=2 if continuous else 3, discrete=not continuous)

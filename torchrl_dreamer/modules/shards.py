@@ -55,8 +55,11 @@ class ShardPool:
     of sequences in :class:`~torchrl_dreamer.objectives.DreamerV2ModelLoss`, the imagination rollouts in
     :class:`~torchrl_dreamer.objectives.DreamerV2ActorLoss`) run as ``shards`` slices of the batch, each in its own
     thread with ``threads_per_shard`` torch threads; outside it they run as one. The losses and their gradients are
-    those of the whole batch (see the module docstring). With one core busy, one Atari update on 2 cores: 3 shards
-    of one thread against 2 OpenMP threads, ``benchmarks/update_speed.py``, figures in ``benchmarks/README.md``.
+    those of the whole batch (see the module docstring). One Atari update on 2 cores, 2 shards against one pass on
+    2 threads: idle 3.25-3.32 s against 3.37-3.61 s, with one core busy 5.10-5.25 s against 5.97-6.40 s
+    (``benchmarks/update_speed.py``, figures in ``benchmarks/README.md``). Call
+    :func:`~torchrl_dreamer.trainers.keep_freed_memory` before the first pass (the trainer does): it also keeps the
+    workers on glibc's main heap.
 
     Args:
         shards (int): slices of the batch run at once (at most the batch size is used).

@@ -7,26 +7,21 @@ freed, so every update faults the same memory in again, page by page, zeroed by 
 with the default, 4.1-4.2 s with the memory kept). TorchRL and PyTorch keep no cache of CPU memory (PyTorch's
 caching allocator is for CUDA), so this is set here, in glibc: no mmap for large blocks (they come from the heap and
 are reused) and no trimming of the heap's free top. Threads other than the main one would each get an arena of
-their own, whose heaps glibc still maps and gives back (a sharded update, ``torchrl_dreamer.modules.ShardPool``,
+their own, whose heaps glibc still maps and gives back whole (a sharded update, ``torchrl_dreamer.modules.ShardPool``,
 faulted 230,000-255,000 pages in per world-model pass with its 2 workers, 0.5-0.7 s of kernel time): every thread
 allocates from the one main heap (``M_ARENA_MAX = 1``; torch allocates few, large blocks, so the arena's lock is
-not contended).
+not contended). A thread keeps the arena it first allocated from, and once the limit is reached a new thread may
+be given any existing one, so ``import torchrl_dreamer`` sets this limit already, before torch starts its threads
+(in a trainer built after the models, the workers otherwise faulted 140,000-165,000 pages in per update).
 
 The process then holds its largest update's memory between updates instead of returning it: resident memory rises
 to the peak in the first updates and stays flat there (``benchmarks/memory_soak.py``); the peak itself is the same.
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
+from torchrl_dreamer._glibc import INT_MAX, M_ARENA_MAX, M_MMAP_MAX, M_TRIM_THRESHOLD, mallopt
 
 __all__ = ["keep_freed_memory"]
-
-# glibc's mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_MAX = -4
-_M_ARENA_MAX = -8
-_INT_MAX = 2**31 - 1
 
 
 def keep_freed_memory() -> bool:
@@ -34,7 +29,8 @@ def keep_freed_memory() -> bool:
 
     Large allocations come from the heap instead of fresh mappings (``M_MMAP_MAX = 0``), the heap's free top is
     never trimmed (``M_TRIM_THRESHOLD`` at its largest) and every thread allocates from that heap
-    (``M_ARENA_MAX = 1``; call it before the threads allocate). Building a
+    (``M_ARENA_MAX = 1``, which ``import torchrl_dreamer`` already sets: it holds for threads that allocate after
+    it). Building a
     :class:`~torchrl_dreamer.trainers.DreamerV2Trainer` calls it. Memory already mapped is unaffected; a later
     ``malloc_trim(0)`` still returns free memory.
 
@@ -45,11 +41,4 @@ def keep_freed_memory() -> bool:
         >>> keep_freed_memory() in (True, False)
         True
     """
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    libc = ctypes.CDLL(name)
-    if not hasattr(libc, "gnu_get_libc_version"):  # not glibc: the parameters below are glibc's
-        return False
-    settings = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _INT_MAX), (_M_ARENA_MAX, 1))
-    return all([bool(libc.mallopt(parameter, value)) for parameter, value in settings])
+    return mallopt((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, INT_MAX), (M_ARENA_MAX, 1))
