@@ -317,6 +317,21 @@ def test_thread_policy(tmp_path, monkeypatch, capsys):
             with pytest.raises(ValueError, match="threads must be None or an int >= 1"):
                 make_dreamerv2_trainer(DreamerV2Config.preset("debug", env="catch"), tmp_path / "e", threads=bad)
         assert not (tmp_path / "e").exists()
+        # threads=N sets torch's count and the update's shards; a build that fails puts the count back
+        torch.set_num_threads(1)
+        trainer = make_dreamerv2_trainer(DreamerV2Config.preset("debug", env="catch"), tmp_path / "f", device="cpu",
+                                         progress=False, threads=2)
+        assert torch.get_num_threads() == 2 and trainer.optimization_stepper.shard_pool.shards == 2
+        trainer.shutdown()
+        torch.set_num_threads(1)
+
+        def broken_env(*args, **kwargs):
+            raise RuntimeError("no such env")
+
+        with pytest.raises(RuntimeError, match="no such env"):
+            make_dreamerv2_trainer(DreamerV2Config.preset("debug"), tmp_path / "g", env=broken_env, device="cpu",
+                                   progress=False, threads=2)
+        assert torch.get_num_threads() == 1
         monkeypatch.delenv("OMP_WAIT_POLICY")
         torch.set_num_threads(2)
         with pytest.warns(UserWarning, match="OpenMP threads spin while they wait"):

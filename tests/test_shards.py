@@ -159,6 +159,19 @@ def test_run_sharded_differentiates_its_inputs_and_params_and_refuses_unlisted_o
         with torch.no_grad():
             plain = run_sharded(fn, td, net.parameters())
         assert not plain["y"].requires_grad and torch.allclose(plain["y"], out["y"])
+        # a tensor computed outside from a parameter: every shard would run its backward
+        doubled = net.weight * 2
+        with pytest.raises(RuntimeError, match="computed outside it"):
+            run_sharded(lambda t: t.set("z", t["x"] @ doubled.t()), td, net.parameters())
+        # an unlisted tensor requiring grad passed straight through
+        with pytest.raises(RuntimeError, match="neither in params nor in its input"):
+            run_sharded(lambda t: t.set("w", other.weight.expand(t.shape[0], 2, 2)), td, net.parameters())
+        # a draw from torch's global generator inside the shards: said once
+        with pytest.warns(UserWarning, match="drew from torch's global generator"):
+            run_sharded(lambda t: t.set("r", torch.rand(t.shape[0])), td.exclude("x"))
+        # parameters that the outputs do not depend on: nothing to differentiate
+        unused = run_sharded(lambda t: t.set("z", t["n"] + 1), td.exclude("x"), net.parameters())
+        assert torch.equal(unused["z"], torch.arange(7) + 1)
     pool.close()
 
 
@@ -179,6 +192,18 @@ def test_a_failing_shard_raises_after_every_shard_has_finished_and_nested_calls_
         out = run_sharded(fn, TensorDict({"x": torch.arange(1.0, 7.0)}, [6]))
     pool.close()
     assert torch.equal(out["inner"], torch.arange(1.0, 7.0) * 2)
+
+
+def test_a_single_sequence_is_not_split_along_time():
+    stepper, _ = _stepper(1)
+    sequence = make_batch(1, 8)[0]  # [T]: its only dimension is time
+    torch.manual_seed(4)
+    expected, _ = stepper.loss.model_loss(sequence.clone())
+    with ShardPool(2) as pool:
+        torch.manual_seed(4)
+        got, _ = stepper.loss.model_loss(sequence.clone())
+    pool.close()
+    assert all(torch.equal(got[k], expected[k]) for k in expected.keys())
 
 
 def test_bad_shard_settings_are_refused():

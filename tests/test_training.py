@@ -287,5 +287,6 @@ def test_parallel_envs_leave_the_learner_its_threads(tmp_path):
         # TorchRL's ParallelEnv would leave the learner cores - workers threads (here 1); the workers wait
         # while the learner updates, so it keeps its 2
         assert result["updates"] > 0 and set(during) == {2}
+        assert trainer.optimization_stepper.shard_pool._executor is None  # train() stopped the update's workers
     finally:
         torch.set_num_threads(threads)

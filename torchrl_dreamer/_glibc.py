@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 
 # glibc's mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD = -1
@@ -13,10 +12,10 @@ INT_MAX = 2**31 - 1
 
 def mallopt(*settings: tuple[int, int]) -> bool:
     """Applies ``mallopt(parameter, value)`` for each pair; ``False`` where there is no glibc (nothing changes)."""
-    name = ctypes.util.find_library("c")
-    if name is None:
+    try:
+        libc = ctypes.CDLL(None)  # the C library this process already runs on (no ldconfig lookup)
+    except (OSError, TypeError):  # Windows
         return False
-    libc = ctypes.CDLL(name)
-    if not hasattr(libc, "gnu_get_libc_version"):  # not glibc: the parameters are glibc's
+    if not hasattr(libc, "gnu_get_libc_version") or not hasattr(libc, "mallopt"):  # the parameters are glibc's
         return False
     return all([bool(libc.mallopt(parameter, value)) for parameter, value in settings])

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Callable, Iterable, Iterator
 
@@ -105,7 +106,7 @@ class ShardPool:
         if self._executor is None:
             main = torch.get_num_threads()
             executor = ThreadPoolExecutor(self.shards, thread_name_prefix="dreamer-shard")
-            started = threading.Barrier(self.shards)
+            started = threading.Barrier(self.shards, timeout=60)
 
             def start() -> None:
                 # torch sets a thread's count from the process's at its first parallel operation (after which
@@ -132,7 +133,13 @@ class ShardPool:
             return fn(item)
 
         futures = [executor.submit(contextvars.copy_context().run, call, item) for item in items]
-        wait(futures)
+        try:
+            wait(futures)
+        except BaseException:  # KeyboardInterrupt in the caller: no worker may still be running the model after it
+            for future in futures:
+                future.cancel()
+            wait(futures)
+            raise
         return [future.result() for future in futures]
 
     def close(self) -> None:
@@ -171,7 +178,7 @@ class _ShardRun:
         self.leaves: list[list[torch.Tensor]] = []  # per shard: its grad-input leaves
         self.outputs: list[TensorDictBase] = []
 
-    def _forward_shard(self, i: int) -> TensorDictBase:
+    def _forward_shard(self, i: int) -> tuple[list[torch.Tensor], TensorDictBase, set]:
         shard = self.inputs[i].copy()
         leaves = []
         for key in self.grad_inputs:
@@ -185,21 +192,28 @@ class _ShardRun:
             out = self.fn(shard)
         if not isinstance(out, TensorDictBase):
             raise TypeError(f"run_sharded: the function must return a TensorDict, got {type(out).__name__}.")
-        if self.grad:
-            _check_leaves(out, self.params + leaves)
-        return leaves, out
+        nodes = _check_leaves(out, self.params + leaves) if self.grad else set()
+        return leaves, out, nodes
 
     def forward(self) -> None:
+        rng = torch.get_rng_state()
         results = self.pool.map(self._forward_shard, range(len(self.inputs)))
-        self.leaves = [leaves for leaves, _ in results]
-        self.outputs = [out for _, out in results]
+        if not torch.equal(rng, torch.get_rng_state()):
+            _warn_global_draws()
+        self.leaves = [leaves for leaves, _, _ in results]
+        self.outputs = [out for _, out, _ in results]
+        shared = set.intersection(*(nodes for _, _, nodes in results)) if len(results) > 1 else set()
+        if shared:  # every shard would run the backward of these nodes: a second time, or at once
+            raise RuntimeError(
+                "run_sharded: the function reads a tensor requiring grad that was computed outside it (from the "
+                "parameters); compute it inside the function, from tensors passed in params."
+            )
         first = self.outputs[0]
         keys = list(first.keys(True, True))
         for out in self.outputs[1:]:
             if set(out.keys(True, True)) != set(keys):
                 raise RuntimeError("run_sharded: the shards returned different keys.")
         self.differentiable = [k for k in keys if any(out.get(k).requires_grad for out in self.outputs)]
-        self.plain = [k for k in keys if k not in self.differentiable]
 
     def backward(self, grads: tuple[torch.Tensor | None, ...]) -> list[torch.Tensor | None]:
         wrt = list(self.params)
@@ -238,26 +252,55 @@ class _ShardRun:
         return param_grads + input_grads
 
 
-def _check_leaves(out: TensorDictBase, allowed: list[torch.Tensor]) -> None:
+def _check_leaves(out: TensorDictBase, allowed: list[torch.Tensor]) -> set:
     """Raises if the output's graph reaches a tensor requiring grad that the backward would not differentiate.
 
-    A walk over the graph's nodes (about 2 ms for the world model's pass at the Atari preset).
+    A walk over the graph's nodes (about 2 ms for the world model's pass at the Atari preset). Returns the nodes
+    other than the leaves' (each shard's must be its own).
     """
     allowed_ids = {id(t) for t in allowed}
-    stack = [v.grad_fn for v in out.values(True, True) if isinstance(v, torch.Tensor) and v.grad_fn is not None]
-    seen = set()
+    stack = []
+    for value in out.values(True, True):
+        if not isinstance(value, torch.Tensor) or not value.requires_grad:
+            continue
+        if value.grad_fn is None and id(value) not in allowed_ids:
+            _unlisted(value)
+        stack.append(value.grad_fn)
+    seen, nodes = set(), set()
     while stack:
         node = stack.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
         leaf = getattr(node, "variable", None)
-        if leaf is not None and id(leaf) not in allowed_ids:
-            raise RuntimeError(
-                f"run_sharded: the function reads a tensor requiring grad (shape {tuple(leaf.shape)}) that is neither "
-                "in params nor in its input: its gradient would be lost. Pass it in params."
-            )
+        if leaf is not None:
+            if id(leaf) not in allowed_ids:
+                _unlisted(leaf)
+        else:
+            nodes.add(node)
         stack.extend(next_node for next_node, _ in node.next_functions)
+    return nodes
+
+
+def _unlisted(leaf: torch.Tensor) -> None:
+    raise RuntimeError(
+        f"run_sharded: the function reads a tensor requiring grad (shape {tuple(leaf.shape)}) that is neither in "
+        "params nor in its input: its gradient would be lost. Pass it in params."
+    )
+
+
+_WARNED = []
+
+
+def _warn_global_draws() -> None:
+    if not _WARNED:
+        _WARNED.append(True)
+        warnings.warn(
+            "run_sharded: the shards drew from torch's global generator (a sampler that does not read "
+            "shard_generator(), e.g. a distribution of the actor other than the library's): the shards reach it in "
+            "whatever order the threads run, so a seeded run will not repeat bit for bit.",
+            stacklevel=3,
+        )
 
 
 def _ordered_sum(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -268,12 +311,15 @@ def _ordered_sum(parts: list[torch.Tensor]) -> torch.Tensor:
 
 
 class _Sharded(torch.autograd.Function):
-    """Runs the shards in its forward; its backward takes each shard's gradients in that shard's thread."""
+    """Joins the shards' differentiable outputs; its backward takes each shard's gradients in that shard's thread.
+
+    Its inputs are the tensors the shards differentiate with respect to, so that autograd calls its backward.
+    """
 
     @staticmethod
     def forward(ctx, run: _ShardRun, *tensors: torch.Tensor):
-        run.forward()
         ctx.run = run
+        ctx.set_materialize_grads(False)  # an output the loss does not read passes no gradient: no zeros to run
         return tuple(torch.cat([out.get(k).detach() for out in run.outputs]) for k in run.differentiable)
 
     @staticmethod
@@ -298,7 +344,7 @@ def run_sharded(
     differentiable with respect to ``params`` (every tensor requiring grad that ``fn`` reads besides its input:
     a gradient into a parameter not listed is an error, not a silent zero) and to the input's leaves that require
     grad. The backward takes each shard's gradients in that shard's thread and sums them in shard order; the pass
-    can be backpropagated through once. Without an active pool, with one shard or one sample, it is
+    can be backpropagated through once (``retain_graph=True`` does not keep the shards' graphs). Without an active pool, with one shard or one sample, it is
     ``fn(tensordict)``.
 
     Args:
@@ -317,18 +363,17 @@ def run_sharded(
     params = [p for p in params if p.requires_grad] if grad else []
     grad_inputs = [k for k, v in tensordict.items(True, True) if grad and v.requires_grad]
     run = _ShardRun(pool, fn, tensordict, params, grad_inputs, grad)
-    if params or grad_inputs:
-        inputs = [tensordict.get(k) for k in grad_inputs]
-        differentiable = _Sharded.apply(run, *params, *inputs)
+    run.forward()  # in the workers, each shard with its own graph
+    if run.differentiable:
+        differentiable = _Sharded.apply(run, *params, *(tensordict.get(k) for k in grad_inputs))
         if not isinstance(differentiable, tuple):
             differentiable = (differentiable,)
     else:
-        run.forward()
-        differentiable = tuple(torch.cat([out.get(k) for out in run.outputs]) for k in run.differentiable)
+        differentiable = ()
     # the shards' outputs joined without their graphs (the differentiable leaves are the function's outputs)
     result = torch.cat([out.exclude(*run.differentiable).detach() for out in run.outputs])
     for key, value in zip(run.differentiable, differentiable):
         result.set(key, value)
-    if not (params or grad_inputs):
+    if not run.differentiable:
         run.outputs = []
     return result

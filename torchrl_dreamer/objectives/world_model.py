@@ -217,8 +217,10 @@ class DreamerV2ModelLoss(LossModule):
                 f"DreamerV2ModelLoss: the batch lacks {missing} (it has {sorted(map(str, tensordict.keys(True, True)))}). "
                 "Rename keys with loss.set_keys(...)."
             )
-        # per sequence: in shards of the batch when a ShardPool is active (torchrl_dreamer.modules.shards)
-        tensordict = run_sharded(self.world_model, tensordict.copy(), self.world_model.parameters())
+        if tensordict.ndim > 1:  # per sequence: in shards of the batch when a ShardPool is active (modules.shards)
+            tensordict = run_sharded(self.world_model, tensordict.copy(), self.world_model.parameters())
+        else:  # one [T] sequence: its only dimension is time
+            tensordict = self.world_model(tensordict.copy())
         wm = self.world_model.module
         prior_key, post_key = wm[1].out_keys[2:4]
         post, prior = tensordict.get(post_key), tensordict.get(prior_key)

@@ -106,8 +106,9 @@ class DreamerV2OptimizationStepper(OptimizationStepper):
             this many slices of the batch at once, each in a worker thread with one torch thread
             (:class:`~torchrl_dreamer.modules.ShardPool`): the same losses and gradients (up to the
             order of floating-point sums; each shard draws from its own generator), and an update
-            that holds its speed when other processes share the cores. Eager only. ``1`` runs them
-            as one pass with torch's threads. Default: ``1``.
+            that holds its speed when other processes share the cores. Eager only; each pass's
+            graph is backpropagated through once (as the stepper does). ``1`` runs them as one pass
+            with torch's threads. Default: ``1``.
 
     Returns (``step``): detached metrics named as the reference's, with
     ``model_grad_norm``, ``actor_grad_norm``, ``critic_grad_norm`` and ``nonfinite_updates``.

@@ -506,9 +506,10 @@ def make_dreamerv2_trainer(
         threads (int or None): the learner's CPU threads. On the CPU an eager update runs as that many
             data-parallel shards of the batch, one worker thread each with one torch thread
             (:class:`~torchrl_dreamer.modules.ShardPool`: the same losses and gradients; it holds its speed when the
-            env workers or other processes take cores); the rest of the update, a compiled update and the CUDA
-            side use torch's count, which this sets (for the process; put back if the build fails). A seeded run
-            repeats bit for bit for a given count. Default: ``None`` (torch's count as it is, one per core).
+            env workers or other processes take cores; the world model's pass has at most one shard per sequence
+            of the batch); the rest of the update, a compiled update and the CUDA side use torch's count, which
+            this sets (for the process; put back if the build fails). A seeded run repeats bit for bit for a
+            given count. Default: ``None`` (torch's count as it is, one per core).
 
     Returns: a :class:`DreamerV2Trainer`; call ``trainer.train()``.
 
