@@ -15,10 +15,3 @@ def check_device_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
     shards = getattr(args, "shards", None)
     if shards is not None and shards > 1 and (args.compile or args.device != "cpu"):
         parser.error("--shards > 1 runs eager CPU passes in threads: not with --compile or --device cuda")
-
-
-def default_shards(args: argparse.Namespace) -> int:
-    """The trainer's rule: an eager CPU update runs as one shard per torch thread; compiled or CUDA, one pass."""
-    if getattr(args, "shards", None) is not None:
-        return args.shards
-    return torch.get_num_threads() if args.device == "cpu" and not args.compile else 1

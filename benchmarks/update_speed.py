@@ -35,9 +35,9 @@ from torch.utils.flop_counter import flop_registry
 from torchrl.data import Composite, OneHot, Unbounded
 
 from torchrl_dreamer.config import DreamerV2Config
-from torchrl_dreamer.trainers import keep_freed_memory, parse_threads
+from torchrl_dreamer.trainers import default_shards, keep_freed_memory, parse_threads
 
-from _checks import check_device_args, default_shards  # benchmarks/_checks.py, beside this script
+from _checks import check_device_args  # benchmarks/_checks.py, beside this script
 
 
 def make_batch(batch: int, length: int, actions: int, device: torch.device) -> TensorDict:
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     args = parser.parse_args(argv)
     check_device_args(parser, args)
-    if isinstance(args.threads, int):
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     if not args.release_memory:
         keep_freed_memory()
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     models = cfg.make_models(obs_spec, OneHot(args.actions), device=device)
     image_nets = [m for m in models.world_model.modules() if hasattr(m, "fast_path")]
     loss = cfg.make_loss(models)
-    shards = default_shards(args)
+    shards = args.shards if args.shards is not None else default_shards(args.device, args.compile)  # as in training
     stepper = cfg.make_stepper(loss, shards=shards)
     eager = cfg.replace(compile=False, cudagraph=False).make_stepper(loss)  # same model and parameters
     batch = make_batch(args.batch_size, args.batch_length, args.actions, device)

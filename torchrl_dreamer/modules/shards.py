@@ -59,8 +59,9 @@ class ShardPool:
     those of the whole batch (see the module docstring). One Atari update on 2 cores, 2 shards against one pass on
     2 threads: idle 3.25-3.32 s against 3.37-3.61 s, with one core busy 5.10-5.25 s against 5.97-6.40 s
     (``benchmarks/update_speed.py``, figures in ``benchmarks/README.md``). Call
-    :func:`~torchrl_dreamer.trainers.keep_freed_memory` before the first pass (the trainer does): it also keeps the
-    workers on glibc's main heap.
+    :func:`~torchrl_dreamer.trainers.keep_freed_memory` before the first pass (the trainer does), and import
+    ``torchrl_dreamer`` before the process starts other threads, so that the workers allocate from glibc's main
+    heap and reuse what they free.
 
     Args:
         shards (int): slices of the batch run at once (at most the batch size is used).

@@ -2,7 +2,7 @@
 from torchrl_dreamer.trainers.optim import DreamerV2Optimizer
 from torchrl_dreamer.trainers.stepper import DreamerV2OptimizationStepper, NonFiniteUpdateError, make_dreamerv2_optimizers
 from torchrl_dreamer.trainers.allocator import keep_freed_memory
-from torchrl_dreamer.trainers.threads import available_cores, parse_threads
+from torchrl_dreamer.trainers.threads import available_cores, default_shards, parse_threads
 from torchrl_dreamer.trainers.hooks import (
     CheckpointHook,
     CheckpointWriteError,

@@ -1,10 +1,12 @@
-"""The learner's CPU thread count: the cores this process may use, and the ``--threads`` value."""
+"""The learner's CPU threads: the cores this process may use, the ``--threads`` value and the update's shards."""
 from __future__ import annotations
 
 import argparse
 import os
 
-__all__ = ["available_cores", "parse_threads"]
+import torch
+
+__all__ = ["available_cores", "default_shards", "parse_threads"]
 
 
 def available_cores() -> int:
@@ -24,3 +26,14 @@ def parse_threads(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
     return int(text)
+
+
+def default_shards(device: torch.device | str, compile: bool) -> int:
+    """The shards of an update (:class:`~torchrl_dreamer.modules.ShardPool`): one per torch thread for an eager CPU
+    update; compiled kernels and CUDA run it as one pass.
+
+    Examples:
+        >>> default_shards("cuda", compile=False), default_shards("cpu", compile=True)
+        (1, 1)
+    """
+    return torch.get_num_threads() if torch.device(device).type == "cpu" and not compile else 1

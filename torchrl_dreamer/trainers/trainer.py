@@ -37,7 +37,7 @@ from torchrl_dreamer.envs.resolve import EnvFactory, EnvLike, prepare_env
 from torchrl_dreamer.modules.builders import is_discrete_action_spec
 from torchrl_dreamer.record import make_logger
 from torchrl_dreamer.trainers.allocator import keep_freed_memory
-from torchrl_dreamer.trainers.threads import available_cores
+from torchrl_dreamer.trainers.threads import available_cores, default_shards
 from torchrl_dreamer.trainers.hooks import (
     CheckpointHook,
     EpisodeReturnHook,
@@ -536,7 +536,7 @@ def make_dreamerv2_trainer(
         raise ValueError("An env instance runs one env: pass a factory (a function returning the env) for num_envs > 1.")
     device = resolve_device(device)
     threads_before = torch.get_num_threads()
-    if isinstance(threads, int):
+    if threads is not None:
         torch.set_num_threads(threads)
         if threads > available_cores():
             warnings.warn(
@@ -567,11 +567,9 @@ def make_dreamerv2_trainer(
             raise OSError(
                 f"Cannot write in the log directory {logdir}: {err.strerror or err}; choose another --logdir."
             ) from None
-        # the eager CPU update in shards, one per thread (compiled kernels and CUDA run as one pass)
-        shards = torch.get_num_threads() if device.type == "cpu" and not config.compile else 1
         trainer = _build_trainer(
             config, logdir, factory, device, saved, resuming, progress, parallel_envs, fresh_replay and resuming,
-            shards,
+            default_shards(device, config.compile),
         )
     except BaseException:
         torch.set_num_threads(threads_before)
