@@ -2,8 +2,10 @@
 
 One update = world-model loss + backward + Adam step, imagination of 15 steps
 from all B x T posterior states, actor loss + step, critic loss + step (the
-target critic's copy, a trainer hook, is a parameter copy every 100 updates). Prints ms per update (median after warm-up), the update's FLOPs counted
-with ``torch.utils.flop_counter`` and the achieved FLOP/s; the last line is JSON.
+target critic's copy, a trainer hook, is a parameter copy every 100 updates). Prints ms per update (median after
+warm-up), the update's FLOPs counted with ``torch.utils.flop_counter`` and the achieved FLOP/s; the last line is JSON.
+The warm-up lasts until the allocator's heap has grown to its steady size (an update faults almost no pages in), as
+in a training run after its first updates; the JSON gives the warm-up's length and the timed updates' page faults.
 
     python benchmarks/update_speed.py --device cpu --precision fp32 --updates 5
     python benchmarks/update_speed.py --profile 25           # also print the 25 most expensive ops
@@ -53,6 +55,19 @@ def make_batch(batch: int, length: int, actions: int, device: torch.device) -> T
     ).to(device)
 
 
+# An update that faults fewer pages in than this (8 MB) ends the warm-up: the heap has reached its steady size.
+STEADY_FAULTS = 2_000
+
+
+def page_faults() -> int:
+    """This process's minor page faults so far (pages faulted in), or 0 where ``resource`` is missing (Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -65,9 +80,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--updates", type=int, default=5, help="timed updates (median reported)")
     parser.add_argument(
         "--warmup", type=int, default=3,
-        help="untimed updates first: the allocator's heap grows to its steady size in the first 2-3 updates "
-        "(page faults)",
+        help="untimed updates first, at least; the warm-up goes on (to --max-warmup) while an update still faults "
+        f"more than {STEADY_FAULTS} pages in: the allocator's heap grows to its steady size over the first updates "
+        "(2-3 as one pass, up to ~10 in shards, whose threads interleave their allocations)",
     )
+    parser.add_argument("--max-warmup", type=int, default=20, help="most untimed updates (see --warmup)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--batch-length", type=int, default=50)
     parser.add_argument("--actions", type=int, default=18)
@@ -106,6 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     args = parser.parse_args(argv)
     check_device_args(parser, args)
+    if args.updates < 1 or args.warmup < 0 or args.max_warmup < 0:
+        parser.error("--updates must be >= 1, --warmup and --max-warmup >= 0")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if not args.release_memory:
@@ -144,17 +163,30 @@ def main(argv: list[str] | None = None) -> dict:
             sync(device)
             warmup_s = time.perf_counter() - start
             print(f"compile/capture warm-up: {warmup_s:.1f} s", flush=True)
-        for _ in range(args.warmup):
+        # with --release-memory every update faults its activations in again: no steady heap to wait for
+        max_warmup = args.warmup if args.release_memory else args.max_warmup
+        warmup, steady = 0, False
+        while warmup < args.warmup or (not steady and warmup < max_warmup):
+            faults = page_faults()
             stepper.step(None, batch.clone())
-        times, eager_times = [], []
+            if alternate:
+                eager.step(None, batch.clone())
+            faults = page_faults() - faults
+            steady = faults <= STEADY_FAULTS
+            warmup += 1
+            print(f"warm-up update {warmup}: {faults} page faults", flush=True)
+        times, eager_times, timed_faults = [], [], []
         for i in range(args.updates):
             # compiled and eager updates alternate, so that both see the same machine
             for label, timed, out in (("", stepper, times), ("eager ", eager, eager_times))[: 1 + alternate]:
+                faults = page_faults()
                 sync(device)
                 start = time.perf_counter()
                 timed.step(None, batch.clone())
                 sync(device)
                 out.append(time.perf_counter() - start)
+                if timed is stepper:
+                    timed_faults.append(page_faults() - faults)
                 print(f"{label}update {i}: {out[-1] * 1e3:.1f} ms", flush=True)
     finally:
         for proc in load:
@@ -171,6 +203,8 @@ def main(argv: list[str] | None = None) -> dict:
         "precision": args.precision,
         "batch": [args.batch_size, args.batch_length],
         "updates": args.updates,
+        "warmup_updates": warmup,
+        "page_faults_per_update": statistics.median(timed_faults),
         "background_load": args.background_load,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(OpenMP default)"),
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
