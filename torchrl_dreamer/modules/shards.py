@@ -5,7 +5,8 @@ the end. When another process takes a core (env workers and the collector do, in
 that core finishes its part last and every one of the update's thousands of operations waits for it: one Atari
 update with 2 threads on 2 cores and one core busy took 1.75x its idle time, where the fair share of the cores
 gives 1.5x. A :class:`ShardPool` instead splits the batch into shards, one per worker thread with one OpenMP thread
-each, and runs a whole per-sample computation (the world model's pass over the sequences, the imagination rollouts)
+each, and runs a whole per-sample computation (the world model's pass over the sequences, the imagination rollouts,
+the critic's and the slow critic's values on the imagined states)
 shard by shard in parallel: the threads meet once per computation instead of once per operation, and the OS can
 balance them. TorchRL has nothing for this (its collectors and ``ParallelEnv`` parallelise envs, not a loss).
 
@@ -54,7 +55,8 @@ class ShardPool:
 
     Inside ``with pool:`` the losses' per-sample passes (:func:`run_sharded`: the world model's pass over the batch
     of sequences in :class:`~torchrl_dreamer.objectives.DreamerV2ModelLoss`, the imagination rollouts in
-    :class:`~torchrl_dreamer.objectives.DreamerV2ActorLoss`) run as ``shards`` slices of the batch, each in its own
+    :class:`~torchrl_dreamer.objectives.DreamerV2ActorLoss`, the critic's and the slow critic's values in
+    :class:`~torchrl_dreamer.objectives.DreamerV2ValueLoss`) run as ``shards`` slices of the batch, each in its own
     thread with ``threads_per_shard`` torch threads; outside it they run as one. The losses and their gradients are
     those of the whole batch (see the module docstring). One Atari update on 2 cores, 2 shards against one pass on
     2 threads: idle 3.25-3.32 s against 3.37-3.61 s, with one core busy 5.10-5.25 s against 5.97-6.40 s

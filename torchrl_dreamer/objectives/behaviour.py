@@ -117,15 +117,24 @@ class DreamerV2ValueLoss(LossModule):
         inputs = tensordict.select(*self.value_network.in_keys)
         # written as the plain, gradient-free tensors they are (preserve_module_state=True would wrap them in
         # trainable Parameters); gradients may flow through the states (dynamics actor gradient), never into the
-        # slow critic
+        # slow critic. The swap is made here, in the calling thread, around the shards that read the module.
         with self.target_value_network_params.to_module(self.value_network, preserve_module_state=False):
-            return self.value_network(inputs).get(self.value_network.out_keys[0])
+            return self._value(inputs, ())
+
+    def _value(self, inputs: TensorDictBase, params) -> torch.Tensor:
+        """The critic's value of each state of ``inputs``: in shards of the states inside an active
+        :class:`~torchrl_dreamer.modules.ShardPool` (per state, so the same values and gradients as one pass)."""
+        network, key = self.value_network, self.value_network.out_keys[0]
+
+        def value(states: TensorDictBase) -> TensorDict:
+            return TensorDict({key: network(states).get(key)}, states.batch_size)
+
+        return run_sharded(value, inputs, params).get(key)
 
     def forward(self, tensordict: TensorDictBase) -> TensorDict:
         keys = self.tensor_keys
-        value = self.value_network(tensordict.select(*self.value_network.in_keys).detach()).get(
-            self.value_network.out_keys[0]
-        )
+        inputs = tensordict.select(*self.value_network.in_keys).detach()
+        value = self._value(inputs, list(self.value_network.parameters()))
         target = tensordict.get(keys.lambda_target).detach()
         weight = tensordict.get(keys.discount_weight).detach()
         loss = (weight * 0.5 * (value.float() - target).pow(2)).mean()

@@ -102,8 +102,8 @@ class DreamerV2OptimizationStepper(OptimizationStepper):
         warmup_steps (int): forward/backward passes of the warm-up (at least 2: the first
             fills the imagination env's caches, the next compiles the steady state; at least 3
             with ``cudagraph``, which captures on the last). Default: ``3``.
-        shards (int): on the CPU, run the world model's pass and the imagination rollouts as
-            this many slices of the batch at once, each in a worker thread with one torch thread
+        shards (int): on the CPU, run the world model's pass, the imagination rollouts and the
+            critic's and slow critic's values as this many slices of the batch at once, each in a worker thread with one torch thread
             (:class:`~torchrl_dreamer.modules.ShardPool`): the same losses and gradients (up to the
             order of floating-point sums; each shard draws from its own generator), and an update
             that holds its speed when other processes share the cores. Eager only; each pass's
