@@ -64,9 +64,15 @@ def test_sharded_passes_give_the_whole_batch_losses_and_gradients(monkeypatch, s
     batch["is_init"][1, 2] = True  # an episode start inside a sequence: the masked reward mean spans the shards
     batch["next", "terminated"][3, 4] = True
     expected, expected_grads = _passes(stepper.loss, batch)
+    threads = []  # where the critic (and the slow critic, the same module) runs
+    stepper.loss.value_loss.value_network.register_forward_hook(
+        lambda *_: threads.append(threading.current_thread().name)
+    )
     with ShardPool(shards) as pool:
         got, got_grads = _passes(stepper.loss, batch)
     pool.close()
+    # slow critic on the rollout's states and on the last ones, then the critic: each in every shard's thread
+    assert len(threads) == 3 * shards and all(name.startswith("dreamer-shard") for name in threads)
     assert set(got) == set(expected)
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
@@ -79,6 +85,9 @@ def test_sharded_passes_give_the_whole_batch_losses_and_gradients(monkeypatch, s
     assert actor_grads and all(g is not None for g in actor_grads) and any(g.abs().sum() > 0 for g in actor_grads)
     model_grads = [got_grads[n] for n in got_grads if n.startswith("model_loss.")]
     assert model_grads and all(g is not None and g.abs().sum() > 0 for g in model_grads)
+    # the critic's values run in shards too (the slow critic's as well: its values feed the actor's targets)
+    critic_grads = [got_grads[n] for n in got_grads if n.startswith("value_loss.")]
+    assert critic_grads and all(g is not None and g.abs().sum() > 0 for g in critic_grads)
 
 
 @pytest.mark.parametrize("continuous", [False, True])
