@@ -58,6 +58,10 @@ class DreamerV2ValueLoss(LossModule):
     :class:`~torchrl.objectives.HardUpdate` (see :func:`make_target_updater`), driven by a
     :class:`~torchrl.trainers.TargetNetUpdaterHook` at ``post_optim``.
 
+    Inside an active :class:`~torchrl_dreamer.modules.ShardPool` (the stepper's ``shards``) the critic's and the
+    slow critic's values are computed in shards of the states, in worker threads: the critic must treat each state
+    on its own (an MLP does; no batch statistics).
+
     Args:
         critic (TensorDictModule): reads ``state``/``belief``, writes ``state_value``.
 
