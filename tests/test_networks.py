@@ -17,6 +17,7 @@ from torchrl_dreamer.modules.networks import (
     conv_layout,
     conv_transpose2d_1x1,
     conv_transpose2d_subpixel,
+    conv_transpose2d_summed_bias,
     linear_on_parts,
 )
 
@@ -156,6 +157,48 @@ def test_conv_transpose2d_subpixel_matches_conv_transpose2d(channels, out_channe
         conv_transpose2d_subpixel, lambda x, w, b: F.conv_transpose2d(x, w, b, stride=2), (x, w, b)
     )
     _assert_same_op(conv_transpose2d_subpixel, lambda x, w: F.conv_transpose2d(x, w, stride=2), (x, w))
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, CL])
+@pytest.mark.parametrize(
+    "channels,out_channels,size,kernel,padding,output_padding",
+    [(12, 8, 5, 5, 0, 0), (8, 4, 13, 6, 0, 0), (6, 5, 5, 4, 1, 1), (6, 5, (4, 7), 4, 1, (0, 1))],
+)
+def test_conv_transpose2d_summed_bias_matches_conv_transpose2d(
+    channels, out_channels, size, kernel, padding, output_padding, memory_format
+):
+    height, width = (size, size) if isinstance(size, int) else size
+    x = _leaf(3, channels, height, width, memory_format=memory_format)
+    w, b = _leaf(channels, out_channels, kernel, kernel), _leaf(out_channels)
+    geometry = dict(stride=2, padding=padding, output_padding=output_padding)
+    _assert_same_op(
+        lambda x, w, b: conv_transpose2d_summed_bias(x, w, b, **geometry),
+        lambda x, w, b: F.conv_transpose2d(x, w, b, **geometry),
+        (x, w, b),
+    )
+    _assert_same_op(
+        lambda x, w: conv_transpose2d_summed_bias(x, w, **geometry),
+        lambda x, w: F.conv_transpose2d(x, w, **geometry),
+        (x, w),
+    )
+
+
+def test_conv_transpose2d_summed_bias_under_autocast_and_once_differentiable():
+    torch.manual_seed(5)
+    x = torch.randn(2, 8, 5, 5, requires_grad=True)
+    w, b = torch.randn(8, 4, 5, 5, requires_grad=True), torch.randn(4, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = conv_transpose2d_summed_bias(x, w, b)
+        ref = F.conv_transpose2d(x, w, b, stride=2)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.float(), atol=0.1, rtol=0.05)
+    grad_out = torch.randn_like(ref)
+    for g, g_ref, leaf in zip(_grads(out, (x, w, b), grad_out), _grads(ref, (x, w, b), grad_out), (x, w, b)):
+        assert g.dtype == leaf.dtype == torch.float32
+        torch.testing.assert_close(g, g_ref, atol=0.5, rtol=0.05)
+    (gx,) = torch.autograd.grad(conv_transpose2d_summed_bias(x, w, b).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|twice"):
+        gx.sum().backward()
 
 
 @pytest.mark.parametrize("transposed", [False, True])

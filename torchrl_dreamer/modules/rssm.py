@@ -69,11 +69,15 @@ class _StepLinear(torch.autograd.Function):
     """``F.linear`` at one step of a loop whose weight and bias gradients :class:`_CollectGrad` takes at the end."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, record: _Record, step: int):
+    def forward(ctx, x, weight, bias, record: _Record, step: int, weight_t: torch.Tensor):
         ctx.save_for_backward(weight)
         ctx.record, ctx.step, ctx.x_dtype = record, step, x.dtype
         record.inputs[step] = x.detach()
-        return F.linear(x, weight, bias)
+        # x @ weight_t, the weight's transposed copy: on few rows, MKL's product with a transposed operand (what
+        # F.linear passes) runs at half the speed (GRU: 0.98 against 0.44 ms for 8 x 1200 x 1800 on one core)
+        if x.dim() != 2:
+            return F.linear(x, weight, bias)
+        return x @ weight_t if bias is None else torch.addmm(bias, x, weight_t)
 
     @staticmethod
     @once_differentiable
@@ -81,7 +85,7 @@ class _StepLinear(torch.autograd.Function):
         (weight,) = ctx.saved_tensors
         ctx.record.grads[ctx.step] = grad
         grad_x = (grad @ weight.to(grad.dtype)).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
-        return grad_x, None, None, None, None
+        return grad_x, None, None, None, None, None
 
 
 class _DeferredDense:
@@ -92,7 +96,9 @@ class _DeferredDense:
     by memory at ~35 GFLOP/s) plus an accumulation into the running sum, per step and layer. This keeps each
     step's input and output gradient and takes each weight's gradient as one product over the ``T * B`` rows once
     every step's backward has run (:class:`_CollectGrad`). Same function, same gradients (only the order of the
-    floating-point sums differs); the gradient of each step's input is unchanged. It has the signature of
+    floating-point sums differs); the gradient of each step's input is unchanged. The steps' products read a
+    transposed copy of each weight, made once per loop: on few rows, the product with the transposed view that
+    ``F.linear`` passes to MKL takes twice as long. It has the signature of
     :func:`~torchrl_dreamer.modules.networks.linear_on_parts` (the parts are concatenated: few rows).
 
     Args:
@@ -105,13 +111,15 @@ class _DeferredDense:
         self._proxies = {}
         for weight, bias in params:
             record = _Record(steps)
-            # the weight is held, so that its id is not reused
-            self._proxies[id(weight)] = (weight, record, *_CollectGrad.apply(record, weight, bias))
+            # the weight is held, so that its id is not reused; its transposed copy, made once for all the steps,
+            # is what the steps' products read (see _StepLinear)
+            weight_t = weight.detach().t().contiguous()
+            self._proxies[id(weight)] = (weight, record, *_CollectGrad.apply(record, weight, bias), weight_t)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """``F.linear(x, weight, bias)`` with the bias registered for ``weight``."""
-        _, record, w, b = self._proxies[id(weight)]
-        return _StepLinear.apply(x, w, b, record, self.step)
+        _, record, w, b, weight_t = self._proxies[id(weight)]
+        return _StepLinear.apply(x, w, b, record, self.step, weight_t)
 
     def __call__(self, parts: Sequence[torch.Tensor], layer: nn.Linear) -> torch.Tensor:
         return self.linear(torch.cat(list(parts), -1) if len(parts) > 1 else parts[0], layer.weight)
