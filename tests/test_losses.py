@@ -332,6 +332,19 @@ def test_reference_optimiser_weight_decay_and_clipping():
     torch.testing.assert_close(exp_avg, 0.1 * torch.tensor([0.6, 0.8, 0.0, 0.0]), atol=1e-4, rtol=0)
 
 
+def test_reference_optimiser_leaves_gradients_under_the_clip_untouched():
+    grads = torch.tensor([300.0, 400.0, 1e-3, -7.0])
+    results = []
+    for clip in (None, 1e3):
+        w = torch.nn.Parameter(torch.full((4,), 2.0))
+        opt = DreamerV2Optimizer([w], lr=1e-3, max_grad_norm=clip)
+        w.grad = grads.clone()
+        opt.step()
+        assert torch.equal(w.grad, grads)  # under the clip, not rescaled (not even by 1 - eps)
+        results.append(w.detach().clone())
+    assert torch.equal(results[0], results[1])
+
+
 def test_reference_optimiser_runs_fused_adam_with_the_plain_update():
     torch.manual_seed(0)
     net = torch.nn.Linear(5, 3)

@@ -307,8 +307,11 @@ def _warn_global_draws() -> None:
 
 
 def _ordered_sum(parts: list[torch.Tensor]) -> torch.Tensor:
-    total = parts[0].clone()
-    for part in parts[1:]:
+    """``((parts[0] + parts[1]) + parts[2]) + ...`` into a new tensor (a part may alias an incoming gradient)."""
+    if len(parts) == 1:
+        return parts[0].clone()
+    total = parts[0] + parts[1]  # one pass, not a copy and an addition
+    for part in parts[2:]:
         total += part
     return total
 

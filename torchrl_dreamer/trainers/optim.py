@@ -98,7 +98,9 @@ class DreamerV2Optimizer(torch.optim.Adam):
                 self.skipped = True
                 return None
             if self.max_grad_norm is not None:
-                torch._foreach_mul_(grads, (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0))
+                scale = (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+                if bool(scale < 1.0):  # (the norm is on the host already) scaling by 1 would change nothing
+                    torch._foreach_mul_(grads, scale)
         if self.decoupled_weight_decay:
             torch._foreach_mul_(params, 1.0 - self.decoupled_weight_decay)
         return super().step(closure)
