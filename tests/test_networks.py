@@ -196,6 +196,15 @@ def test_conv_transpose2d_summed_bias_under_autocast_and_once_differentiable():
     for g, g_ref, leaf in zip(_grads(out, (x, w, b), grad_out), _grads(ref, (x, w, b), grad_out), (x, w, b)):
         assert g.dtype == leaf.dtype == torch.float32
         torch.testing.assert_close(g, g_ref, atol=0.5, rtol=0.05)
+    # float64 stays float64 under autocast, as with F.conv_transpose2d (and the decoder's next layer accepts it)
+    x64, w64, b64 = x.detach().double(), w.detach().double(), b.detach().double()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert conv_transpose2d_summed_bias(x64, w64, b64).dtype == torch.float64
+        dec = ConvDecoderV2(10, 6, 1, depth=4).double()
+        state, belief = torch.zeros(2, 10, dtype=torch.float64), torch.zeros(2, 6, dtype=torch.float64)
+        assert dec(state, belief).dtype == torch.float64
+    with pytest.raises(ValueError, match=r"\[N, C, H, W\]"):
+        conv_transpose2d_summed_bias(x[0], w, b)
     (gx,) = torch.autograd.grad(conv_transpose2d_summed_bias(x, w, b).square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable|twice"):
         gx.sum().backward()

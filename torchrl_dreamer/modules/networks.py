@@ -310,8 +310,9 @@ def conv_transpose2d_summed_bias(
     """``F.conv_transpose2d(x, weight, bias, stride, padding, output_padding)``, with the bias gradient taken as a
     sum of the output gradient instead of in oneDNN's slow bias kernel (CPU, see the decoder).
 
-    Same values and gradients (only the order of the floating-point sums differs). Under autocast the inputs are
-    cast to the autocast dtype first, as ``F.conv_transpose2d`` would. Backpropagated through once (no second
+    Same values and gradients (only the order of the floating-point sums differs). A batch of images
+    ``[N, C, H, W]``, no dilation, one group (the decoder's layers). Under autocast the inputs are cast as
+    ``F.conv_transpose2d``'s would be (float64 ones are left as they are). Backpropagated through once (no second
     derivative).
 
     Examples:
@@ -319,12 +320,17 @@ def conv_transpose2d_summed_bias(
         >>> torch.allclose(conv_transpose2d_summed_bias(x, w, b), F.conv_transpose2d(x, w, b, stride=2), atol=1e-5)
         True
     """
+    if x.dim() != 4:
+        raise ValueError(f"conv_transpose2d_summed_bias takes a batch of images [N, C, H, W], got {tuple(x.shape)}.")
     pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)  # noqa: E731
     device = x.device.type
     if torch.is_autocast_enabled(device):
+        # what autocast casts: lower-precision and float32 tensors, not float64 ones
         dtype = torch.get_autocast_dtype(device)
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
+        x, weight, bias = (
+            t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+            for t in (x, weight, bias)
+        )
         with torch.autocast(device, enabled=False):
             return _TransposedConvSummedBias.apply(x, weight, bias, pair(stride), pair(padding), pair(output_padding))
     return _TransposedConvSummedBias.apply(x, weight, bias, pair(stride), pair(padding), pair(output_padding))
@@ -680,7 +686,12 @@ class ConvDecoderV2(nn.Module):
             else:
                 # ELU in place on the fresh convolution output (the convolution's backward does not need it)
                 x = x.contiguous(memory_format=torch.channels_last)
-                if x.device.type == "cpu" and not torch.compiler.is_compiling():
+                if (
+                    x.device.type == "cpu"
+                    and not torch.compiler.is_compiling()
+                    and deconv.dilation == (1, 1)
+                    and deconv.groups == 1
+                ):
                     x = conv_transpose2d_summed_bias(
                         x, deconv.weight, deconv.bias, deconv.stride, deconv.padding, deconv.output_padding
                     )
