@@ -182,3 +182,31 @@ def test_one_step_functions_refuse_mismatched_batches():
         rssm.deter_step(torch.zeros(2, 3, 20), torch.zeros(6, 3), torch.zeros(3, 2, 8))
     with pytest.raises(ValueError, match="leading dimensions"):
         rssm.posterior_logits(torch.zeros(2, 3, 8), torch.zeros(3, 2, 10))
+
+
+def test_deferred_dense_under_bf16_autocast_matches_the_layer():
+    # the filter's products under autocast: the weight's transposed copy is cast once per loop, and each step's
+    # product and the weight and bias gradients are those of the plain layer under autocast
+    from torchrl_dreamer.modules.rssm import _DeferredDense
+
+    torch.manual_seed(8)
+    layer = torch.nn.Linear(12, 9)
+    xs = [torch.randn(5, 12, requires_grad=True) for _ in range(3)]
+    gs = [torch.randn(5, 9) for _ in range(3)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        dense = _DeferredDense([(layer.weight, layer.bias)], steps=3)
+        assert dense._proxies[id(layer.weight)][-1].dtype == torch.bfloat16
+        outs = []
+        for t, x in enumerate(xs):
+            dense.step = t
+            outs.append(dense.linear(x, layer.weight))
+        refs = [F.linear(x, layer.weight, layer.bias) for x in xs]
+    for out, ref in zip(outs, refs):
+        assert out.dtype == ref.dtype == torch.bfloat16
+        torch.testing.assert_close(out, ref, atol=0, rtol=0.01)
+    params = [*xs, layer.weight, layer.bias]
+    grads = torch.autograd.grad(outs, params, gs)
+    ref_grads = torch.autograd.grad(refs, params, gs)
+    for g, g_ref, p in zip(grads, ref_grads, params):
+        assert g.dtype == p.dtype == torch.float32
+        torch.testing.assert_close(g, g_ref, atol=0.05, rtol=0.02)

@@ -114,6 +114,9 @@ class _DeferredDense:
             # the weight is held, so that its id is not reused; its transposed copy, made once for all the steps,
             # is what the steps' products read (see _StepLinear)
             weight_t = weight.detach().t().contiguous()
+            device = weight.device.type
+            if torch.is_autocast_enabled(device) and weight.dtype == torch.float32:
+                weight_t = weight_t.to(torch.get_autocast_dtype(device))  # cast once, not at every step
             self._proxies[id(weight)] = (weight, record, *_CollectGrad.apply(record, weight, bias), weight_t)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
