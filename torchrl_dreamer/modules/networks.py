@@ -331,9 +331,8 @@ def conv_transpose2d_summed_bias(
             t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
             for t in (x, weight, bias)
         )
-        with torch.autocast(device, enabled=False):
-            return _TransposedConvSummedBias.apply(x, weight, bias, pair(stride), pair(padding), pair(output_padding))
-    return _TransposedConvSummedBias.apply(x, weight, bias, pair(stride), pair(padding), pair(output_padding))
+    with torch.autocast(device, enabled=False):  # the inputs carry autocast's dtypes already
+        return _TransposedConvSummedBias.apply(x, weight, bias, pair(stride), pair(padding), pair(output_padding))
 
 
 def same_batch(*tensors: torch.Tensor) -> torch.Size:
