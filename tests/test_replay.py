@@ -147,13 +147,20 @@ def check_rows(sample: TensorDict, envs: FakeEnvs) -> tuple[torch.Tensor, torch.
 
 
 def check_windows(sample: TensorDict, envs: FakeEnvs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Asserts every sequence is consecutive rows of one episode, is_init at its first row and episode starts."""
+    """Asserts every sequence is consecutive rows of one episode, is_init exactly at episode starts.
+
+    A window's first row keeps its stored flag: True only where the episode starts (the world model starts every
+    sequence from the zero state anyway; the losses then know the reward entering it is zero, and mask it otherwise).
+    """
     env, episode, step = check_rows(sample, envs)
     assert (env == env[:, :1]).all() and (episode == episode[:, :1]).all(), "a window crosses envs or episodes"
     assert (step.diff(dim=1) == 1).all(), "rows of a window are not consecutive steps"
-    expected_is_init = step == 0
-    expected_is_init[:, 0] = True  # every sequence starts from a reset state
-    assert torch.equal(sample["is_init"].squeeze(-1), expected_is_init)
+    is_init = sample["is_init"].squeeze(-1)
+    assert not is_init[:, 1:].any(), "is_init inside a window of one episode"
+    assert is_init[:, 0][step[:, 0] == 0].all(), "an episode's first row lost its is_init"
+    # a window that starts inside an episode is not marked (rows that continue an episode across a restore start a
+    # new episode of the table, stored with is_init)
+    assert not is_init[:, 0][step[:, 0] > 0].all(), "windows starting inside episodes are marked as episode starts"
     return env, episode, step
 
 
@@ -367,7 +374,7 @@ def check_joined(sample: TensorDict, envs: FakeEnvs, seq_len: int) -> int:
     """
     env, episode, step = check_rows(sample, envs)
     is_init = sample["is_init"].squeeze(-1)
-    assert is_init[:, 0].all()
+    assert torch.equal(is_init[:, 0], step[:, 0] == 0), "a window's first row keeps its stored episode-start flag"
     same = (env[:, 1:] == env[:, :-1]) & (episode[:, 1:] == episode[:, :-1]) & (step[:, 1:] == step[:, :-1] + 1)
     assert torch.equal(~is_init[:, 1:], same), "is_init must mark exactly where a new segment starts"
     joined = is_init[:, 1:].any(-1)
@@ -662,8 +669,8 @@ def test_restore_ignores_rows_written_after_checkpoint(tmp_path):
             positions = torch.tensor([envs.position(0, k, t) for k, t in zip(episode[b].tolist(), step[b].tolist())])
             assert (positions < checkpoint_end).all() or (positions >= high_water).all()
             resumed_rows += int((positions >= high_water).sum())
-            expected_is_init = (step[b] == 0) | (positions == high_water)  # the first row after the gap starts
-            expected_is_init[0] = True
+            # the first row after the gap starts an episode; a window's first row keeps its stored flag
+            expected_is_init = (step[b] == 0) | (positions == high_water)
             assert torch.equal(sample["is_init"][b].squeeze(-1), expected_is_init)
     assert resumed_rows > 0
 

@@ -100,8 +100,10 @@ class DreamerReplayBuffer(TensorDictReplayBuffer):
     index as one stream, continued across calls. ``write_count`` counts transitions, ``len`` stored rows.
 
     Sampling (:meth:`sample`, iteration): ``[batch_size, seq_len]`` windows, see
-    :class:`~torchrl_dreamer.data.PrioritizeEndsSampler`; ``is_init`` is True on each sequence's first row and on the
-    first row of each joined episode. Transforms (``transform``, :meth:`append_transform`) see the
+    :class:`~torchrl_dreamer.data.PrioritizeEndsSampler`; ``is_init`` is True where an episode starts (as stored) and
+    on the first row of each joined episode; a sequence's first row keeps its stored flag (the world model starts
+    every sequence from the zero state; the losses mask the unknown reward entering a first row that is not an
+    episode start). Transforms (``transform``, :meth:`append_transform`) see the
     ``[batch_size, seq_len]`` batch on ``device``; the sample also carries TorchRL's ``"index"`` (storage slots).
 
     Checkpoints: :meth:`dumps` / :meth:`loads` on ``scratch_dir`` itself, or :meth:`state_dict` /

@@ -16,10 +16,16 @@ takes the episode's rows from its first stored row and goes on at the first stor
 episode (possibly the same one), and so on, until ``seq_len`` rows::
 
     episode rows      a0 a1 a2 | b0 b1 b2 b3 b4 | a0 a1 ...       (seq_len rows in all)
-    is_init            T  .  . |  T  .  .  .  . |  T  .
+    is_init            .  .  . |  T  .  .  .  . |  T  .             (marked by the sampler; a0 keeps its own)
 
-``is_init`` is True on the first row of every joined segment, so the world model resets its state and previous
-action there and no latent state flows from one episode into the next.
+``is_init`` is True on the first row of every joined segment after the first, so the world model resets its state
+and previous action there and no latent state flows from one episode into the next.
+
+A window's first row is not marked: the world model starts every sequence from the zero state anyway, and the row
+keeps the ``is_init`` it was stored with, which says whether the episode starts there. The losses read it to know
+whether the reward entering that row is known: zero at an episode's first observation; otherwise it lies in the
+row before the window, which was not sampled, and the reward target is masked there instead of being taken as a
+(false) zero.
 """
 from __future__ import annotations
 
@@ -44,8 +50,8 @@ class PrioritizeEndsSampler(SliceSampler):
     in :attr:`episodes` by the replay buffer that writes the rows (the rows of one trajectory need not be contiguous
     in storage). As with ``SliceSampler``, ``sample(storage, batch_size)`` takes ``batch_size`` in rows, a multiple
     of ``slice_len = seq_len``, and returns the flat storage slots of ``batch_size // seq_len`` windows, window
-    after window, with ``info["is_init"]`` (bool, ``[batch_size, 1]``) True at each window's first row and at each
-    joined episode's first row.
+    after window, with ``info["is_init"]`` (bool, ``[batch_size, 1]``) True at the first row of each joined episode
+    after a window's first segment (not at the window's first row: see the module docstring).
 
     Args:
         seq_len (int): rows per sampled sequence (``slice_len``).
@@ -121,19 +127,19 @@ class PrioritizeEndsSampler(SliceSampler):
                 # floor(u * high) is randint(0, high); the min folds the extra draws onto the last window.
                 start = min(int(u[i] * high), num_windows - 1)
                 positions[i] = rows[start : start + seq_len]
-                is_init[i, 0] = True
             else:
                 self._join(rows, positions[i], is_init[i], ids)
         index = torch.from_numpy(positions % storage.max_size).reshape(-1)
         return index, {"is_init": torch.from_numpy(is_init).reshape(-1, 1)}
 
     def _join(self, rows: np.ndarray, positions: np.ndarray, is_init: np.ndarray, ids: np.ndarray) -> None:
-        """Fills one window with whole episodes from their first stored row, drawing the next ones uniformly."""
+        """Fills one window with whole episodes from their first stored row, drawing the next ones uniformly; marks
+        ``is_init`` where each episode after the first begins."""
         filled = 0
         while True:
             take = min(len(rows), len(positions) - filled)
             positions[filled : filled + take] = rows[:take]
-            is_init[filled] = True
+            is_init[filled] = filled > 0
             filled += take
             if filled == len(positions):
                 return
