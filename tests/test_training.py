@@ -290,3 +290,59 @@ def test_parallel_envs_leave_the_learner_its_threads(tmp_path):
         assert trainer.optimization_stepper.shard_pool._executor is None  # train() stopped the update's workers
     finally:
         torch.set_num_threads(threads)
+
+
+def test_batched_evaluation_takes_a_fixed_share_of_episodes_from_each_env(tmp_path):
+    cfg = DreamerV2Config.preset("debug", total_steps=160, prefill=150, **QUIET)
+    trainer = make_dreamerv2_trainer(cfg, tmp_path / "run", device="cpu", progress=False)
+    trainer.train()
+    hook = trainer.evaluation
+    calls = []
+    make_env = hook.make_env
+    hook.make_env = lambda seed, num_envs: calls.append(num_envs) or make_env(seed, num_envs)
+    hook.num_envs = 3
+    result = hook.evaluate(7, seed=5)
+    # 3 envs stepped together, 3 + 2 + 2 episodes; Catch episodes are 15 steps (the ball falls 15 rows)
+    assert calls == [3] and len(result["returns"]) == 7 and result["lengths"] == [15] * 7
+    assert all(r in (-1.0, 1.0) for r in result["returns"])
+    hook.num_envs = 1
+    one = hook.evaluate(2, seed=5)
+    assert calls == [3, 1] and one["lengths"] == [15, 15]
+    hook.num_envs = 8  # never more envs than episodes
+    hook.evaluate(2, seed=5)
+    assert calls[-1] == 2
+
+
+def test_final_evaluation_runs_once_and_survives_resume(tmp_path):
+    logdir = tmp_path / "run"
+    cfg = DreamerV2Config.preset("debug", total_steps=200, final_eval_episodes=6, eval_envs=4, **QUIET)
+    result = make_dreamerv2_trainer(cfg, logdir, device="cpu", progress=False).train()
+    final = json.loads((logdir / "final_eval.json").read_text())
+    assert final["episodes"] == 6 and len(final["returns"]) == 6 and final["steps"] == 200
+    assert result["final_eval"]["eval_return"] == pytest.approx(sum(final["returns"]) / 6)
+    frames, value = _last(logdir, "final_eval_return")
+    assert frames == 200 and value == pytest.approx(final["eval_return"])
+    # a finished run resumes with its final evaluation: nothing is evaluated or written again
+    before = (logdir / "final_eval.json").stat().st_mtime_ns
+    trainer = make_dreamerv2_trainer(cfg, logdir, device="cpu", progress=False)
+    trainer.evaluation.make_env = None  # would fail if called
+    again = trainer.train()
+    assert again["final_eval"] == result["final_eval"]
+    assert (logdir / "final_eval.json").stat().st_mtime_ns == before
+
+
+def test_final_evaluation_stopped_is_done_again_on_resume(tmp_path):
+    logdir = tmp_path / "run"
+    cfg = DreamerV2Config.preset("debug", total_steps=200, final_eval_episodes=4, eval_envs=2, **QUIET)
+    trainer = make_dreamerv2_trainer(cfg, logdir, device="cpu", progress=False)
+    evaluate = trainer.evaluation.evaluate
+
+    def interrupted(*args, **kwargs):  # Ctrl-C during the final evaluation
+        trainer.interrupted = True
+        return evaluate(*args, **kwargs)
+
+    trainer.evaluation.evaluate = interrupted
+    result = trainer.train()
+    assert "final_eval" not in result and not (logdir / "final_eval.json").exists()
+    again = make_dreamerv2_trainer(cfg, logdir, device="cpu", progress=False).train()
+    assert again["final_eval"]["episodes"] == 4 and (logdir / "final_eval.json").exists()

@@ -113,6 +113,10 @@ class DreamerV2Config:
                              "false also trains on shorter ones (bool)")
     eval_every: int = _h(250_000, help="agent steps between evaluations (agent steps)")
     eval_episodes: int = _h(1, help="greedy-policy episodes per evaluation (count)")
+    eval_envs: int = _h(8, help="envs stepped together in an evaluation, the policy acting for all at once (count; "
+                        "at most one per episode)")
+    final_eval_episodes: int = _h(0, help="greedy-policy episodes of a final evaluation when training ends "
+                                  "(count; 0: none)")
     log_every: int = _h(10_000, help="agent steps between scalar logs (agent steps)")
     video_every: int = _h(250_000, help="agent steps between evaluation videos (agent steps)")
     checkpoint_every: int = _h(100_000, help="agent steps between checkpoints (agent steps)")
@@ -272,9 +276,9 @@ _INT_RANGES = {
     **{name: 1 for name in (
         "action_repeat", "num_envs", "num_categoricals", "num_classes", "rnn_hidden_dim", "hidden_dim", "cnn_depth",
         "mlp_units", "mlp_layers", "imagination_horizon", "target_update_interval", "total_steps", "train_every",
-        "batch_size", "batch_length", "replay_capacity", "eval_every", "eval_episodes", "log_every", "video_every",
-        "checkpoint_every")},
-    **{name: 0 for name in ("prefill", "pretrain", "seed")},
+        "batch_size", "batch_length", "replay_capacity", "eval_every", "eval_episodes", "eval_envs", "log_every",
+        "video_every", "checkpoint_every")},
+    **{name: 0 for name in ("prefill", "pretrain", "seed", "final_eval_episodes")},
 }
 # probabilities and discounts: in [0, 1]
 _UNIT_INTERVAL = ("kl_balance", "gamma", "lmbda", "actor_grad_mix")

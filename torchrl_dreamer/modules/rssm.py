@@ -201,8 +201,11 @@ def straight_through_sample(logits: torch.Tensor, *, straight_through: bool = Tr
         cdf = logits.detach().to(precise).softmax(-1).cumsum(-1)
     # u is scaled by the computed total so that rounding of the cumulative sum cannot leave it uncovered
     # in a shard of a sharded pass, the shard's own generator (torchrl_dreamer.modules.shards); else torch's
-    u = torch.rand(cdf.shape[:-1] + (1,), device=cdf.device, dtype=cdf.dtype, generator=shard_generator())
-    u = u * cdf[..., -1:]
+    generator = shard_generator()
+    total = cdf[..., -1:]
+    # (rand_like draws the same numbers as torch.rand of that shape, and traces under dynamic shapes)
+    u = torch.rand_like(total) if generator is None else torch.rand(total.shape, dtype=cdf.dtype, device=cdf.device, generator=generator)
+    u = u * total
     index = (cdf <= u).sum(-1, keepdim=True).clamp_max_(logits.shape[-1] - 1)
     sample = torch.zeros_like(logits).scatter_(-1, index, 1.0)
     if straight_through:

@@ -24,6 +24,7 @@ hook                          stages                  what it does
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 import warnings
@@ -49,6 +50,7 @@ __all__ = [
     "TrainMetricsHook",
     "health_warnings",
     "EvaluationHook",
+    "EvaluationStopped",
     "OpenLoopVideoHook",
     "CheckpointHook",
     "Every",
@@ -459,10 +461,20 @@ class TrainMetricsHook(_PeriodicHook):
 class EvaluationHook(_PeriodicHook):
     """Greedy-policy (actor mode) episodes every ``eval_every`` agent steps; logs ``eval_return``/``eval_length``.
 
+    The evaluation env may be batched (e.g. a ``SerialEnv`` of several envs): the policy then acts for all of them
+    at once (one call per step instead of one per env and step) and finished envs restart at once. To keep the
+    mean unbiased (short episodes end first), each env contributes a fixed number of episodes, its first ones:
+    ``episodes // n`` (one more for the first ``episodes % n`` envs).
+
+    :meth:`final` runs the final evaluation of a run (``episodes`` greedy episodes when training ends), logs
+    ``final_eval_return`` / ``final_eval_length`` and keeps its result (checkpointed: a resumed run that finished
+    does not evaluate again; one stopped during the final evaluation does it again).
+
     Args:
         policy: the acting policy.
-        make_env (callable): ``make_env(seed)`` returns the evaluation env, prepared with ``is_init`` and the
-            policy's primer.
+        make_env (callable): ``make_env(seed, num_envs)`` returns the evaluation env, prepared with ``is_init`` and
+            the policy's primer: one env (batch size ``()``) for ``num_envs=1``, else a batched env (e.g. a
+            ``SerialEnv``) of batch size ``(num_envs,)``.
         schedule (UpdateSchedule): the step counter.
 
     Keyword Args:
@@ -473,6 +485,8 @@ class EvaluationHook(_PeriodicHook):
         device: where the policy runs. Default: ``"cpu"``.
         owns_env (bool): close each evaluation env after use. Default: ``True``.
         after (callable, optional): called after each evaluation (e.g. to reset a collector sharing the env).
+        num_envs (int): envs stepped together (at most one per episode). Default: ``1``.
+        progress (bool): a progress bar over the episodes of :meth:`final`. Default: ``False``.
     """
 
     def __init__(
@@ -488,46 +502,114 @@ class EvaluationHook(_PeriodicHook):
         device: torch.device | str = "cpu",
         owns_env: bool = True,
         after: Callable[[], None] | None = None,
+        num_envs: int = 1,
+        progress: bool = False,
     ) -> None:
         super().__init__(schedule, eval_every)
+        self.num_envs = num_envs
         self.policy, self.make_env = policy, make_env
         self.episodes, self.seed, self.max_steps = episodes, seed, max_steps
         self.device = torch.device(device)
         self.owns_env, self.after = owns_env, after
+        self.progress = progress
         self.last: dict[str, Any] | None = None
+        self.final_result: dict[str, Any] | None = None
 
     @torch.no_grad()
-    def evaluate(self, episodes: int | None = None) -> dict[str, Any]:
-        """Runs greedy episodes now; returns ``eval_return``, ``eval_length`` (means) and ``returns`` (a list)."""
+    def evaluate(
+        self, episodes: int | None = None, *, seed: int | None = None, progress: bool = False,
+        stop: Callable[[], bool] | None = None,
+    ) -> dict[str, Any]:
+        """Runs greedy episodes now; returns ``eval_return``, ``eval_length`` (means), ``returns`` and ``lengths``
+        (lists, env by env). ``stop()``, checked at every step, abandons the evaluation
+        (:class:`EvaluationStopped`)."""
         episodes = self.episodes if episodes is None else episodes
-        env = self.make_env(self.seed + self.schedule.steps)
-        returns, lengths = [], []
+        env = self.make_env(self.seed + self.schedule.steps if seed is None else seed, min(self.num_envs, episodes))
         try:
-            with set_exploration_type(ExplorationType.DETERMINISTIC):
-                for _ in range(episodes):
-                    td, total, length = env.reset(), 0.0, 0
-                    for length in range(1, self.max_steps + 1):
-                        td = env.step(self.policy(td.to(self.device)).to(env.device))
-                        total += float(td.get(("next", "reward")).sum())
-                        if bool(td.get(("next", "done")).any()):
-                            break
-                        td = step_mdp(td)
-                    returns.append(total)
-                    lengths.append(length)
+            returns, lengths = self._run(env, episodes, progress, stop)
         finally:
             if self.owns_env:
                 env.close()
         if self.after is not None:
             self.after()
         self.last = {"eval_return": float(np.mean(returns)), "eval_length": float(np.mean(lengths)),
-                     "returns": returns}
+                     "returns": returns, "lengths": lengths}
         return self.last
+
+    def _run(self, env: EnvBase, episodes: int, progress: bool, stop: Callable[[], bool] | None
+             ) -> tuple[list[float], list[int]]:
+        num_envs = max(1, env.batch_size.numel())
+        quota = [episodes // num_envs + int(i < episodes % num_envs) for i in range(num_envs)]
+        done_returns: list[list[float]] = [[] for _ in range(num_envs)]
+        done_lengths: list[list[int]] = [[] for _ in range(num_envs)]
+        total, length = np.zeros(num_envs), np.zeros(num_envs, dtype=np.int64)
+        bar = _progress_bar(episodes, "final evaluation") if progress else None
+        try:
+            with set_exploration_type(ExplorationType.DETERMINISTIC):
+                root = env.reset()
+                while any(len(done) < want for done, want in zip(done_returns, quota)):
+                    if stop is not None and stop():
+                        raise EvaluationStopped
+                    td = env.step(self.policy(root.to(self.device)).to(env.device))
+                    total += td.get(("next", "reward")).reshape(num_envs, -1).sum(-1).double().numpy()
+                    length += 1
+                    limit = torch.from_numpy(length >= self.max_steps)
+                    if limit.any():  # the step limit ends (and restarts) an episode as a truncation would
+                        for key in ("truncated", "done"):
+                            flag = td.get(("next", key))
+                            td.set(("next", key), flag | limit.reshape(flag.shape[:-1] + (1,)).expand_as(flag))
+                    done = td.get(("next", "done")).reshape(num_envs, -1).any(-1)
+                    for i in done.nonzero().squeeze(-1).tolist():
+                        if len(done_returns[i]) < quota[i]:
+                            done_returns[i].append(float(total[i]))
+                            done_lengths[i].append(int(length[i]))
+                            if bar is not None:
+                                bar.update(1)
+                        total[i], length[i] = 0.0, 0
+                    root = env.maybe_reset(step_mdp(td))
+        finally:
+            if bar is not None:
+                bar.close()
+        return [r for env_returns in done_returns for r in env_returns], [n for ls in done_lengths for n in ls]
+
+    def final(self, episodes: int, *, stop: Callable[[], bool] | None = None) -> dict[str, Any]:
+        """The final evaluation: ``episodes`` greedy episodes, once per run (see the class docstring); raises
+        :class:`EvaluationStopped` when ``stop()`` turns true, leaving it to be done again."""
+        if self.final_result is None:
+            result = self.evaluate(episodes, seed=self.seed + 7_777_777, progress=self.progress, stop=stop)
+            self.final_result = {"steps": self.schedule.steps, "episodes": episodes, **result}
+            self._log({"final_eval_return": result["eval_return"], "final_eval_length": result["eval_length"]})
+        return self.final_result
 
     def run(self) -> None:
         result = self.evaluate()
         self._log({"eval_return": result["eval_return"], "eval_length": result["eval_length"]})
 
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self.final_result is not None:
+            state["final"] = json.dumps(self.final_result)
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        final = state_dict.get("final")
+        self.final_result = json.loads(final) if final is not None else None
+
     default_name = "evaluation"
+
+
+class EvaluationStopped(Exception):
+    """An evaluation was abandoned before its episodes ended (the run was asked to stop)."""
+
+
+def _progress_bar(total: int, desc: str):
+    """A tqdm bar when tqdm is installed, else ``None``."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, unit="episode", leave=False)
 
 
 class OpenLoopVideoHook(_PeriodicHook):

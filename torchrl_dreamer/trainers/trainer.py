@@ -42,6 +42,7 @@ from torchrl_dreamer.trainers.hooks import (
     CheckpointHook,
     EpisodeReturnHook,
     EvaluationHook,
+    EvaluationStopped,
     NonFiniteInputHook,
     SpeedReportHook,
     OpenLoopVideoHook,
@@ -59,11 +60,13 @@ __all__ = [
 ]
 
 CHECKPOINT_FILE = "checkpoint.tdz"
+FINAL_EVAL_FILE = "final_eval.json"
 CONFIG_FILE = "config.json"
 LOCK_FILE = ".lock"
 # fields that may differ when a run is resumed
 _RESUMABLE_CHANGES = {
-    "total_steps", "eval_every", "log_every", "video_every", "checkpoint_every", "eval_episodes", "compile", "cudagraph"
+    "total_steps", "eval_every", "log_every", "video_every", "checkpoint_every", "eval_episodes", "eval_envs",
+    "final_eval_episodes", "compile", "cudagraph",
 }
 
 
@@ -114,9 +117,13 @@ class DreamerV2Trainer(Trainer):
         checkpoint_path (str | Path, optional): the archive to write; ``None`` disables checkpoints.
         checkpoint_every, log_every, eval_every, video_every (int): agent steps between two of each.
         policy (optional): the acting policy, for evaluation.
-        make_eval_env (callable, optional): ``make_eval_env(seed)`` returns the evaluation env; ``None`` disables
-            evaluation.
+        make_eval_env (callable, optional): ``make_eval_env(seed, num_envs)`` returns the evaluation env (one env
+            for ``num_envs=1``, else a batched env of ``num_envs``); ``None`` disables evaluation.
         eval_episodes (int): episodes per evaluation. Default: ``1``.
+        eval_envs (int): envs stepped together in an evaluation, the policy acting for all at once. Default: ``1``.
+        final_eval_episodes (int): greedy episodes of a final evaluation when training ends (logged as
+            ``final_eval_return`` and written to ``final_eval.json`` beside the checkpoint); ``0`` for none.
+            Default: ``0``.
         eval_owns_env (bool): close each evaluation env after use (``False`` when it is the training env).
         videos_dir (str | Path, optional): where the GIFs go. Default: ``None`` (logger only).
         num_envs (int): parallel envs in a collected batch. Default: ``1``.
@@ -148,6 +155,8 @@ class DreamerV2Trainer(Trainer):
         policy: Any = None,
         make_eval_env: Any = None,
         eval_episodes: int = 1,
+        eval_envs: int = 1,
+        final_eval_episodes: int = 0,
         eval_owns_env: bool = True,
         videos_dir: str | Path | None = None,
         num_envs: int = 1,
@@ -201,7 +210,7 @@ class DreamerV2Trainer(Trainer):
             self.evaluation = EvaluationHook(
                 policy, make_eval_env, self.schedule,
                 eval_every=eval_every, episodes=eval_episodes, seed=seed + 10_000, device=device,
-                owns_env=eval_owns_env,
+                owns_env=eval_owns_env, num_envs=eval_envs, progress=progress_bar,
             )
             self.evaluation.register(self)
         self.video = OpenLoopVideoHook(
@@ -209,6 +218,7 @@ class DreamerV2Trainer(Trainer):
             videos_dir=videos_dir,
         )
         self.video.register(self)
+        self.final_eval_episodes = final_eval_episodes
         self.register_op("setup", self._resume_progress_bar)
         self.checkpointer = None
         self._resumed_from: Path | None = None
@@ -279,11 +289,26 @@ class DreamerV2Trainer(Trainer):
         """Writes the checkpoint archive now (atomically); None without a checkpoint path."""
         return self.checkpointer.save() if self.checkpointer is not None else None
 
+    def _final_evaluation(self) -> None:
+        """``final_eval_episodes`` greedy episodes once the run has reached ``total_steps`` (once per run)."""
+        if not self.final_eval_episodes or self.evaluation is None:
+            return
+        done = self.evaluation.final_result is not None
+        try:
+            result = self.evaluation.final(self.final_eval_episodes, stop=lambda: self.interrupted)
+        except EvaluationStopped:
+            return  # a resumed run does it again
+        if not done and self.checkpointer is not None:
+            path = self.checkpointer.path.parent / FINAL_EVAL_FILE
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps(result, indent=1))
+            tmp.replace(path)
+
     def train(self) -> dict[str, Any]:
         """Trains until ``total_steps``; checkpoints on the way and when stopped (Ctrl-C and SIGTERM included).
 
         Returns: the counters ``steps``, ``frames``, ``updates``, ``episodes``, ``interrupted`` and, after an
-        evaluation, ``last_eval``.
+        evaluation, ``last_eval`` (and ``final_eval`` after the final evaluation).
         """
         handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
 
@@ -303,7 +328,9 @@ class DreamerV2Trainer(Trainer):
             torchrl_log.setLevel(max(log_level, logging.WARNING))
         for sig in handlers:
             signal.signal(sig, stop)
-        if self.schedule.steps >= self.total_steps:
+        final_pending = bool(self.final_eval_episodes) and self.evaluation is not None and \
+            self.evaluation.final_result is None
+        if self.schedule.steps >= self.total_steps and not final_pending:
             warnings.warn(
                 f"Nothing to do: the run is at {self.schedule.steps} agent steps, total_steps is {self.total_steps}; "
                 "raise --total-steps to train further.",
@@ -320,6 +347,8 @@ class DreamerV2Trainer(Trainer):
                 super().train()
             else:
                 self.collector.shutdown()
+            if not self.interrupted and self.schedule.steps >= self.total_steps:
+                self._final_evaluation()
         except Exception:
             # A signal sent to the whole process group can take env workers down mid-collection: the state is
             # still consistent (steps and updates are counted per finished batch), so checkpoint it below.
@@ -349,7 +378,10 @@ class DreamerV2Trainer(Trainer):
         result = {"steps": self.steps, "frames": self.steps * self.frame_skip, "updates": self.updates,
                   "episodes": self.episode_returns.episodes, "interrupted": self.interrupted}
         if self.evaluation is not None and self.evaluation.last is not None:
-            result["last_eval"] = {k: v for k, v in self.evaluation.last.items() if k != "returns"}
+            result["last_eval"] = {k: v for k, v in self.evaluation.last.items() if k not in ("returns", "lengths")}
+        if self.evaluation is not None and self.evaluation.final_result is not None:
+            final = self.evaluation.final_result
+            result["final_eval"] = {k: v for k, v in final.items() if k not in ("returns", "lengths")}
         return result
 
 
@@ -624,8 +656,12 @@ def _build_trainer(
             base.set_seed(seed)
         return prepare_env(base, primer())
 
-    def make_eval_env(seed: int) -> EnvBase:
-        return prepare_env(factory(seed), primer())
+    def make_eval_env(seed: int, num_envs: int = 1) -> EnvBase:
+        if num_envs == 1 or factory.is_instance:
+            return prepare_env(factory(seed), primer())
+        base = SerialEnv(num_envs, factory)  # in this process: the policy acts for all of them at once
+        base.set_seed(seed)
+        return prepare_env(base, primer())
 
     # new seeds after a resume, so that the environments do not replay the same episodes
     collector = Collector(
@@ -646,7 +682,8 @@ def _build_trainer(
         checkpoint_path=checkpoint_path, checkpoint_every=config.checkpoint_every, log_every=config.log_every,
         eval_every=config.eval_every, video_every=config.video_every, policy=models.policy,
         make_eval_env=make_eval_env,
-        eval_episodes=config.eval_episodes, eval_owns_env=not factory.is_instance,
+        eval_episodes=config.eval_episodes, eval_envs=config.eval_envs,
+        final_eval_episodes=config.final_eval_episodes, eval_owns_env=not factory.is_instance,
         videos_dir=logdir / "videos", num_envs=config.num_envs, device=device, progress_bar=progress,
         seed=config.seed,
     )
