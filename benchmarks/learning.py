@@ -31,7 +31,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torchrl_dreamer  # noqa: F401  (before torch: the library's OpenMP wait policy, as in training)
+from torchrl_dreamer.process import configure_process
+
+configure_process()  # before torch, as the training command: idle OpenMP threads sleep, one allocator heap
 import torch
 
 from torchrl_dreamer.config import PRESETS, DreamerV2Config

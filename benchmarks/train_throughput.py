@@ -1,7 +1,7 @@
 """Throughput of the whole DreamerV2 training loop: agent steps per second and where the time goes.
 
 Builds the trainer exactly as ``examples/dreamerv2_atari.py`` does (``make_dreamerv2_trainer(config, logdir,
-device=..., progress=False)``, then ``trainer.train()``) at the Atari preset, once per ``--num-envs`` value. After
+device=..., progress=False)``, then ``trainer.train()``) at a preset (``--preset``, default the paper's ``atari``) on an Atari game, once per ``--num-envs`` value. After
 ``--prefill`` random steps (and the pretraining update) it times a stretch of ``--updates`` updates and splits
 its wall-clock time into:
 
@@ -32,11 +32,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import torchrl_dreamer  # noqa: F401  (before torch: the library's OpenMP wait policy, as in training)
+from torchrl_dreamer.process import configure_process
+
+configure_process()  # before torch, as the training command: idle OpenMP threads sleep, one allocator heap
 import torch
 
 from memory_soak import MB, Peaks
-from torchrl_dreamer.config import DreamerV2Config
+from torchrl_dreamer.config import PRESETS, DreamerV2Config
 from torchrl_dreamer.trainers import make_dreamerv2_trainer, parse_threads
 
 from _checks import check_device_args  # benchmarks/_checks.py, beside this script
@@ -67,16 +69,20 @@ class Timers:
 
 
 def run(num_envs: int, args: argparse.Namespace, device: torch.device) -> dict:
-    config = DreamerV2Config.preset(
-        "atari",
+    base = DreamerV2Config.preset(args.preset)
+    train_every = -(-base.train_every // num_envs) * num_envs  # a multiple of the env count
+    config = base.replace(
         env=f"atari:{args.game}",
+        action_repeat=4,
         num_envs=num_envs,
+        train_every=train_every,
         prefill=args.prefill,
-        total_steps=args.prefill + args.updates * 16 + 16,
-        replay_capacity=args.prefill + args.updates * 16 + 1000,
+        total_steps=args.prefill + (args.updates + 1) * train_every,
+        replay_capacity=args.prefill + args.updates * train_every + 1000,
         precision=args.precision,
         compile=args.compile,
         cudagraph=args.cudagraph,
+        compile_policy=args.compile_policy,
         eval_every=10**9,
         video_every=10**9,
         checkpoint_every=10**9,
@@ -85,7 +91,8 @@ def run(num_envs: int, args: argparse.Namespace, device: torch.device) -> dict:
     logdir = Path(tempfile.mkdtemp(prefix="train_throughput-")) / "run"
     peaks = Peaks(0.05)
     peaks.start()
-    trainer = make_dreamerv2_trainer(config, logdir, device=device, progress=False, threads=args.threads)
+    trainer = make_dreamerv2_trainer(config, logdir, device=device, progress=False, threads=args.threads,
+                                     parallel_envs=not args.serial_envs)
     timers = Timers(device)
     collector, replay = trainer.collector, trainer.replay_buffer
     collector.env.step_and_maybe_reset = timers.wrap("env", collector.env.step_and_maybe_reset)
@@ -97,8 +104,8 @@ def run(num_envs: int, args: argparse.Namespace, device: torch.device) -> dict:
     window = {}
 
     def start_window() -> None:
-        # the first post_steps past the prefill: the pretraining update (and a compile) are behind
-        if not timers.on and trainer.steps >= config.prefill + config.train_every:
+        # past the prefill and one batch of policy steps: the pretraining update and any compile are behind
+        if not timers.on and trainer.steps >= config.prefill + 2 * config.train_every:
             timers.on = True
             window.update(start=time.perf_counter(), steps=trainer.steps, updates=trainer.updates)
 
@@ -116,6 +123,7 @@ def run(num_envs: int, args: argparse.Namespace, device: torch.device) -> dict:
     shares["other"] = round(1.0 - sum(timers.seconds.values()) / wall, 4)
     return {
         "num_envs": num_envs,
+        "train_every": train_every,
         "agent_steps": steps,
         "updates": updates,
         "seconds": round(wall, 2),
@@ -134,8 +142,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--num-envs", type=int, nargs="+", default=[1, 2, 4], help="env counts to run, one after the other")
     parser.add_argument("--game", default="Pong")
+    parser.add_argument("--preset", default="atari", choices=sorted(PRESETS),
+                        help="the preset's networks, batch and update ratio (train_every rounded up to a multiple of "
+                             "the env count), on the Atari env with action repeat 4")
+    parser.add_argument("--serial-envs", action="store_true", help="several envs stepped in this process (SerialEnv)")
+    parser.add_argument("--compile-policy", action="store_true", help="compile the acting policy")
     parser.add_argument("--prefill", type=int, default=1000, help="random agent steps before the first update")
-    parser.add_argument("--updates", type=int, default=8, help="updates in the timed stretch (16 agent steps each)")
+    parser.add_argument("--updates", type=int, default=8, help="updates in the timed stretch (train_every agent steps each)")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--compile", action="store_true", help="compile the update (the first update compiles)")
     parser.add_argument("--cudagraph", action="store_true", help="capture the update's passes (CUDA only)")
@@ -149,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--num-envs and --updates must be >= 1 and --prefill >= 50 (one sequence)")
     device = torch.device(args.device)
     threads = torch.get_num_threads()
-    print(f"# atari:{args.game}, Atari preset, {args.device}, {args.precision}, compile={args.compile}, "
+    print(f"# atari:{args.game}, {args.preset} preset, {args.device}, {args.precision}, compile={args.compile}, "
           f"cudagraph={args.cudagraph}, threads {args.threads} ({threads} now), prefill {args.prefill}, "
           f"{args.updates} timed updates, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(default)')}")
     print(f"{'envs':>4} {'steps/s':>8} {'s/update':>8} " + " ".join(f"{p:>13}" for p in (*PARTS, "other"))
@@ -166,7 +179,10 @@ def main(argv: list[str] | None = None) -> dict:
         "device": args.device,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads",
         "game": args.game,
+        "preset": args.preset,
         "precision": args.precision,
+        "compile_policy": args.compile_policy,
+        "serial_envs": args.serial_envs,
         "compile": args.compile,
         "cudagraph": args.cudagraph,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(OpenMP default)"),

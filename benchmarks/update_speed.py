@@ -28,7 +28,9 @@ import subprocess
 import sys
 import time
 
-import torchrl_dreamer  # noqa: F401  (before torch: the library's OpenMP wait policy, as in training)
+from torchrl_dreamer.process import configure_process
+
+configure_process()  # before torch, as the training command: idle OpenMP threads sleep, one allocator heap
 import torch
 import torch.nn.functional as F
 from tensordict import TensorDict

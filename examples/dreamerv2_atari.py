@@ -26,7 +26,10 @@ import json
 import sys
 import typing
 
-import torchrl_dreamer  # noqa: F401  (first: before torch loads OpenMP, idle threads are set to sleep, see its docstring)
+from torchrl_dreamer.process import configure_process
+
+# first, before torch loads OpenMP: idle OpenMP threads sleep, one allocator heap (torchrl_dreamer.process)
+configure_process()
 
 from torchrl_dreamer.config import PRESETS, DreamerV2Config
 from torchrl_dreamer.trainers import (

@@ -280,14 +280,15 @@ def test_thread_policy(tmp_path, monkeypatch, capsys):
     import subprocess
     import sys
 
-    # importing the library before torch sets the passive policy (for the process and its env workers), unless
-    # the environment says otherwise; after torch it cannot, and leaves the variable alone
+    # the training command's opt-in (torchrl_dreamer.process) sets the passive policy before torch loads OpenMP,
+    # unless the environment says otherwise; after torch it cannot, and leaves the variable alone
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    code = "import os, {}; print(os.environ.get('OMP_WAIT_POLICY'), torchrl_dreamer.OMP_WAIT_POLICY_SET)"
-    for modules, expected in (("torchrl_dreamer, torch", "PASSIVE True"), ("torch, torchrl_dreamer", "None False")):
-        out = subprocess.run([sys.executable, "-c", code.format(modules)], env=env, capture_output=True, text=True)
+    code = ("import os; from torchrl_dreamer.process import configure_process; {}; "
+            "applied = configure_process(); print(os.environ.get('OMP_WAIT_POLICY'), applied['passive_openmp'])")
+    for before, expected in (("pass", "PASSIVE True"), ("import torch", "None False")):
+        out = subprocess.run([sys.executable, "-c", code.format(before)], env=env, capture_output=True, text=True)
         assert out.stdout.split() == expected.split(), out.stderr[-2000:]
-    out = subprocess.run([sys.executable, "-c", code.format("torchrl_dreamer")], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
+    out = subprocess.run([sys.executable, "-c", code.format("pass")], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
                          capture_output=True, text=True)
     assert out.stdout.split() == ["ACTIVE", "False"]
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
@@ -340,3 +341,42 @@ def test_thread_policy(tmp_path, monkeypatch, capsys):
         trainer.shutdown()
     finally:
         torch.set_num_threads(threads)
+
+
+IMPORT_SPY = """
+import ctypes, json, os, sys
+calls = []
+class Spy:  # records every mallopt call made through ctypes, by anyone
+    def __init__(self, *args, **kwargs):
+        self._lib = REAL(*args, **kwargs)
+    def __getattr__(self, name):
+        fn = getattr(self._lib, name)
+        if name == "mallopt":
+            return lambda *a: calls.append(a) or fn(*a)
+        return fn
+REAL, ctypes.CDLL = ctypes.CDLL, Spy
+before = dict(os.environ)
+import torch
+threads = torch.get_num_threads()
+import torchrl_dreamer
+from torchrl_dreamer import config, data, envs, modules, objectives, record, trainers
+from torchrl_dreamer.trainers import make_dreamerv2_trainer
+print(json.dumps({"env_changed": sorted(set(os.environ.items()) ^ set(before.items())), "mallopt": calls,
+                  "threads_changed": torch.get_num_threads() != threads}))
+"""
+
+
+def test_import_changes_nothing_in_the_process():
+    """A plain import (of the package and every subpackage) sets no environment variable, no allocator option
+    (no mallopt call) and no thread count: the CLI and the trainer opt in (torchrl_dreamer.process)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", IMPORT_SPY], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report == {"env_changed": [], "mallopt": [], "threads_changed": False}
+    # the spy sees the opt-in: the same script, then a trainer's allocator settings
+    out = subprocess.run([sys.executable, "-c", IMPORT_SPY + "trainers.keep_freed_memory(); print(len(calls))"],
+                         capture_output=True, text=True)
+    assert int(out.stdout.strip().splitlines()[-1]) == 3, out.stderr[-3000:]

@@ -125,6 +125,8 @@ class DreamerV2Config:
     compile: bool = _h(False, help="compile the update with torch.compile (TorchInductor); the first update compiles "
                        "(minutes) (bool)")
     cudagraph: bool = _h(False, help="capture the update's forward/backward passes in CUDA graphs; CUDA only (bool)")
+    compile_policy: bool = _h(False, help="compile the acting policy with torch.compile, in training and evaluation "
+                              "(its first calls compile, seconds) (bool)")
     seed: int = _h(0, help="random seed of models, replay and envs (integer >= 0)")
     env_kwargs: dict[str, Any] = _h(factory=dict, help="extra keyword arguments of make_env for built-in env names "
                                     "(e.g. full_action_space=False)")
@@ -292,7 +294,7 @@ _CHOICES = {
     "actor_grad": ("reinforce", "dynamics", "both"),
     "precision": ("fp32", "bf16"),
 }
-_BOOLS = ("discount_head", "prioritize_ends", "strict_length", "compile", "cudagraph")
+_BOOLS = ("discount_head", "prioritize_ends", "strict_length", "compile", "cudagraph", "compile_policy")
 
 
 def _fail(name: str, value: Any, allowed: str) -> ValueError:

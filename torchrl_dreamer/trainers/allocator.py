@@ -11,8 +11,9 @@ their own, whose heaps glibc still maps and gives back whole (a sharded update, 
 faulted 230,000-255,000 pages in per world-model pass with its 2 workers, 0.5-0.7 s of kernel time): every thread
 allocates from the one main heap (``M_ARENA_MAX = 1``; torch allocates few, large blocks, so the arena's lock is
 not contended). A thread keeps the arena it first allocated from, and once the limit is reached a new thread may
-be given any existing one, so ``import torchrl_dreamer`` sets this limit already, before torch starts its threads
-(in a trainer built after the models, the workers otherwise faulted 140,000-165,000 pages in per update).
+be given any existing one, so the training command sets this limit first thing, before torch starts its threads
+(:func:`torchrl_dreamer.process.configure_process`; in a trainer built after the models, the workers otherwise
+faulted 140,000-165,000 pages in per update). Importing the package sets nothing.
 
 The process then holds its largest update's memory between updates instead of returning it: resident memory rises
 to the peak in the first updates and stays flat there (``benchmarks/memory_soak.py``); the peak itself is the same.
@@ -29,8 +30,8 @@ def keep_freed_memory() -> bool:
 
     Large allocations come from the heap instead of fresh mappings (``M_MMAP_MAX = 0``), the heap's free top is
     never trimmed (``M_TRIM_THRESHOLD`` at its largest) and every thread allocates from that heap
-    (``M_ARENA_MAX = 1``, which ``import torchrl_dreamer`` already sets: it holds for threads that allocate after
-    it). Building a
+    (``M_ARENA_MAX = 1``: it holds for threads that allocate after it; the training command sets it before any,
+    :func:`torchrl_dreamer.process.configure_process`). Building a
     :class:`~torchrl_dreamer.trainers.DreamerV2Trainer` calls it. Memory already mapped is unaffected; a later
     ``malloc_trim(0)`` still returns free memory.
 

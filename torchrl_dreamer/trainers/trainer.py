@@ -66,7 +66,7 @@ LOCK_FILE = ".lock"
 # fields that may differ when a run is resumed
 _RESUMABLE_CHANGES = {
     "total_steps", "eval_every", "log_every", "video_every", "checkpoint_every", "eval_episodes", "eval_envs",
-    "final_eval_episodes", "compile", "cudagraph",
+    "final_eval_episodes", "compile", "cudagraph", "compile_policy",
 }
 
 
@@ -579,9 +579,9 @@ def make_dreamerv2_trainer(
             )
     if device.type == "cpu" and torch.get_num_threads() > 1 and "OMP_WAIT_POLICY" not in os.environ:
         warnings.warn(
-            f"The learner's {torch.get_num_threads()} OpenMP threads spin while they wait (torch was imported before "
-            "torchrl_dreamer and OMP_WAIT_POLICY is not set): beside the env workers an update can take 2-3x longer; "
-            "set OMP_WAIT_POLICY=PASSIVE before starting Python, import torchrl_dreamer before torch, or call "
+            f"The learner's {torch.get_num_threads()} OpenMP threads spin while they wait (OMP_WAIT_POLICY is not "
+            "set): beside the env workers an update can take 2-3x longer; set OMP_WAIT_POLICY=PASSIVE before starting "
+            "Python, call torchrl_dreamer.process.configure_process() before importing torch, or call "
             "torch.set_num_threads(1).",
             stacklevel=2,
         )
@@ -670,6 +670,7 @@ def _build_trainer(
         frames_per_batch=config.train_every,
         total_frames=-1,
         init_random_frames=max(0, config.prefill - saved["steps"]),
+        compile_policy=config.compile_policy or None,
         policy_device=device,
         env_device="cpu",
         storing_device="cpu",
@@ -680,7 +681,8 @@ def _build_trainer(
         total_steps=config.total_steps, action_repeat=config.action_repeat, prefill=config.prefill,
         pretrain=config.pretrain, train_every=config.train_every, logger=None,
         checkpoint_path=checkpoint_path, checkpoint_every=config.checkpoint_every, log_every=config.log_every,
-        eval_every=config.eval_every, video_every=config.video_every, policy=models.policy,
+        eval_every=config.eval_every, video_every=config.video_every,
+        policy=torch.compile(models.policy) if config.compile_policy else models.policy,
         make_eval_env=make_eval_env,
         eval_episodes=config.eval_episodes, eval_envs=config.eval_envs,
         final_eval_episodes=config.final_eval_episodes, eval_owns_env=not factory.is_instance,
