@@ -368,3 +368,23 @@ def test_reference_optimiser_runs_fused_adam_with_the_plain_update():
         plain.step()
     for p, q in zip(net.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("discrete", [True, False])
+def test_actor_grad_auto_is_the_reference_choice(discrete):
+    """``actor_grad="auto"`` (the default, the reference's ``actor_grad: auto``): REINFORCE for one-hot actions,
+    dynamics backpropagation for continuous ones, and the same loss as the explicit choice."""
+    models, loss, batch = _setup("auto", discrete=discrete)
+    expected = "reinforce" if discrete else "dynamics"
+    assert loss.actor_loss.actor_grad == expected and loss.actor_loss.rho == (1.0 if discrete else 0.0)
+    assert make_dreamerv2_loss(models).actor_loss.actor_grad == expected  # the builder's default
+    from torchrl_dreamer.config import DreamerV2Config
+
+    assert DreamerV2Config().actor_grad == "auto" and DreamerV2Config.preset("dmc").actor_grad == "auto"
+    explicit = make_dreamerv2_loss(models, imagination_horizon=6, actor_grad=expected)
+    _, posteriors = loss.model_loss(batch)
+    torch.manual_seed(3)
+    auto_out, _ = loss.actor_loss(posteriors)
+    torch.manual_seed(3)
+    explicit_out, _ = explicit.actor_loss(posteriors)
+    torch.testing.assert_close(auto_out["loss_actor"], explicit_out["loss_actor"])

@@ -84,8 +84,9 @@ class DreamerV2Config:
     gamma: float = _h(0.999, help="discount factor per agent step (in [0, 1])")
     lmbda: float = _h(0.95, help="lambda of the lambda-return (in [0, 1])")
     imagination_horizon: int = _h(15, help="imagined steps per actor-critic update (agent steps)")
-    actor_grad: Literal["reinforce", "dynamics", "both"] = _h(
-        "reinforce", help="actor gradient: reinforce, dynamics (straight through the model) or both")
+    actor_grad: Literal["auto", "reinforce", "dynamics", "both"] = _h(
+        "auto", help="actor gradient: auto (the reference's: reinforce for discrete actions, dynamics for continuous "
+        "ones), reinforce, dynamics (straight through the model) or both")
     actor_grad_mix: float = _h(0.1, help='share of dynamics gradients with actor_grad "both" (in [0, 1])')
     entropy_scale: float = _h(1e-3, help="weight of the actor entropy bonus (scale >= 0)")
     min_std: float = _h(0.1, help="minimum std of continuous-action distributions (>= 0)")
@@ -291,7 +292,7 @@ _NON_NEGATIVE = ("lambda_kl", "lambda_reco", "lambda_reward", "lambda_discount",
 _POSITIVE = ("model_lr", "actor_lr", "critic_lr", "adam_eps")
 _CHOICES = {
     "reward_transform": ("tanh", "identity"),
-    "actor_grad": ("reinforce", "dynamics", "both"),
+    "actor_grad": ("auto", "reinforce", "dynamics", "both"),
     "precision": ("fp32", "bf16"),
 }
 _BOOLS = ("discount_head", "prioritize_ends", "strict_length", "compile", "cudagraph", "compile_policy")
@@ -378,7 +379,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         critic_lr=8e-5,
         entropy_scale=1e-4,
         gamma=0.99,
-        actor_grad="dynamics",
         train_every=5,
         prefill=1000,
         pretrain=100,
@@ -398,7 +398,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # ones (a small replay); episodes shorter than a sequence are trained on (strict_length false: CartPole's first
     # episodes last ~20 steps); entropy scale 1e-2 instead of 1e-3: on Acrobot-v1 (-1 per step until the goal) the
     # actor's entropy collapsed to 0.04 of its maximum by 11k steps with 1e-3 and the return stayed at -500, with
-    # 1e-2 it reached -128 at 10k. Horizon 15, lambda 0.95, REINFORCE gradients, KL 0.1 balanced 0.8, the
+    # 1e-2 it reached -128 at 10k. Horizon 15, lambda 0.95, actor gradients auto (REINFORCE for discrete actions,
+    # dynamics backpropagation for continuous ones, as the reference), KL 0.1 balanced 0.8, the
     # discount head and tanh rewards and a slow critic copied every 100 updates are the paper's (Atari).
     "small": dict(
         env="gym:CartPole-v1",

@@ -44,7 +44,7 @@ from torchrl_dreamer.objectives.value import DreamerV2LambdaEstimator
 
 __all__ = ["DreamerV2ActorLoss", "DreamerV2ValueLoss"]
 
-_ACTOR_GRADS = ("reinforce", "dynamics", "both")
+_ACTOR_GRADS = ("auto", "reinforce", "dynamics", "both")
 
 
 class DreamerV2ValueLoss(LossModule):
@@ -242,7 +242,7 @@ class DreamerV2ActorLoss(LossModule):
 
     Keyword Args:
         imagination_horizon (int): ``H``. Default: ``15``.
-        actor_grad (str): ``"reinforce"``, ``"dynamics"`` or ``"both"``. Default: ``"reinforce"``.
+        actor_grad (str): ``"auto"``, ``"reinforce"``, ``"dynamics"`` or ``"both"``. Default: ``"auto"``.
         actor_grad_mix (float): weight of the dynamics term with ``"both"``. Default: ``0.1``.
         entropy_scale (float): ``eta``. Default: ``1e-3``.
 
@@ -304,7 +304,7 @@ class DreamerV2ActorLoss(LossModule):
         value_loss: DreamerV2ValueLoss,
         *,
         imagination_horizon: int = 15,
-        actor_grad: str = "reinforce",
+        actor_grad: str = "auto",
         actor_grad_mix: float = 0.1,
         entropy_scale: float = 1e-3,
     ):
@@ -323,10 +323,19 @@ class DreamerV2ActorLoss(LossModule):
         self.__dict__["model_based_env"] = model_based_env
         self._critic_holder = [value_loss]
         self.imagination_horizon = imagination_horizon
+        self.action_key = actor_network.dist_sample_keys[0]
+        if self.action_key not in model_based_env.full_action_spec.keys(True, True):
+            raise ValueError(
+                f"The actor writes {self.action_key!r} but the imagination env reads "
+                f"{list(model_based_env.full_action_spec.keys(True, True))}: build the env with action_key="
+                f"{self.action_key!r}."
+            )
+        if actor_grad == "auto":  # the reference's actor_grad: auto
+            discrete = isinstance(model_based_env.full_action_spec[self.action_key], (OneHot, Categorical))
+            actor_grad = "reinforce" if discrete else "dynamics"
         self.actor_grad = actor_grad
         self.actor_grad_mix = actor_grad_mix
         self.entropy_scale = entropy_scale
-        self.action_key = actor_network.dist_sample_keys[0]
         # not a submodule: its actor is already registered (and checkpointed) as actor_network
         self.__dict__["_policy"] = _ImaginationPolicy(
             actor_network, self.action_key, reparameterize=actor_grad != "reinforce"
@@ -334,12 +343,6 @@ class DreamerV2ActorLoss(LossModule):
         # the largest |imagined reward| seen so far (not checkpointed: one batch restores it), for critic_bound
         device = next(actor_network.parameters()).device
         self.register_buffer("reward_scale", torch.zeros((), device=device), persistent=False)
-        if self.action_key not in model_based_env.full_action_spec.keys(True, True):
-            raise ValueError(
-                f"The actor writes {self.action_key!r} but the imagination env reads "
-                f"{list(model_based_env.full_action_spec.keys(True, True))}: build the env with action_key="
-                f"{self.action_key!r}."
-            )
 
     @property
     def critic_module(self) -> DreamerV2ValueLoss:

@@ -117,14 +117,15 @@ def make_dreamerv2_loss(
     imagination_horizon: int = 15,
     gamma: float = 0.999,
     lmbda: float = 0.95,
-    actor_grad: str = "reinforce",
+    actor_grad: str = "auto",
     actor_grad_mix: float = 0.1,
     entropy_scale: float = 1e-3,
 ) -> DreamerV2Loss:
     """Builds the three DreamerV2 losses around :class:`~torchrl_dreamer.modules.DreamerV2Models`.
 
     Keyword arguments are those of :class:`DreamerV2ModelLoss` and :class:`DreamerV2ActorLoss`, and
-    the actor loss's ``TDLambda`` estimator (``gamma``, ``lmbda``); paper Atari defaults. The actor
+    the actor loss's ``TDLambda`` estimator (``gamma``, ``lmbda``); paper defaults (``actor_grad="auto"``:
+    REINFORCE for discrete actions, dynamics backpropagation for continuous ones, as the reference). The actor
     imagines in a :class:`~torchrl_dreamer.envs.DreamerV2ImaginationEnv` over the world model (with
     ``discount_threshold=0``: a fixed horizon). The slow critic's copies are the trainer's
     (:func:`~torchrl_dreamer.objectives.make_target_updater`).
