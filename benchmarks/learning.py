@@ -8,15 +8,19 @@ task is the mean return of ``--random-episodes`` episodes of uniformly random ac
     python benchmarks/learning.py                                     # CartPole-v1 and Acrobot-v1, 3 seeds, small
     python benchmarks/learning.py --tasks gym:CartPole-v1=475 --seeds 1 --steps 20000
     python benchmarks/learning.py --tasks minatar:Breakout=2 --steps 40000 --eval-episodes 20   # pixels
+    python benchmarks/learning.py --preset atari100k --tasks atari:Boxing=12.1 atari:Krull=2665.5 --random-episodes 20
 
-A task is ``<make_env name>=<threshold>``. Per run: the final greedy return (the mean of the last 5 evaluations,
-each ``eval_episodes`` episodes of the actor's mode), the agent steps of the first evaluation at or above the
+A task is ``<make_env name>=<threshold>``. Per run: the final greedy return (the run's final evaluation, when it
+made one: ``--final-eval-episodes``, ``final_eval.json``; else the mean of the last 5 evaluations, each
+``eval_episodes`` episodes of the actor's mode), the agent steps of the first evaluation at or above the
 threshold, the lowest evaluation in the last third of the budget and the lowest from the first evaluation at the
 threshold on (a run that stays learnt keeps both high), the largest ``critic_bound`` logged (above 1 the critic
 diverged) and the minutes the run took (``wall_minutes.txt`` in its directory, summed over resumed sessions).
 Writes ``<out>/learning.md`` (the table: per task the mean, std, min and max over seeds, next to the random
-baseline), ``learning.json`` and ``learning.png`` (the greedy return against agent steps, one panel per task, each
-seed and the mean). The last line printed is the JSON.
+baseline; Atari games also beside the published scores: random, human, SimPLe and Rainbow at 400k frames,
+DreamerV2's paper at 1M), ``learning.json`` and ``learning.png`` (the greedy return against frames, agent steps
+where there is no action repeat, one panel per task, each seed and the mean, the final evaluations as dots and the
+published scores as lines and markers). The last line printed is the JSON.
 """
 from __future__ import annotations
 
@@ -45,6 +49,7 @@ CLI = ROOT / "examples" / "dreamerv2_atari.py"
 DEFAULT_TASKS = ("gym:CartPole-v1=475", "gym:Acrobot-v1=-100")
 LAST_EVALS = 5
 WALL_FILE = "wall_minutes.txt"  # written by this script: minutes of one CPU thread the run took, over all sessions
+FINAL_EVAL_FILE = "final_eval.json"  # written by the trainer: the final evaluation's episodes (--final-eval-episodes)
 
 
 def parse_task(text: str) -> tuple[str, float]:
@@ -100,6 +105,8 @@ def _run_jobs(pending: list, running: list, env: dict, args: argparse.Namespace)
                 command += ["--total-steps", str(args.steps)]
             if args.eval_episodes:
                 command += ["--eval-episodes", str(args.eval_episodes)]
+            if args.final_eval_episodes is not None:
+                command += ["--final-eval-episodes", str(args.final_eval_episodes)]
             log = open(logdir / "stdout.log", "a")
             print(f"start  {name} seed {seed} -> {logdir}", flush=True)
             running.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT),
@@ -135,9 +142,15 @@ def summarise_run(logdir: Path, threshold: float, budget: int) -> dict | None:
     except (FileNotFoundError, ValueError):
         bound = math.nan
     wall = logdir / WALL_FILE
+    final_eval = logdir / FINAL_EVAL_FILE
+    final = json.loads(final_eval.read_text()) if final_eval.exists() else None
     return {
-        "final": float(returns[-LAST_EVALS:].mean()),
-        "final_episodes": min(LAST_EVALS, len(returns)) * config["eval_episodes"],
+        # the final evaluation when the run made one, else the mean of the last evaluations
+        "final": final["eval_return"] if final else float(returns[-LAST_EVALS:].mean()),
+        "final_episodes": final["episodes"] if final else min(LAST_EVALS, len(returns)) * config["eval_episodes"],
+        "final_returns": final["returns"] if final else None,
+        "last_evals": float(returns[-LAST_EVALS:].mean()),
+        "action_repeat": config["action_repeat"],
         "wall_minutes": float(wall.read_text()) if wall.exists() else None,
         "steps_to_threshold": above[0] if above else None,
         "min_last_third": min(last_third) if last_third else None,
@@ -158,6 +171,52 @@ def _recorded_budget(logdirs: list[Path]) -> int | None:
 def _stats(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values), "std": statistics.pstdev(values) if len(values) > 1 else 0.0,
             "min": min(values), "max": max(values)}
+
+
+def atari_references(env: str) -> dict | None:
+    """For an ``atari:<Game>`` task: random, human, SimPLe and Rainbow at 400k frames, DreamerV2's paper at 1M."""
+    if not env.startswith("atari:"):
+        return None
+    from torchrl_dreamer.paper import baselines, paper_reference
+
+    try:
+        return {**baselines(env), "dreamerv2_1m": paper_reference(env, 1e6)["mean"]}
+    except KeyError:
+        return None
+
+
+def _reference_table(results: list[dict]) -> list[str]:
+    """The Atari tasks beside the published scores (one row per game)."""
+    rows = [(task, atari_references(task["env"])) for task in results]
+    rows = [(task, ref) for task, ref in rows if ref is not None]
+    if not rows:
+        return []
+
+    def show(value: float) -> str:
+        return "n/a" if value != value else f"{value:g}"
+
+    lines = [
+        "",
+        "Atari beside the published scores: the final greedy return of each seed; random and human from the "
+        "DreamerV2 paper; SimPLe and Rainbow at 400k frames (Atari 100k, without sticky actions); DreamerV2 in the "
+        "paper at 1M frames (GPU, the paper's networks).",
+        "",
+        "| game | frames | seeds: final (episodes) | mean | random | human | SimPLe (4e5) | Rainbow (4e5) "
+        "| DreamerV2 paper (1M) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for task, ref in rows:
+        runs = [run for run in task["runs"] if run is not None]
+        if not runs:
+            continue
+        per_seed = "; ".join(f"{run['final']:.1f} ({run['final_episodes']})" for run in runs)
+        frames = task["budget"] * runs[0]["action_repeat"]
+        lines.append(
+            f"| {task['env'].removeprefix('atari:')} | {frames:,} | {per_seed} "
+            f"| {statistics.fmean(run['final'] for run in runs):.1f} | {show(ref['random'])} | {show(ref['human_gamer'])} "
+            f"| {show(ref['simple_4e5'])} | {show(ref['rainbow_4e5'])} | {show(ref['dreamerv2_1m'])} |"
+        )
+    return lines
 
 
 def write_outputs(results: list[dict], out: Path, args: argparse.Namespace) -> None:
@@ -202,6 +261,7 @@ def write_outputs(results: list[dict], out: Path, args: argparse.Namespace) -> N
             f"| {mean_steps} ({per_seed}) | {low} | {kept} | {bound:.3f} | {wall} "
             f"| {rand['mean']:.1f} ± {rand['std']:.1f} ({rand['episodes']} ep.) |"
         )
+    lines += _reference_table(results)
     (out / "learning.md").write_text("\n".join(lines) + "\n")
     (out / "learning.json").write_text(json.dumps(results, indent=1))
     try:
@@ -215,19 +275,30 @@ def write_outputs(results: list[dict], out: Path, args: argparse.Namespace) -> N
     fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 3.6), squeeze=False)
     for ax, task in zip(axes[0], results):
         runs = [run for run in task["runs"] if run is not None]
+        repeat = runs[0]["action_repeat"] if runs else 1
         for seed, run in zip(task["seeds"], task["runs"]):
             if run is not None:
                 xs, ys = zip(*run["curve"])
-                ax.plot(xs, ys, lw=1, alpha=0.6, label=f"seed {seed}")
+                ax.plot([x * repeat for x in xs], ys, lw=1, alpha=0.6, label=f"seed {seed}")
+                if run["final_returns"]:
+                    ax.plot([xs[-1] * repeat], [run["final"]], "o", ms=4, color=ax.lines[-1].get_color())
         if runs:
             length = min(len(run["curve"]) for run in runs)
-            xs = [run["curve"][i][0] for i in range(length) for run in runs[:1]]
+            xs = [run["curve"][i][0] * repeat for i in range(length) for run in runs[:1]]
             ys = [statistics.fmean(run["curve"][i][1] for run in runs) for i in range(length)]
             ax.plot(xs, ys, lw=2.2, color="black", label="mean")
         ax.axhline(task["threshold"], ls="--", color="green", lw=1, label="threshold")
-        ax.axhline(task["random"]["mean"], ls=":", color="red", lw=1, label="random")
+        ax.axhline(task["random"]["mean"], ls=":", color="red", lw=1, label="random (measured)")
+        ref = atari_references(task["env"])
+        if ref is not None:
+            ax.axhline(ref["human_gamer"], ls="--", color="purple", lw=1, label="human")
+            for name, value, frames, marker in (("SimPLe", ref["simple_4e5"], 4e5, "s"),
+                                                ("Rainbow", ref["rainbow_4e5"], 4e5, "^"),
+                                                ("DreamerV2 paper", ref["dreamerv2_1m"], 1e6, "*")):
+                if value == value:
+                    ax.plot([frames], [value], marker, ms=8, label=f"{name} ({frames:.0e} frames)")
         ax.set_title(f"{task['env']} ({args.preset})")
-        ax.set_xlabel("agent steps")
+        ax.set_xlabel("frames" if repeat > 1 else "agent steps")
         ax.set_ylabel("greedy return")
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -246,13 +317,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eval-episodes", type=int, default=None,
                         help="greedy episodes per evaluation (default: the preset's); the final return averages "
                              f"{LAST_EVALS} evaluations")
+    parser.add_argument("--final-eval-episodes", type=int, default=None,
+                        help="greedy episodes of a final evaluation of each run (default: the preset's); when a run "
+                             "made one, it is the run's final return")
     parser.add_argument("--random-episodes", type=int, default=100)
     parser.add_argument("--out", type=Path, default=Path("logs/learning"))
     parser.add_argument("--tables-only", action="store_true", help="rebuild the tables from the runs as they are")
     args = parser.parse_args(argv)
     if args.seeds < 1 or args.jobs < 1 or args.random_episodes < 1 or any(
-            value is not None and value < 1 for value in (args.steps, args.eval_episodes)):
-        parser.error("--seeds, --jobs, --random-episodes, --steps and --eval-episodes must be >= 1")
+            value is not None and value < 1 for value in (args.steps, args.eval_episodes)) or (
+            args.final_eval_episodes is not None and args.final_eval_episodes < 0):
+        parser.error("--seeds, --jobs, --random-episodes, --steps and --eval-episodes must be >= 1, "
+                     "--final-eval-episodes >= 0")
     args.out.mkdir(parents=True, exist_ok=True)
     configs = {env: DreamerV2Config.preset(args.preset, env=env) for env, _ in args.tasks}
     if not args.tables_only:

@@ -1,6 +1,7 @@
 """The paper's short-budget protocol in one command: train for a frame budget, then compare with the paper.
 
     python examples/short_budget.py --game Boxing --frames 1e6
+    python examples/short_budget.py --preset atari100k --game Boxing --frames 4e5 --seeds 0 1 2   # CPU, Atari 100k
     python examples/short_budget.py --game Pong --frames 2e6 --seeds 0 1 2 --device cuda --precision bf16
     python examples/short_budget.py --env catch --preset debug --frames 2000 --eval-points 2   # seconds on a CPU
 
@@ -23,8 +24,13 @@ Per-run files used for the table (all under ``<logdir>/seed<k>/scalars``, lines 
 """
 from __future__ import annotations
 
+from torchrl_dreamer.process import configure_process
+
+configure_process()  # before torch, as the training command: idle OpenMP threads sleep, one allocator heap
+
 import argparse
 import csv
+import json
 import math
 import sys
 import time
@@ -35,11 +41,11 @@ import numpy as np
 from torchrl.trainers import Trainer, TrainerHookBase
 
 from torchrl_dreamer.config import PRESETS, DreamerV2Config
-from torchrl_dreamer.paper import paper_reference
+from torchrl_dreamer.paper import baselines, paper_reference
 from torchrl_dreamer.trainers import CheckpointError, DreamerV2Trainer, make_dreamerv2_trainer
 
 COLUMNS = ["seed", "frames", "agent_steps", "return_mean", "return_std", "episodes", "paper_mean", "paper_min",
-           "paper_max", "paper_frames", "paper_note", "wall_clock_s", "fps"]
+           "paper_max", "paper_frames", "paper_note", "wall_clock_s", "fps", "point"]
 _FIRST_BIN = 1_000_000
 
 
@@ -150,7 +156,8 @@ def paper_columns(env: str, frames: int) -> dict[str, Any]:
 
 
 def build_rows(run_dir: str | Path, *, env: str, seed: int | str, action_repeat: int, episodes: int) -> list[dict]:
-    """One table row per evaluation point of a run directory (see ``COLUMNS``)."""
+    """One table row per evaluation point of a run directory (see ``COLUMNS``), and one for its final evaluation
+    (``final_eval.json``, the preset's ``final_eval_episodes``) when it made one."""
     scalars = Path(run_dir) / "scalars"
     returns = read_scalar_csv(scalars / "eval_return.csv")
     stds = read_scalar_csv(scalars / "eval_return_std.csv")
@@ -161,18 +168,29 @@ def build_rows(run_dir: str | Path, *, env: str, seed: int | str, action_repeat:
         rows.append({
             "seed": seed, "frames": frames, "agent_steps": frames // action_repeat, "return_mean": mean,
             "return_std": stds.get(frames), "episodes": episodes, **paper_columns(env, frames),
-            "wall_clock_s": clock, "fps": frames / clock if clock else None,
+            "wall_clock_s": clock, "fps": frames / clock if clock else None, "point": "evaluation",
+        })
+    final_path = Path(run_dir) / "final_eval.json"
+    if final_path.exists():
+        final = json.loads(final_path.read_text())
+        frames = final["steps"] * action_repeat
+        clock = max(clocks.values()) if clocks else None
+        rows.append({
+            "seed": seed, "frames": frames, "agent_steps": final["steps"], "return_mean": final["eval_return"],
+            "return_std": float(np.std(final["returns"])), "episodes": final["episodes"],
+            **paper_columns(env, frames), "wall_clock_s": clock, "fps": frames / clock if clock else None,
+            "point": "final",
         })
     return rows
 
 
 def mean_over_seeds(rows: Iterable[dict]) -> list[dict]:
     """Rows ``seed="mean"`` per frame count: mean of the seeds' means, std across those means, summed episodes."""
-    by_frames: dict[int, list[dict]] = {}
+    by_frames: dict[tuple[int, str], list[dict]] = {}
     for row in rows:
-        by_frames.setdefault(row["frames"], []).append(row)
+        by_frames.setdefault((row["frames"], row["point"]), []).append(row)
     merged = []
-    for frames, group in sorted(by_frames.items()):
+    for (frames, point), group in sorted(by_frames.items(), key=lambda item: (item[0][0], item[0][1] == "final")):
         means = [r["return_mean"] for r in group]
         clocks = [r["wall_clock_s"] for r in group if r["wall_clock_s"]]
         merged.append({
@@ -181,7 +199,7 @@ def mean_over_seeds(rows: Iterable[dict]) -> list[dict]:
             "return_mean": float(np.mean(means)), "return_std": float(np.std(means)),
             "episodes": sum(r["episodes"] for r in group),
             "wall_clock_s": float(np.mean(clocks)) if clocks else None,
-            "fps": frames / float(np.mean(clocks)) if clocks else None,
+            "fps": frames / float(np.mean(clocks)) if clocks else None, "point": point,
         })
     return merged
 
@@ -204,6 +222,22 @@ def _duration(seconds: float | None) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
+def baseline_notes(env: str) -> list[str]:
+    """The game's published baselines, one line: random and human (the paper's), SimPLe and Rainbow at 400k
+    frames (Atari 100k), where published."""
+    if not env.startswith("atari:"):
+        return []
+    try:
+        ref = baselines(env)
+    except KeyError:
+        return []
+    parts = [f"random {_fmt(ref['random'])}", f"human {_fmt(ref['human_gamer'])}"]
+    parts += [f"{name} at 400k frames {_fmt(ref[key])}" for name, key in (("SimPLe", "simple_4e5"),
+                                                                          ("Rainbow", "rainbow_4e5"))
+              if ref[key] == ref[key]]
+    return ["baselines: " + ", ".join(parts) + " (the 400k-frame ones ran without sticky actions)"]
+
+
 def write_tables(rows: list[dict], out_dir: str | Path, *, title: str, notes: Iterable[str] = ()) -> tuple[Path, Path]:
     """Writes ``results.csv`` (``COLUMNS``) and ``results.md`` in ``out_dir``; returns their paths."""
     out_dir = Path(out_dir)
@@ -216,9 +250,9 @@ def write_tables(rows: list[dict], out_dir: str | Path, *, title: str, notes: It
             writer.writerow({k: "" if row.get(k) is None else row[k] for k in COLUMNS})
     lines = [f"# {title}", ""]
     lines += [f"- {note}" for note in notes]
-    lines += ["", "| seed | frames | agent steps | return (mean ± std) | episodes | paper mean | paper [min, max] "
-                  "| wall-clock | FPS |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += ["", "| seed | point | frames | agent steps | return (mean ± std) | episodes | paper mean "
+                  "| paper [min, max] | wall-clock | FPS |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         ours = _fmt(row["return_mean"], 2)
         if row["return_std"] is not None:
@@ -230,7 +264,7 @@ def write_tables(rows: list[dict], out_dir: str | Path, *, title: str, notes: It
             if row["paper_note"]:
                 paper_mean += f" ({row['paper_frames'] // _FIRST_BIN}M ref.)"
             paper_range = f"[{_fmt(row['paper_min'])}, {_fmt(row['paper_max'])}]"
-        lines.append(f"| {row['seed']} | {_fmt(row['frames'])} | {_fmt(row['agent_steps'])} | {ours} | "
+        lines.append(f"| {row['seed']} | {row['point']} | {_fmt(row['frames'])} | {_fmt(row['agent_steps'])} | {ours} | "
                      f"{row['episodes']} | {paper_mean} | {paper_range} | {_duration(row['wall_clock_s'])} | "
                      f"{_fmt(row['fps'], 0)} |")
     if any(row["paper_note"] and row["paper_mean"] is not None for row in rows):
@@ -290,7 +324,9 @@ def main(argv: list[str] | None = None) -> int:
              f"{cfg.total_steps:,} agent steps (action repeat {cfg.action_repeat}), prefill {cfg.prefill:,}, "
              f"one update every {cfg.train_every} agent steps",
              f"greedy evaluation (actor mode): {cfg.eval_episodes} episodes every {cfg.eval_every:,} agent steps",
-             "wall-clock: time spent on the run up to the point (resumes summed); FPS: frames / wall-clock"]
+             "wall-clock: time spent on the run up to the point (resumes summed); FPS: frames / wall-clock",
+             *([f"final: {cfg.final_eval_episodes} greedy episodes when training ends"] if cfg.final_eval_episodes else []),
+             *baseline_notes(env)]
     md_path, csv_path = write_tables(rows, logdir, title=title, notes=notes)
     print(md_path.read_text())
     print(f"Wrote {md_path} and {csv_path}")

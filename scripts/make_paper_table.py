@@ -11,8 +11,10 @@ One row per game and 1M-frame bin (1M to 200M), with the statistics across seeds
 
 ``game`` is the ALE name used by ``atari:Pong``, ``task`` the paper's snake-case name, ``mframes`` the bin in
 millions of environment frames, ``std`` the population standard deviation across seeds (``ddof=0``), and
-``random`` / ``human_gamer`` the per-game baselines used for human-normalised scores (repeated on every row of a
-game so the package needs a single file). Only the ``dreamerv2`` method is kept (the raw file also holds runs of a
+``random`` / ``human_gamer`` the per-game baselines used for human-normalised scores, ``simple_4e5`` /
+``rainbow_4e5`` the Atari 100k (400k frames) scores of SimPLe and Rainbow where they were published (empty
+otherwise; those ran without sticky actions), all repeated on every row of a game so the package needs a single
+file. Only the ``dreamerv2`` method is kept (the raw file also holds runs of a
 ``nosched`` variant). Runs that stop early contribute fewer seeds to later bins; the 200M bin holds only the runs
 that logged a 200th evaluation.
 
@@ -36,7 +38,11 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "paper_scores"
 OUTPUT = REPO_ROOT / "torchrl_dreamer" / "data" / "paper_atari_dreamerv2.csv"
-FIELDS = ("game", "task", "mframes", "mean", "std", "min", "max", "nseeds", "random", "human_gamer")
+FIELDS = ("game", "task", "mframes", "mean", "std", "min", "max", "nseeds", "random", "human_gamer", "simple_4e5",
+          "rainbow_4e5")
+# the Atari 100k baselines (400k frames, deterministic Atari without sticky actions): SimPLe and Rainbow, as
+# baselines.json names them; empty where a game was not evaluated
+SHORT_BUDGET_BASELINES = {"simple_4e5": "simple_determ_4e5", "rainbow_4e5": "rainbow_determ_4e5"}
 
 # ALE names that are not the CamelCase of the paper's snake-case task name.
 ALE_NAME_EXCEPTIONS = {"james_bond": "Jamesbond"}
@@ -115,6 +121,8 @@ def build_rows(scores: list[dict], baselines: dict[str, dict], method: str = "dr
         game_info = {
             "game": ale_name(task), "task": task,
             "random": fmt(baselines[task]["random"]), "human_gamer": fmt(baselines[task]["human_gamer"]),
+            **{column: fmt(baselines[task][name]) if name in baselines[task] else ""
+               for column, name in SHORT_BUDGET_BASELINES.items()},
         }
         for mframes, stat in curve_stats(runs_by_task[task]).items():
             rows.append({

@@ -208,7 +208,7 @@ MIXED = Composite(
     observation=Unbounded((5,)),
     velocity=Unbounded((2,), dtype=torch.float64),
     ball=Unbounded((2,), dtype=torch.int64),
-    frame=Unbounded((3, 16, 16)),  # float images are not chosen automatically
+    frame=Unbounded((3, 16, 16)),  # a float image (in [0, 1], as ToTensorImage gives): chosen too
     matrix=Unbounded((4, 4)),
     scalar=Unbounded(()),
     is_init=Unbounded((1,), dtype=torch.bool),
@@ -221,7 +221,7 @@ MIXED = Composite(
 
 
 def test_select_obs_keys_automatic_rules():
-    assert select_obs_keys(MIXED) == (["pixels", "depth"], ["observation", "velocity", ("agent", "position")])
+    assert select_obs_keys(MIXED) == (["pixels", "depth", "frame"], ["observation", "velocity", ("agent", "position")])
     # the batch dims of a batched env's spec are not part of the entry's shape
     batched = Composite(pixels=Unbounded((4, 1, 16, 16), dtype=torch.uint8), observation=Unbounded((4, 3)), shape=(4,))
     assert select_obs_keys(batched) == (["pixels"], ["observation"])
@@ -272,7 +272,8 @@ def test_dict_observation_image_and_vector():
     rollout = env.rollout(15, models.policy).unsqueeze(0)
     rollout["action"] = rollout["action"].float()
     out, rollout = DreamerV2ModelLoss(wm)(rollout)
-    assert rollout["reco_pixels"].shape == (1, 15, 1, 16, 16) and rollout["reco_observation"].shape == (1, 15, 3)
+    # a rollout is stock transitions: its 15 transitions are read as 16 observations, the final one included
+    assert rollout["reco_pixels"].shape == (1, 16, 1, 16, 16) and rollout["reco_observation"].shape == (1, 16, 3)
     parts = {}
     for key in ("pixels", "observation"):
         x = rollout[key].float() / 255 - 0.5 if key == "pixels" else rollout[key]
@@ -298,3 +299,38 @@ def test_open_loop_video_uses_the_first_image_entry():
     vectors = make_dreamerv2_models(Composite(observation=Unbounded((3,))), OneHot(3), **DEBUG_SIZES).world_model
     with pytest.raises(ValueError, match="needs an image entry"):
         open_loop_video(vectors, batch)
+
+
+def test_float_images_in_unit_range_are_encoded_like_their_uint8_frames():
+    """Images as TorchRL's ToTensorImage gives them (floats in [0, 1]) are modelled, and encoded, reconstructed
+    and scored exactly as their uint8 frames; other leaves are named once, not dropped in silence."""
+    import warnings
+
+    from torchrl.data import Bounded, Composite, OneHot, Unbounded
+
+    from torchrl_dreamer.modules import DEBUG_SIZES, make_dreamerv2_models
+    from torchrl_dreamer.objectives import DreamerV2ModelLoss
+
+    float_spec = Composite(pixels=Bounded(0.0, 1.0, (1, 16, 16)), lives=Unbounded((1,), dtype=torch.int64))
+    uint8_spec = Composite(pixels=Unbounded((1, 16, 16), dtype=torch.uint8))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        float_models = make_dreamerv2_models(float_spec, OneHot(3), **DEBUG_SIZES)
+    assert [str(w.message) for w in caught if "does not model" in str(w.message) and "'lives'" in str(w.message)]
+    uint8_models = make_dreamerv2_models(uint8_spec, OneHot(3), **DEBUG_SIZES)
+    uint8_models.world_model.load_state_dict(float_models.world_model.state_dict())
+    assert float_models.world_model.cnn_keys == ["pixels"]
+    frames = torch.randint(0, 256, (2, 5, 1, 16, 16), dtype=torch.uint8)
+    batch = TensorDict({"action": torch.nn.functional.one_hot(torch.randint(3, (2, 5)), 3).float(),
+                        "is_init": torch.zeros(2, 5, 1, dtype=torch.bool),
+                        ("next", "reward"): torch.randn(2, 5, 1),
+                        ("next", "terminated"): torch.zeros(2, 5, 1, dtype=torch.bool)}, [2, 5])
+    out = {}
+    for name, models, pixels in (("float", float_models, frames.float() / 255), ("uint8", uint8_models, frames)):
+        torch.manual_seed(0)
+        out[name], _ = DreamerV2ModelLoss(models.world_model)(batch.clone().set("pixels", pixels))
+    torch.testing.assert_close(out["float"]["image_loss"], out["uint8"]["image_loss"])
+    torch.testing.assert_close(out["float"]["model_loss"], out["uint8"]["model_loss"])
+    # bounds that say the floats are not in [0, 1] are refused with one line
+    with pytest.raises(ValueError, match=r"bounds \[0, 255\].*ToTensorImage"):
+        make_dreamerv2_models(Composite(pixels=Bounded(0.0, 255.0, (1, 16, 16))), OneHot(3), **DEBUG_SIZES)

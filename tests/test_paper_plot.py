@@ -116,7 +116,7 @@ def test_human_normalised():
 def test_table_ships_in_the_package():
     table = files("torchrl_dreamer") / "data" / "paper_atari_dreamerv2.csv"
     header = table.read_text().splitlines()[0]
-    assert header == "game,task,mframes,mean,std,min,max,nseeds,random,human_gamer"
+    assert header == "game,task,mframes,mean,std,min,max,nseeds,random,human_gamer,simple_4e5,rainbow_4e5"
 
 
 # ---------------------------------------------------------------------------------------------- plot script
@@ -190,3 +190,13 @@ def test_plot_missing_metric_is_a_clear_error(two_runs, tmp_path):
 def test_plot_unknown_game_is_a_clear_error(two_runs, tmp_path):
     result = _run_plot(*two_runs, "--game", "Pongg", "--out", tmp_path / "x.png")
     assert result.returncode != 0 and "available games" in result.stderr
+
+
+def test_atari_100k_baselines_ship_with_the_table():
+    """SimPLe's and Rainbow's scores at 400k frames (Atari 100k), where published; nan elsewhere."""
+    import math
+
+    from torchrl_dreamer.paper import baselines
+
+    assert baselines("Krull") == {"random": 1598.0, "human_gamer": 2665.5, "simple_4e5": 4539.9, "rainbow_4e5": 2851.5}
+    assert math.isnan(baselines("Zaxxon")["simple_4e5"])  # not one of the 26 Atari 100k games

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import importlib.util
 import os
 import subprocess
@@ -80,6 +81,31 @@ def test_table_for_boxing_has_the_paper_columns(tmp_path):
     assert f"{at_1m['mean']:.1f}" in body[2] and "31.00 ± 4.00" in body[2]
 
 
+def test_final_evaluation_row_and_the_published_baselines(tmp_path):
+    """A run with a final evaluation (the atari100k preset's 100 episodes) gets a "final" row; the notes give the
+    game's random, human, SimPLe and Rainbow scores at 400k frames."""
+    for seed, final in ((0, [10.0, 14.0]), (1, [4.0, 6.0])):
+        run = tmp_path / f"seed{seed}"
+        _write_scalars(run, "eval_return", "200000,1.0\n400000,3.0\n")
+        _write_scalars(run, "wall_clock", "200000,100.0\n400000,250.0\n")
+        (run / "final_eval.json").write_text(json.dumps(
+            {"steps": 100_000, "episodes": 2, "eval_return": sum(final) / 2, "returns": final}))
+    rows = []
+    for seed in (0, 1):
+        rows += short_budget.build_rows(tmp_path / f"seed{seed}", env="atari:Boxing", seed=seed, action_repeat=4,
+                                        episodes=4)
+    assert [(r["point"], r["frames"]) for r in rows[:3]] == [("evaluation", 200_000), ("evaluation", 400_000),
+                                                            ("final", 400_000)]
+    assert rows[2]["return_mean"] == 12.0 and rows[2]["episodes"] == 2 and rows[2]["return_std"] == 2.0
+    merged = short_budget.mean_over_seeds(rows)
+    assert [(r["point"], r["frames"], r["return_mean"]) for r in merged] == [
+        ("evaluation", 200_000, 1.0), ("evaluation", 400_000, 3.0), ("final", 400_000, 8.5)]
+    assert short_budget.baseline_notes("atari:Boxing") == [
+        "baselines: random 0.1, human 12.1, SimPLe at 400k frames 9.1, Rainbow at 400k frames 0.2 (the 400k-frame "
+        "ones ran without sticky actions)"]
+    assert short_budget.baseline_notes("catch") == []
+
+
 def test_table_without_paper_scores_and_mean_over_seeds(tmp_path):
     for seed, values in ((0, "100,-0.5\n200,0.5\n"), (1, "100,-1.0\n200,1.0\n")):
         _write_scalars(tmp_path / f"seed{seed}", "eval_return", values)
@@ -118,7 +144,8 @@ def test_short_budget_command_on_catch_and_resume(tmp_path):
         assert row["paper_mean"] == "" and row["paper_note"].startswith("n/a")
         assert float(row["wall_clock_s"]) > 0 and float(row["fps"]) > 0
     md = (logdir / "results.md").read_text()
-    assert md.count("| n/a | n/a |") == 6 and "| mean of 2 | 300 |" in md
+    assert md.count("| n/a | n/a |") == 6 and "| mean of 2 | evaluation | 300 |" in md
+    assert {row["point"] for row in rows} == {"evaluation"}  # the debug preset makes no final evaluation
     for seed in (0, 1):
         assert (logdir / f"seed{seed}" / "checkpoint.tdz").exists()
         evals = short_budget.read_scalar_csv(logdir / f"seed{seed}" / "scalars" / "eval_return.csv")

@@ -123,6 +123,22 @@ def test_user_atari_env_built_from_torchrl_transforms(tmp_path):
     assert _result(proc)["updates"] > 0
 
 
+def test_float_frames_from_to_tensor_image_defaults_are_modelled(tmp_path):
+    """ToTensorImage() at its defaults gives float frames in [0, 1]: the world model encodes them (not vectors-only,
+    not dropped), the replay keeps them, and the open-loop video shows them."""
+    from tests.user_envs import pong_float
+
+    cfg = DreamerV2Config.preset("debug", total_steps=120, prefill=80, train_every=20, batch_length=8,
+                                 eval_every=10**9, checkpoint_every=10**9, video_every=100)
+    trainer = make_dreamerv2_trainer(cfg, tmp_path / "run", env=pong_float, device="cpu", progress=False)
+    wm = trainer.models.world_model
+    assert wm.cnn_keys == ["pixels"] and wm.encoder.image_dtypes == {"pixels": torch.float32}
+    assert trainer.train()["updates"] > 0
+    sample = trainer.replay_buffer.sample()
+    assert sample["pixels"].dtype == torch.float32 and 0 <= float(sample["pixels"].min()) <= 1
+    assert sorted((tmp_path / "run" / "videos").glob("openl_*.gif"))
+
+
 def test_env_instance_with_evaluation_on_the_same_env(tmp_path):
     cfg = DreamerV2Config.preset("debug", total_steps=200, prefill=100, eval_every=100, video_every=10**9)
     trainer = make_dreamerv2_trainer(cfg, tmp_path / "run", env=CatchEnv(size=8, scale=2, seed=1), device="cpu",

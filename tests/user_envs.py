@@ -27,3 +27,9 @@ def pong_gray() -> TransformedEnv:
             InitTracker(),
         ),
     )
+
+
+def pong_float() -> TransformedEnv:
+    """Atari Pong with TorchRL's ToTensorImage at its defaults: float frames in [0, 1], channels first, grayscale."""
+    env = GymEnv("ALE/Pong-v5", frameskip=4, repeat_action_probability=0.25, categorical_action_encoding=False)
+    return TransformedEnv(env, Compose(ToTensorImage(in_keys=["pixels"]), GrayScale(in_keys=["pixels"])))

@@ -27,10 +27,11 @@ from importlib.resources import files
 
 import numpy as np
 
-__all__ = ["available_games", "canonical_game", "human_normalised", "paper_curve", "paper_reference"]
+__all__ = ["available_games", "baselines", "canonical_game", "human_normalised", "paper_curve", "paper_reference"]
 
 _TABLE = "paper_atari_dreamerv2.csv"
 _STATS = ("mean", "std", "min", "max")
+_BASELINES = ("random", "human_gamer", "simple_4e5", "rainbow_4e5")
 _BIN_FRAMES = 1_000_000
 
 
@@ -54,6 +55,7 @@ def _load() -> dict[str, dict]:
         entry = {
             "game": game, "task": game_rows[0]["task"],
             "random": float(game_rows[0]["random"]), "human_gamer": float(game_rows[0]["human_gamer"]),
+            **{name: float(game_rows[0][name]) if game_rows[0].get(name) else float("nan") for name in _BASELINES[2:]},
             "frames": np.array([int(row["mframes"]) * _BIN_FRAMES for row in game_rows], dtype=np.int64),
             "nseeds": np.array([int(row["nseeds"]) for row in game_rows], dtype=np.int64),
         }
@@ -155,6 +157,19 @@ def paper_reference(game: str, frames: float) -> dict[str, float]:
         **{stat: float(entry[stat][index]) for stat in _STATS},
         "nseeds": int(entry["nseeds"][index]), "frames": int(target),
     }
+
+
+def baselines(game: str) -> dict[str, float]:
+    """Per-game reference scores: ``random`` and ``human_gamer`` (the paper's), and the Atari 100k (400k frames)
+    scores of SimPLe (``simple_4e5``) and Rainbow (``rainbow_4e5``), ``nan`` where none was published (those two ran
+    without sticky actions).
+
+    Example:
+        >>> baselines("Boxing")
+        {'random': 0.1, 'human_gamer': 12.1, 'simple_4e5': 9.1, 'rainbow_4e5': 0.2}
+    """
+    entry = _entry(game)
+    return {name: entry[name] for name in _BASELINES}
 
 
 def human_normalised(game: str, score: float | np.ndarray) -> float | np.ndarray:

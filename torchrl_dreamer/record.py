@@ -136,9 +136,9 @@ def _csv_step(line: str) -> float:
 def make_logger(logdir: str | Path, *, tensorboard: bool = True, resume_step: int | None = None) -> MultiLogger:
     """CSV logger in ``logdir`` plus a TensorBoard one in ``logdir/tb`` if tensorboard is installed.
 
-    With ``resume_step`` (the frames of the checkpoint a run resumes from), the rows logged after it are dropped
-    from the CSV files (:func:`truncate_scalars`) and TensorBoard purges its later events (``purge_step``), so a
-    killed and resumed run has no duplicate steps and no backward jumps.
+    With ``resume_step`` (the frames of the checkpoint a run resumes from; ``0`` for a run that starts again without
+    one), the rows logged after it are dropped from the CSV files (:func:`truncate_scalars`) and TensorBoard purges
+    its later events (``purge_step``), so a killed and resumed run has no duplicate steps and no backward jumps.
     """
     if resume_step is not None:
         truncate_scalars(logdir, resume_step)
@@ -252,8 +252,8 @@ def open_loop_video(world_model, batch: TensorDictBase, *, context: int = 5, num
         states.append(state[:, None])
         beliefs.append(belief[:, None])
     model = (world_model.decode(torch.cat(states, 1), torch.cat(beliefs, 1))[key] + 0.5).clamp(0, 1)
-    # uint8 frames as the networks see them (x / 255), float frames shifted back by the same 0.5
-    truth = pixels.float() / 255.0 if pixels.dtype == torch.uint8 else (pixels.float() + 0.5).clamp(0, 1)
+    # in [0, 1]: uint8 frames as x / 255, floating frames (in [0, 1]) as they are
+    truth = pixels.float() / 255.0 if pixels.dtype == torch.uint8 else pixels.float().clamp(0, 1)
     error = (model - truth + 1) / 2
     video = torch.cat([truth, model, error], -2)  # [B, T, C, 3H, W]
     video = video.permute(1, 2, 3, 0, 4).flatten(-2)  # [T, C, 3H, B*W]

@@ -4,6 +4,7 @@ This is the only place that names tensordict keys for the modules.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -35,6 +36,7 @@ __all__ = [
     "make_dreamerv2_models",
     "DEBUG_SIZES",
     "select_obs_keys",
+    "unused_observation_keys",
     "reco_key",
     "is_discrete_action_spec",
 ]
@@ -92,12 +94,14 @@ def select_obs_keys(
 ) -> tuple[list[NestedKey], list[NestedKey]]:
     """The observation entries the world model encodes and reconstructs: images (CNN) and vectors (MLP).
 
-    Automatic choice (for a list left to ``None``): ``cnn_keys`` are the ``uint8 [C, H, W]``
-    leaves, ``mlp_keys`` the floating ``[d]`` leaves, in spec order. Never chosen automatically:
-    ``is_init``, ``state``, ``belief``, ``prev_action`` and anything under ``collector``; other
-    leaves (e.g. integer vectors) are ignored. An explicit list replaces the automatic choice for
-    its kind (pass ``[]`` for none) and is checked: each key must be a leaf of the spec with 3
-    dims (cnn) or 1 dim (mlp).
+    Automatic choice (for a list left to ``None``): ``cnn_keys`` are the image leaves, ``[C, H, W]``,
+    either ``uint8`` or floating with ``H, W >= 16`` (in ``[0, 1]``, as TorchRL's ``ToTensorImage`` gives
+    them; encoded like their ``uint8`` frames); ``mlp_keys`` the floating ``[d]`` leaves, in spec order.
+    Never chosen automatically: ``is_init``, ``state``, ``belief``, ``prev_action`` and anything under
+    ``collector``; other leaves (e.g. integer vectors) are not modelled, and
+    :func:`make_dreamerv2_models` warns once naming them. An explicit list replaces the automatic choice
+    for its kind (pass ``[]`` for none) and is checked: each key must be a leaf of the spec with 3
+    dims (cnn) or 1 dim (mlp). A floating image whose spec is bounded outside ``[0, 1]`` is refused.
 
     Args:
         observation_spec (Composite): the env's observation spec (batch dims are ignored).
@@ -131,6 +135,8 @@ def select_obs_keys(
         shape, dtype = leaves[key]
         if len(shape) == 3 and dtype == torch.uint8:
             return "cnn"
+        if len(shape) == 3 and dtype is not None and dtype.is_floating_point and min(shape[-2:]) >= 16:
+            return "cnn"  # floating images in [0, 1]; smaller 3-D float leaves are not images the CNN can encode
         if len(shape) == 1 and dtype is not None and dtype.is_floating_point:
             return "mlp"
         return None
@@ -150,12 +156,35 @@ def select_obs_keys(
         return keys
 
     cnn, mlp = chosen(cnn_keys, "cnn", 3), chosen(mlp_keys, "mlp", 1)
+    for key in cnn:
+        _check_image_range(key, observation_spec[key])
     if not cnn and not mlp:
         raise ValueError(
             "No observation to model: DreamerV2 needs uint8 [C, H, W] images or floating [d] vectors "
             f"(available: {available}); pass cnn_keys= or mlp_keys=."
         )
     return cnn, mlp
+
+
+def _check_image_range(key: NestedKey, spec: TensorSpec) -> None:
+    """Floating images must lie in ``[0, 1]``: refused when the spec's bounds say otherwise."""
+    if not spec.dtype.is_floating_point or not hasattr(spec, "space") or not hasattr(spec.space, "low"):
+        return
+    low, high = float(spec.space.low.min()), float(spec.space.high.max())
+    unbounded = torch.finfo(spec.dtype).max / 2  # an Unbounded spec's box spans the dtype's range
+    if -unbounded < low < -1e-6 or 1 + 1e-6 < high < unbounded:
+        raise ValueError(
+            f"Floating image {key!r} has bounds [{low:g}, {high:g}]: images are uint8 in [0, 255] or floats in [0, 1] "
+            "(as torchrl.envs.ToTensorImage gives them); rescale it with a transform, or pass its uint8 frames."
+        )
+
+
+def unused_observation_keys(observation_spec: Composite, used: Sequence[NestedKey]) -> list[NestedKey]:
+    """Leaves of the spec that the world model does not model (the policy's own state keys excepted)."""
+    return [
+        key for key in _leaf_shapes(observation_spec)
+        if key not in used and key not in _EXCLUDED_KEYS and not (isinstance(key, tuple) and key[0] == "collector")
+    ]
 
 
 def reco_key(key: NestedKey) -> str:
@@ -276,8 +305,20 @@ def make_dreamerv2_models(
         >>> wm.cnn_keys, wm.mlp_keys, wm.reco_keys
         (['pixels'], ['observation'], {'pixels': 'reco_pixels', 'observation': 'reco_observation'})
     """
+    automatic = cnn_keys is None or mlp_keys is None
     cnn_keys, mlp_keys = select_obs_keys(observation_spec, cnn_keys=cnn_keys, mlp_keys=mlp_keys)
-    shapes = {key: tuple(shape) for key, (shape, _) in _leaf_shapes(observation_spec).items()}
+    leaves = _leaf_shapes(observation_spec)
+    unused = unused_observation_keys(observation_spec, [*cnn_keys, *mlp_keys])
+    if automatic and unused:
+        described = ", ".join(f"{key!r} {list(leaves[key][0])} {str(leaves[key][1]).replace('torch.', '')}"
+                              for key in unused)
+        warnings.warn(
+            f"The world model does not model the observation entries {described}: it models images ([C, H, W], "
+            "uint8 or floats in [0, 1]) and float vectors ([d]); pass cnn_keys= / mlp_keys= (--cnn-keys, --mlp-keys) "
+            "to choose, or convert the entries with a transform.",
+            stacklevel=2,
+        )
+    shapes = {key: tuple(shape) for key, (shape, _) in leaves.items()}
     cnn_shapes = {key: shapes[key] for key in cnn_keys}
     mlp_sizes = {key: shapes[key][0] for key in mlp_keys}
     discrete = is_discrete_action_spec(action_spec)
@@ -285,7 +326,7 @@ def make_dreamerv2_models(
     state_dim = num_categoricals * num_classes
     heads = dict(num_cells=mlp_units, depth=mlp_layers)
     obs_nets = dict(cnn_depth=cnn_depth, mlp_units=mlp_units, mlp_layers=mlp_layers, full_coverage=full_coverage)
-    encoder = ObsEncoderV2(cnn_shapes, mlp_sizes, **obs_nets)
+    encoder = ObsEncoderV2(cnn_shapes, mlp_sizes, image_dtypes={key: leaves[key][1] for key in cnn_keys}, **obs_nets)
     decoder = ObsDecoderV2(state_dim, rnn_hidden_dim, cnn_shapes, mlp_sizes, **obs_nets)
 
     rssm = RSSMV2(

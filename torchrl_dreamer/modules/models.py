@@ -289,7 +289,9 @@ class _ActOnPosterior(TensorDictModuleBase):
         self.out_keys = [action_key]
 
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
-        inputs = tensordict.get("next").select(*self.actor.in_keys)
+        # not strict: an actor may read keys the posterior does not give (a planner over the imagination env reads
+        # its observation keys, "discount" among them, and only needs the model state)
+        inputs = tensordict.get("next").select(*self.actor.in_keys, strict=False)
         tensordict.set(self.action_key, self.actor(inputs).get(self.action_key))
         return tensordict
 

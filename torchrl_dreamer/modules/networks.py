@@ -78,25 +78,36 @@ def normalise_pixels(pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -
     return pixels.to(dtype) / 255.0 - 0.5
 
 
-def preprocess_obs(obs: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """What the networks see of an observation: ``uint8`` -> ``x / 255 - 0.5``, other values as floats.
+def preprocess_obs(obs: torch.Tensor, dtype: torch.dtype | None = None, *, image: bool = False) -> torch.Tensor:
+    """What the networks see of an observation: images in ``[-0.5, 0.5]``, vectors as floats.
+
+    ``uint8`` images ``[0, 255]`` become ``x / 255 - 0.5`` (the reference's); floating images, which are in
+    ``[0, 1]`` (as TorchRL's ``ToTensorImage`` gives them), become ``x - 0.5``: the same values as their
+    ``uint8`` frames. Other entries (vectors) are used as they are, as floats.
 
     Args:
         obs (Tensor): any observation entry.
         dtype (torch.dtype, optional): output dtype. Default: float32 for ``uint8`` and integer
             inputs, the input's own dtype for floating ones.
 
+    Keyword Args:
+        image (bool): the entry is an image (a CNN entry). Default: ``False``.
+
     Examples:
         >>> preprocess_obs(torch.tensor([0, 255], dtype=torch.uint8))
+        tensor([-0.5000,  0.5000])
+        >>> preprocess_obs(torch.tensor([0.0, 1.0]), image=True)
         tensor([-0.5000,  0.5000])
         >>> preprocess_obs(torch.tensor([1, 2])).dtype
         torch.float32
     """
     if obs.dtype == torch.uint8:
         return normalise_pixels(obs, dtype or torch.float32)
-    if dtype is None:
-        return obs if obs.is_floating_point() else obs.float()
-    return obs.to(dtype)
+    if not obs.is_floating_point():
+        obs = obs.to(dtype or torch.float32)
+    elif dtype is not None:
+        obs = obs.to(dtype)
+    return obs - 0.5 if image else obs
 
 
 # ---- convolution kernels ------------------------------------------------------------------

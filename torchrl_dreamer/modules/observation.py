@@ -41,7 +41,8 @@ class ObsEncoderV2(nn.Module):
     """Embeds the image entries with one :class:`ConvEncoderV2` and the vector entries with one :class:`MLPEncoderV2`.
 
     Each entry goes through :func:`~torchrl_dreamer.modules.networks.preprocess_obs` (``uint8``
-    images to ``x / 255 - 0.5``, vectors as floats) before being stacked.
+    images to ``x / 255 - 0.5``, floating images in ``[0, 1]`` to ``x - 0.5``, vectors as floats) before being
+    stacked.
 
     Args:
         cnn_shapes (dict): ``{key: (C, H, W)}`` of the image entries, in input order (may be empty).
@@ -52,6 +53,8 @@ class ObsEncoderV2(nn.Module):
         mlp_units (int): MLP units per layer. Default: ``400``.
         mlp_layers (int): MLP layers. Default: ``4``.
         full_coverage (bool, optional): the CNN stack, see :func:`~torchrl_dreamer.modules.networks.conv_layout`.
+        image_dtypes (dict, optional): ``{key: dtype}`` of the image entries as the env gives them (``uint8``, or a
+            floating dtype for images in ``[0, 1]``), read by the decoders of imagined frames. Default: ``uint8``.
 
     Inputs: the images, then the vectors, each ``[*batch, *shape]``.
 
@@ -72,11 +75,13 @@ class ObsEncoderV2(nn.Module):
         mlp_units: int = 400,
         mlp_layers: int = 4,
         full_coverage: bool | None = None,
+        image_dtypes: Mapping[NestedKey, torch.dtype] | None = None,
     ):
         super().__init__()
         if not cnn_shapes and not mlp_sizes:
             raise ValueError("ObsEncoderV2 needs at least one image or vector entry.")
         self.cnn_shapes, self.mlp_sizes = dict(cnn_shapes), dict(mlp_sizes)
+        self.image_dtypes = {key: (image_dtypes or {}).get(key, torch.uint8) for key in self.cnn_shapes}
         images = _image_layout(self.cnn_shapes)
         self.cnn = (
             ConvEncoderV2(images[0], depth=cnn_depth, image_size=images[1], full_coverage=full_coverage)
@@ -93,7 +98,7 @@ class ObsEncoderV2(nn.Module):
         images, vectors = obs[: len(self.cnn_shapes)], obs[len(self.cnn_shapes) :]
         embeds = []
         if self.cnn is not None:
-            embeds.append(self.cnn(_cat([preprocess_obs(x, dtype) for x in images], -3)))
+            embeds.append(self.cnn(_cat([preprocess_obs(x, dtype, image=True) for x in images], -3)))
         if self.mlp is not None:
             embeds.append(self.mlp(_cat([preprocess_obs(x, dtype) for x in vectors], -1)))
         return _cat(embeds, -1)

@@ -138,7 +138,11 @@ class DreamerV2ValueLoss(LossModule):
     def forward(self, tensordict: TensorDictBase) -> TensorDict:
         keys = self.tensor_keys
         inputs = tensordict.select(*self.value_network.in_keys).detach()
-        value = self._value(inputs, list(self.value_network.parameters()))
+        # the critic runs with the loss's own parameters, value_network_params, as TorchRL's losses do: a functional
+        # swap of the loss's parameters (TensorDict.from_module(loss) ... .to_module(loss), torch.func, vmap over
+        # parameter sets) reaches it. The swap is made here, in the calling thread, around the shards.
+        with self.value_network_params.to_module(self.value_network):
+            value = self._value(inputs, list(self.value_network_params.values(True, True)))
         target = tensordict.get(keys.lambda_target).detach()
         weight = tensordict.get(keys.discount_weight).detach()
         loss = (weight * 0.5 * (value.float() - target).pow(2)).mean()

@@ -145,7 +145,8 @@ def make_dreamerv2_loss(
     value_loss = DreamerV2ValueLoss(models.critic)
     action_spec = models.actor.spec[models.actor.dist_sample_keys[0]]
     env = DreamerV2ImaginationEnv(
-        models.world_model, action_spec, discount_threshold=0.0, action_key=models.actor.dist_sample_keys[0]
+        models.world_model, action_spec, discount_threshold=0.0, reward_transform=reward_transform,
+        action_key=models.actor.dist_sample_keys[0],
     )
     actor_loss = DreamerV2ActorLoss(
         models.actor,

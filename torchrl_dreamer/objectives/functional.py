@@ -19,7 +19,11 @@ __all__ = [
     "gaussian_nll",
     "bernoulli_nll",
     "transition_targets",
+    "REWARD_TRANSFORMS",
 ]
+
+#: the transforms of the reward targets a world model may be trained on (``tanh`` on Atari, the paper's)
+REWARD_TRANSFORMS = {"tanh": torch.tanh, "identity": lambda reward: reward}
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 

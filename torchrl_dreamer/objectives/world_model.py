@@ -8,8 +8,10 @@ from tensordict import TensorDict, TensorDictBase
 from tensordict.utils import NestedKey
 from torchrl.objectives.common import LossModule
 
+from torchrl_dreamer.data.rows import is_transition_batch, transitions_as_sequences
 from torchrl_dreamer.modules.models import WorldModelV2
 from torchrl_dreamer.objectives.functional import (
+    REWARD_TRANSFORMS,
     balanced_kl_loss,
     bernoulli_nll,
     categorical_entropy,
@@ -21,7 +23,6 @@ from torchrl_dreamer.modules.shards import run_sharded
 
 __all__ = ["DreamerV2ModelLoss"]
 
-_REWARD_TRANSFORMS = {"tanh": torch.tanh, "identity": lambda r: r}
 
 
 class DreamerV2ModelLoss(LossModule):
@@ -33,7 +34,8 @@ class DreamerV2ModelLoss(LossModule):
 
     * ``L_kl``: :func:`balanced_kl_loss` (balance 0.8, free nats after averaging);
     * ``L_img = sum_k -mean sum_(dims of k) log N(x_k; x_hat_k, 1)`` over the world model's
-      observation entries ``k`` (``x = pixels / 255 - 0.5`` for ``uint8`` images, vectors as floats);
+      observation entries ``k`` (``x = pixels / 255 - 0.5`` for ``uint8`` images, ``x - 0.5`` for floating images
+      in ``[0, 1]``, vectors as floats);
     * ``L_r = -mean log N(f(r); r_hat, 1)`` with ``f = tanh`` on Atari;
     * ``L_gamma``: Bernoulli NLL of the discount logits against ``gamma * (1 - terminal)``.
 
@@ -44,6 +46,13 @@ class DreamerV2ModelLoss(LossModule):
 
     The world model filters ``o_t`` at step ``t``, so the reward and terminal
     targets are those *entering* ``o_t`` (see :func:`transition_targets`).
+
+    It reads two layouts. This package's replay rows (one row per observation, an episode's final observation
+    included: :class:`~torchrl_dreamer.data.DreamerReplayBuffer`), ``[*B, T]``. Or stock TorchRL transitions, each
+    observation also under ``"next"``, as a stock ``TensorDictReplayBuffer`` with a ``SliceSampler`` samples them
+    (``[B, T]`` or flat): they are read as ``[B, T + 1]`` rows, the last transition's next observation being the
+    last row (:func:`~torchrl_dreamer.data.transitions_as_sequences`: flat samples are cut at their slice ends, slice
+    starts are not taken for episode starts, and an episode that ends inside a slice is refused with one line).
     Every head's gradient reaches the encoder and the RSSM through the
     straight-through latent sample. ``forward`` returns ``(losses, model_output)``:
     the world-model outputs (``state``, ``belief``, logits, reconstructions) are
@@ -128,8 +137,8 @@ class DreamerV2ModelLoss(LossModule):
         reward_transform: str = "tanh",
     ):
         super().__init__()
-        if reward_transform not in _REWARD_TRANSFORMS:
-            raise ValueError(f"reward_transform must be one of {sorted(_REWARD_TRANSFORMS)}, got {reward_transform!r}.")
+        if reward_transform not in REWARD_TRANSFORMS:
+            raise ValueError(f"reward_transform must be one of {sorted(REWARD_TRANSFORMS)}, got {reward_transform!r}.")
         self.world_model = world_model
         # what the world model reads now, by the name it had when built
         self._observation_names = {
@@ -209,6 +218,11 @@ class DreamerV2ModelLoss(LossModule):
 
     def forward(self, tensordict: TensorDictBase) -> tuple[TensorDict, TensorDict]:
         keys = self.tensor_keys
+        if is_transition_batch(tensordict, self.world_model.obs_keys):  # a stock buffer's transitions
+            tensordict = transitions_as_sequences(
+                tensordict, self.world_model.obs_keys, action_key=keys.action, init_key=keys.is_init,
+                reward_key=keys.reward, terminated_key=keys.terminated,
+            )
         if tensordict.ndim < 1 or tensordict.batch_size[-1] < 1:
             raise ValueError(f"DreamerV2ModelLoss needs a [*B, T] tensordict, got batch {tensordict.batch_size}.")
         missing = [k for k in self.in_keys if k not in tensordict.keys(True)]
@@ -234,7 +248,7 @@ class DreamerV2ModelLoss(LossModule):
         reward, mask, terminal = transition_targets(
             tensordict.get(keys.reward), tensordict.get(keys.terminated), tensordict.get(keys.is_init)
         )
-        reward = _REWARD_TRANSFORMS[self.reward_transform](reward)
+        reward = REWARD_TRANSFORMS[self.reward_transform](reward)
         reward_nll = gaussian_nll(tensordict.get(wm[3].out_keys[0]), reward)
         reward_loss = (reward_nll * mask).sum() / mask.sum().clamp_min(1.0)
 
@@ -269,8 +283,9 @@ class DreamerV2ModelLoss(LossModule):
     def _reconstruction_losses(self, tensordict: TensorDictBase) -> list[torch.Tensor]:
         """``-mean_bt sum_(dims of k) log N(x_k; x_hat_k, 1)`` for each observation entry ``k``."""
         losses = []
+        images = set(self.world_model.cnn_keys)
         for obs_key, reco_key in self.world_model.reco_keys.items():  # obs keys as the model reads them
             reco = tensordict.get(reco_key)
-            target = preprocess_obs(tensordict.get(obs_key))
+            target = preprocess_obs(tensordict.get(obs_key), image=obs_key in images)
             losses.append(gaussian_nll(reco, target, event_dims=reco.ndim - tensordict.ndim).mean())
         return losses

@@ -39,6 +39,7 @@ from torchrl.envs import EnvBase
 from torchrl.envs.utils import ExplorationType, set_exploration_type, step_mdp
 from torchrl.trainers import Trainer, TrainerHookBase
 
+from torchrl_dreamer.data.rows import is_transition_batch, transitions_as_sequences
 from torchrl_dreamer.record import EpisodeTracker, open_loop_video, write_gif
 
 __all__ = [
@@ -212,14 +213,19 @@ class NonFiniteInputHook(_LoggingHook):
 
     Registered at ``batch_process`` before the replay stores the batch. The first time a key carries non-finite
     values it warns with the key and the count; every batch with some logs ``nonfinite_env_steps`` (the running
-    total). Updates that then meet them are skipped by the stepper (see ``nonfinite_updates``).
+    total). Updates that then meet them are skipped by the stepper (see ``nonfinite_updates``). Floating images
+    (``image_keys``) are encoded as values in ``[0, 1]``: the first batch outside it warns, naming the key.
 
     Args:
         keys (sequence of NestedKey): the keys to watch (observations and ``("next", "reward")``).
+
+    Keyword Args:
+        image_keys (sequence of NestedKey): the image entries among them. Default: none.
     """
 
-    def __init__(self, keys) -> None:
+    def __init__(self, keys, *, image_keys=()) -> None:
         self.keys = list(keys)
+        self.image_keys = list(image_keys)
         self.total = 0
         self.warned: set = set()
 
@@ -244,6 +250,19 @@ class NonFiniteInputHook(_LoggingHook):
         if bad_steps is not None:
             self.total += int(bad_steps.sum())
             self._log({"nonfinite_env_steps": self.total})
+        for key in self.image_keys:
+            value = batch.get(key, None)
+            if value is None or not value.dtype.is_floating_point or ("range", key) in self.warned:
+                continue
+            finite = value[torch.isfinite(value)]
+            if finite.numel() and (float(finite.min()) < 0.0 or float(finite.max()) > 1.0):
+                self.warned.add(("range", key))
+                warnings.warn(
+                    f"The floating image {key!r} has values in [{float(finite.min()):g}, {float(finite.max()):g}], "
+                    "outside [0, 1]: it is encoded as an image in [0, 1] (as ToTensorImage gives); rescale it with a "
+                    "transform or pass its uint8 frames.",
+                    stacklevel=2,
+                )
         return batch
 
     def state_dict(self) -> dict[str, Any]:
@@ -631,7 +650,10 @@ class OpenLoopVideoHook(_PeriodicHook):
         """Returns the video ``[T, C, 3H, nW]`` (and logs/writes it), or None without images or data."""
         if not getattr(self.world_model, "cnn_keys", None) or not self.replay_buffer.can_sample():
             return None
-        batch = self.replay_buffer.sample()[: self.num_videos]
+        batch = self.replay_buffer.sample()
+        if is_transition_batch(batch, self.world_model.obs_keys):  # a stock buffer's slices of transitions
+            batch = transitions_as_sequences(batch, self.world_model.obs_keys)
+        batch = batch[: self.num_videos]
         video = open_loop_video(self.world_model, batch, context=min(5, batch.shape[1] // 2))
         frames = int(self.trainer.collected_frames) if self.trainer is not None else self.schedule.steps
         logger = getattr(self.trainer, "logger", None)

@@ -29,10 +29,10 @@ from torchrl.checkpoint import Checkpoint, GlobalRNGState
 from torchrl.collectors import Collector
 from torchrl.envs import EnvBase, ParallelEnv, SerialEnv
 from torchrl.objectives.utils import TargetNetUpdater
-from torchrl.trainers import ReplayBufferTrainer, TargetNetUpdaterHook, Trainer
+from torchrl.trainers import ReplayBufferTrainer, TargetNetUpdaterHook, Trainer, TrainerHookBase
 
 from torchrl_dreamer.config import DreamerV2Config
-from torchrl_dreamer.data import ReplayIntegrityError, make_replay_buffer
+from torchrl_dreamer.data import DreamerReplayBuffer, ReplayIntegrityError, make_replay_buffer
 from torchrl_dreamer.envs.resolve import EnvFactory, EnvLike, prepare_env
 from torchrl_dreamer.modules.builders import is_discrete_action_spec
 from torchrl_dreamer.record import make_logger
@@ -103,7 +103,10 @@ class DreamerV2Trainer(Trainer):
         collector: a TorchRL collector over the prepared env (``init_random_frames`` = the prefill).
         loss_module (DreamerV2Loss): the composite loss (``model_loss``, ``actor_loss``, ``value_loss``).
         optimization_stepper (DreamerV2OptimizationStepper): one update of the three optimisers.
-        replay_buffer (DreamerReplayBuffer): the sequence replay.
+        replay_buffer: the replay: a :class:`~torchrl_dreamer.data.DreamerReplayBuffer` (observation rows,
+            ``[B, T]`` sequences), or a stock TorchRL ``TensorDictReplayBuffer`` whose ``SliceSampler`` samples
+            transitions (the losses read them as sequences, see
+            :func:`~torchrl_dreamer.data.transitions_as_sequences`).
         target_net_updater (TargetNetUpdater): the slow critic's copies (TorchRL's ``HardUpdate``, see
             :func:`~torchrl_dreamer.objectives.make_target_updater`), stepped by a stock
             :class:`~torchrl.trainers.TargetNetUpdaterHook` after each update.
@@ -130,6 +133,12 @@ class DreamerV2Trainer(Trainer):
         device: where the policy runs for evaluation. Default: ``"cpu"``.
         progress_bar (bool): a tqdm bar. Default: ``True``.
         seed (int, optional): the evaluation envs' base seed offset. Default: ``0``.
+        replay_hook (TrainerHookBase, optional): the hook that writes each collected batch into the replay and
+            samples it for each update (:attr:`replay_hook`, registered at ``batch_process`` and
+            ``process_optim_batch`` and checkpointed as ``"replay_buffer"``). Default: TorchRL's
+            :class:`~torchrl.trainers.ReplayBufferTrainer` over ``replay_buffer`` (flattening the collected
+            ``[envs, steps]`` batches for a stock buffer). Pass your own to replace it; a second hook that writes
+            into a buffer the trainer already writes is refused (every batch would be stored twice).
     """
 
     def __init__(
@@ -163,7 +172,9 @@ class DreamerV2Trainer(Trainer):
         device: torch.device | str = "cpu",
         progress_bar: bool = True,
         seed: int = 0,
+        replay_hook: TrainerHookBase | None = None,
     ) -> None:
+        self._written_buffers: list = []  # replay buffers a registered hook writes (no second writer)
         super().__init__(
             collector=collector,
             total_frames=total_steps * action_repeat,
@@ -181,9 +192,13 @@ class DreamerV2Trainer(Trainer):
         self.schedule = UpdateSchedule(replay_buffer, prefill=prefill, pretrain=pretrain, train_every=train_every)
         self.schedule.register(self)
         world_model = loss_module.model_loss.world_model
-        NonFiniteInputHook([*world_model.obs_keys, loss_module.model_loss.tensor_keys.reward]).register(self)
+        NonFiniteInputHook(
+            [*world_model.obs_keys, loss_module.model_loss.tensor_keys.reward], image_keys=world_model.cnn_keys
+        ).register(self)
         # Stock TorchRL replay hook: extend with each collected batch, sample once per due update.
-        replay_hook = ReplayBufferTrainer(replay_buffer)
+        if replay_hook is None:
+            replay_hook = ReplayBufferTrainer(replay_buffer, flatten_tensordicts=not isinstance(replay_buffer, DreamerReplayBuffer))
+        self.replay_hook = replay_hook
         self.register_op("batch_process", replay_hook.extend)
         self.register_op("process_optim_batch", replay_hook.sample)
         self.register_module("replay_buffer", replay_hook)
@@ -235,6 +250,21 @@ class DreamerV2Trainer(Trainer):
             self.checkpointer.register(self)  # last at post_steps: saves after evaluation and video
             self._register_checkpoint_components(checkpoint)
         self.interrupted = False
+
+    def register_op(self, dest: str, op: Any, **kwargs) -> None:
+        """TorchRL's ``register_op``, refusing a second writer into a replay buffer that a registered hook already
+        writes (as ``ReplayBufferTrainer.register`` would add: every collected batch would be stored twice), before
+        anything is registered."""
+        buffer = getattr(getattr(op, "__self__", None), "replay_buffer", None)
+        if dest == "batch_process" and buffer is not None and getattr(op, "__name__", "") == "extend":
+            if any(buffer is written for written in self._written_buffers):
+                raise ValueError(
+                    f"A second hook would write every collected batch into {type(buffer).__name__} again: the trainer's "
+                    "own replay hook (trainer.replay_hook, a ReplayBufferTrainer) already writes it. Register a hook "
+                    "that only samples, or build the trainer with your hook as replay_hook=."
+                )
+            self._written_buffers.append(buffer)
+        super().register_op(dest, op, **kwargs)
 
     def register_module(self, module_name: str, module: Any) -> None:
         """Registers a stateful hook; with a checkpoint, its state is saved and, on a resumed run, restored now."""
@@ -510,6 +540,7 @@ def make_dreamerv2_trainer(
     keep_saved_config: bool = False,
     fresh_replay: bool = False,
     threads: int | None = None,
+    replay_buffer: Any = None,
 ) -> DreamerV2Trainer:
     """Builds a :class:`DreamerV2Trainer` and all its components from a config, in a run directory.
 
@@ -542,6 +573,11 @@ def make_dreamerv2_trainer(
             of the batch); the rest of the update, a compiled update and the CUDA side use torch's count, which
             this sets (for the process; put back if the build fails). A seeded run repeats bit for bit for a
             given count. Default: ``None`` (torch's count as it is, one per core).
+        replay_buffer (optional): a replay buffer of your own instead of the run's
+            :class:`~torchrl_dreamer.data.DreamerReplayBuffer` under ``<logdir>/replay``: e.g. a stock TorchRL
+            ``TensorDictReplayBuffer`` with a ``SliceSampler(slice_len=..., traj_key=("collector", "traj_ids"))``
+            returning ``batch_size`` slices (the losses read its transitions as sequences). It is checkpointed
+            with the run through its ``state_dict``. Default: ``None``.
 
     Returns: a :class:`DreamerV2Trainer`; call ``trainer.train()``.
 
@@ -601,7 +637,7 @@ def make_dreamerv2_trainer(
             ) from None
         trainer = _build_trainer(
             config, logdir, factory, device, saved, resuming, progress, parallel_envs, fresh_replay and resuming,
-            default_shards(device, config.compile),
+            default_shards(device, config.compile), replay_buffer,
         )
     except BaseException:
         torch.set_num_threads(threads_before)
@@ -620,7 +656,7 @@ def make_dreamerv2_trainer(
 
 
 def _build_trainer(
-    config, logdir, factory, device, saved, resuming, progress, parallel_envs, fresh_replay, shards
+    config, logdir, factory, device, saved, resuming, progress, parallel_envs, fresh_replay, shards, replay=None
 ) -> DreamerV2Trainer:
     torch.manual_seed(config.seed)
     checkpoint_path = logdir / CHECKPOINT_FILE
@@ -635,11 +671,12 @@ def _build_trainer(
         probe.close()
     loss = config.make_loss(models)
     stepper = config.make_stepper(loss, shards=shards)
-    replay = make_replay_buffer(
-        capacity=config.replay_capacity, seq_len=config.batch_length, batch_size=config.batch_size,
-        obs_keys=models.world_model.obs_keys, scratch_dir=logdir / "replay", prioritize_ends=config.prioritize_ends,
-        strict_length=config.strict_length, device=device, seed=config.seed, fresh=fresh_replay,
-    )
+    if replay is None:
+        replay = make_replay_buffer(
+            capacity=config.replay_capacity, seq_len=config.batch_length, batch_size=config.batch_size,
+            obs_keys=models.world_model.obs_keys, scratch_dir=logdir / "replay", prioritize_ends=config.prioritize_ends,
+            strict_length=config.strict_length, device=device, seed=config.seed, fresh=fresh_replay,
+        )
     primer = models.policy.make_tensordict_primer
 
     def make_train_env(seed: int) -> EnvBase:
@@ -695,8 +732,9 @@ def _build_trainer(
     trainer.device = device
     if resuming:
         trainer.load_checkpoint(map_location=device)
-    # only now, with the checkpoint read, is anything written in the run directory
-    trainer.logger = make_logger(logdir, resume_step=saved["steps"] * config.action_repeat if resuming else None)
+    # only now, with the checkpoint read, is anything written in the run directory. The logs keep the rows up to the
+    # checkpoint's step; without a checkpoint (a run killed before its first one) none: it starts again from 0
+    trainer.logger = make_logger(logdir, resume_step=saved["steps"] * config.action_repeat if resuming else 0)
     tmp = logdir / (CONFIG_FILE + ".tmp")
     tmp.write_text(json.dumps(config.to_dict(), indent=2))
     tmp.replace(logdir / CONFIG_FILE)
