@@ -23,8 +23,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import typing
+import warnings
 
 from torchrl_dreamer.process import configure_process
 
@@ -32,6 +34,7 @@ from torchrl_dreamer.process import configure_process
 configure_process()
 
 from torchrl_dreamer.config import PRESETS, DreamerV2Config
+from torchrl_dreamer.data import DiskFullError
 from torchrl_dreamer.trainers import (
     CheckpointError,
     CheckpointWriteError,
@@ -56,6 +59,8 @@ def _parse_bool(text: str) -> bool:
 def _number(kind):
     def parse(text: str):
         value = float(text)  # accepts 5e7
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
         if kind is int:
             if value != int(value):
                 raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
@@ -136,6 +141,10 @@ def build_parser(preset: str = "atari") -> argparse.ArgumentParser:
     return parser
 
 
+class UsageError(Exception):
+    """A bad command line: one line, exit status 2 (as argparse's own errors)."""
+
+
 def make_config(args: argparse.Namespace) -> DreamerV2Config:
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(DreamerV2Config)
                  if f.name not in _SPECIAL and getattr(args, f.name) is not None}
@@ -146,7 +155,7 @@ def make_config(args: argparse.Namespace) -> DreamerV2Config:
         if getattr(args, name):
             overrides[name] = True
     if args.game and args.env:
-        raise SystemExit("error: give either --game or --env, not both")
+        raise UsageError("give either --game or --env, not both")
     if args.game:
         overrides["env"] = f"atari:{args.game}"
     elif args.env:
@@ -155,10 +164,10 @@ def make_config(args: argparse.Namespace) -> DreamerV2Config:
         cfg = DreamerV2Config.preset(args.preset, **overrides)
         if args.minimal_actions:
             if not cfg.env.startswith("atari:"):
-                raise SystemExit("error: --minimal-actions applies to atari: environments only")
+                raise UsageError("--minimal-actions applies to atari: environments only")
             cfg = cfg.replace(env_kwargs={**cfg.env_kwargs, "full_action_space": False})
     except (TypeError, ValueError) as err:  # one line naming the field, its value and the allowed range
-        raise SystemExit(f"error: {err}")
+        raise UsageError(str(err)) from None
     return cfg
 
 
@@ -176,12 +185,21 @@ def notes(cfg: DreamerV2Config, preset: str) -> list[str]:
     return lines
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = _one_line_warning  # the library's warnings as one line each (threads, spinning, ...)
     # the preset first, so that --help shows its values
     preset_parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     preset_parser.add_argument("--preset", default="atari")
     args = build_parser(preset_parser.parse_known_args(argv)[0].preset).parse_args(argv)
-    cfg = make_config(args)
+    try:
+        cfg = make_config(args)
+    except UsageError as err:  # every one-line error exits with 2, as argparse's own
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     for line in notes(cfg, args.preset):
         print(line, file=sys.stderr)
     name = cfg.env.replace(":", "-").replace(".", "-")
@@ -204,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{cfg.total_steps} agent steps", flush=True)
     try:
         result = trainer.train()
-    except (CheckpointWriteError, NonFiniteUpdateError) as err:
+    except (CheckpointWriteError, NonFiniteUpdateError, DiskFullError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if result["interrupted"]:

@@ -55,9 +55,9 @@ BAD = [
     ("weight_decay", -1e-6), ("model_lr", 0.0), ("actor_lr", -4e-5), ("critic_lr", math.inf), ("adam_eps", 0),
     ("max_grad_norm", 0.0), ("max_grad_norm", math.nan), ("action_repeat", 0), ("action_repeat", 2.5),
     ("action_repeat", True), ("num_envs", 0), ("num_categoricals", 0), ("num_classes", -1), ("rnn_hidden_dim", 0),
-    ("hidden_dim", 0), ("cnn_depth", 0), ("mlp_units", 0), ("mlp_layers", 0), ("imagination_horizon", 0),
+    ("hidden_dim", 0), ("cnn_depth", 0), ("mlp_units", 0), ("mlp_layers", 0), ("imagination_horizon", 1),
     ("target_update_interval", 0), ("total_steps", 0), ("total_steps", 5e7), ("prefill", -1), ("pretrain", -1),
-    ("train_every", 0), ("batch_size", 0), ("batch_length", 0), ("replay_capacity", 0), ("eval_every", 0),
+    ("train_every", 0), ("batch_size", 0), ("batch_length", 1), ("replay_capacity", 0), ("eval_every", 0),
     ("eval_episodes", 0), ("eval_envs", 0), ("compile_policy", 1), ("final_eval_episodes", -1), ("log_every", 0), ("video_every", 0), ("checkpoint_every", -10), ("seed", -1),
     ("reward_transform", "clip"), ("actor_grad", "dynamic"), ("precision", "fp16"), ("discount_head", "yes"),
     ("prioritize_ends", 1), ("strict_length", None), ("compile", "yes"), ("cudagraph", 1), ("cnn_keys", "pixels,,x"),
@@ -131,9 +131,16 @@ def test_main_help_follows_the_preset(cli):
 
 
 def test_cli_refuses_out_of_range_values_in_one_line(cli, capsys):
-    with pytest.raises(SystemExit) as info:
+    with pytest.raises(cli.UsageError) as info:
         cli.make_config(cli.build_parser().parse_args(["--gamma", "2"]))
-    assert str(info.value) == "error: gamma must be a number in [0, 1], got 2.0."
+    assert str(info.value) == "gamma must be a number in [0, 1], got 2.0."
+    # from the command line: one line and exit status 2, as argparse's own errors
+    assert cli.main(["--gamma", "2"]) == 2
+    assert capsys.readouterr().err.strip() == "error: gamma must be a number in [0, 1], got 2.0."
+    for bad in ("inf", "nan", "-inf"):  # counts that are not finite: argparse's one line, status 2
+        with pytest.raises(SystemExit) as info:
+            cli.main([f"--total-steps={bad}"])
+        assert info.value.code == 2 and "expected a finite number" in capsys.readouterr().err
 
 
 def test_debug_preset_beyond_a_smoke_test_says_so(cli):

@@ -5,6 +5,7 @@ import errno
 import json
 import math
 import sys
+import time
 
 import pytest
 import torch
@@ -164,15 +165,23 @@ def test_unwritable_log_directory_is_one_line(tmp_path, monkeypatch):
 
 
 def test_the_pace_is_measured_and_reported(tmp_path, capsys):
-    cfg = _debug(total_steps=300, prefill=100, train_every=10)
+    """Updates and collection are timed apart, evaluations and the prefill left out: a slow evaluation does not
+    change the measured pace."""
+    cfg = _debug(total_steps=300, prefill=100, train_every=10, eval_every=20)
     trainer = make_dreamerv2_trainer(cfg, tmp_path / "run", device="cpu", progress=False)
+    evaluate = trainer.evaluation.evaluate
+    trainer.evaluation.evaluate = lambda *a, **k: (time.sleep(0.5), evaluate(*a, **k))[1]  # 0.5 s per evaluation
     trainer.train()
-    report = trainer.speed_report.report
-    assert report and "s per update" in report and "agent steps/s" in report
+    speed = trainer.speed_report
+    report = speed.report
+    assert report and "s per update" in report and "ms per agent step collected" in report
     assert report not in capsys.readouterr().out  # a run about to end is not told its pace
-    trainer.speed_report.report, trainer.speed_report.total_steps = None, 10**8  # a long run on a CPU
-    trainer.speed_report._start = (trainer.speed_report._start[0] - 50.0, 0, 0)
-    trainer.speed_report()
+    # ten evaluations of 0.5 s ran between the timed stretches: none of it is in the pace
+    assert speed.timed_updates >= 5 and speed.timed_steps >= 50
+    per_step = speed.collect_seconds / speed.timed_steps
+    assert per_step < 0.5 / cfg.eval_every, per_step
+    speed.report, speed.total_steps = None, 10**8  # a long run on a CPU
+    speed._report()
     out = capsys.readouterr().out
     assert "the remaining" in out and "need a GPU" in out and "--preset small" in out
     assert ("--precision bf16" in out) == bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())

@@ -278,10 +278,13 @@ def _is_real(value: Any) -> bool:
 _INT_RANGES = {
     **{name: 1 for name in (
         "action_repeat", "num_envs", "num_categoricals", "num_classes", "rnn_hidden_dim", "hidden_dim", "cnn_depth",
-        "mlp_units", "mlp_layers", "imagination_horizon", "target_update_interval", "total_steps", "train_every",
-        "batch_size", "batch_length", "replay_capacity", "eval_every", "eval_episodes", "eval_envs", "log_every",
+        "mlp_units", "mlp_layers", "target_update_interval", "total_steps", "train_every",
+        "batch_size", "replay_capacity", "eval_every", "eval_episodes", "eval_envs", "log_every",
         "video_every", "checkpoint_every")},
     **{name: 0 for name in ("prefill", "pretrain", "seed", "final_eval_episodes")},
+    # a sequence teaches the world model the reward and discount entering its second row on: two rows at least;
+    # the actor loss needs two imagined steps (the last target has no baseline)
+    **{name: 2 for name in ("batch_length", "imagination_horizon")},
 }
 # probabilities and discounts: in [0, 1]
 _UNIT_INTERVAL = ("kl_balance", "gamma", "lmbda", "actor_grad_mix")

@@ -40,11 +40,24 @@ class MultiLogger:
                                   "written as GIFs and CSV-logger tensors only.", stacklevel=2)
                     self._warned_video = True
                 continue
-            logger.log_video(name, video, step=step, **kwargs)
+            try:
+                logger.log_video(name, video, step=step, **kwargs)
+            except BaseException:  # e.g. a full disk: no partial video file is left
+                for partial in _video_files(logger, name, step):
+                    partial.unlink(missing_ok=True)
+                raise
 
     def log_hparams(self, cfg: dict) -> None:
         for logger in self.loggers:
             logger.log_hparams(cfg)
+
+
+def _video_files(logger: Logger, name: str, step: int | None) -> list[Path]:
+    """The files a CSV logger writes for one video (``<log_dir>/videos/<name>_<step>.pt``)."""
+    log_dir = getattr(logger, "log_dir", None)
+    if log_dir is None:
+        return []
+    return list(Path(log_dir).glob(f"**/videos/{name}_{step}.pt"))
 
 
 def truncate_scalars(logdir: str | Path, step: int) -> int:
@@ -272,5 +285,10 @@ def write_gif(video: torch.Tensor, path: str | Path, *, fps: int = 10, scale: in
     if frames.shape[-1] == 1:
         frames = frames[..., 0]
     images = [Image.fromarray(f).resize((f.shape[1] * scale, f.shape[0] * scale), Image.NEAREST) for f in frames]
-    images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+    tmp = path.with_name(path.name + ".tmp")
+    try:  # written whole or not at all (a full disk leaves no partial GIF)
+        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path

@@ -33,6 +33,7 @@ Reference: Hafner et al., "Mastering Atari with Discrete World Models" (ICLR 202
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -51,7 +52,8 @@ from torchrl_dreamer.data.rows import NEXT_KEYS, next_key, step_rows
 from torchrl_dreamer.data.samplers import PrioritizeEndsSampler
 from torchrl_dreamer.data.writers import FifoWriter
 
-__all__ = ["DreamerReplayBuffer", "ReplayIntegrityError", "make_replay_buffer"]
+__all__ = ["DiskFullError", "DreamerReplayBuffer", "PreallocatedMemmapStorage", "ReplayIntegrityError",
+           "make_replay_buffer", "preallocate_files"]
 
 STATE_FILE = "replay_state.pt"
 ID_FILE = "storage_id"
@@ -61,6 +63,70 @@ FRESH_REPLAY_HINT = (
     "nothing was changed. The trained models can be kept: resume with fresh_replay=True (--fresh-replay) to "
     "discard the replay's rows and refill it from empty"
 )
+
+
+class DiskFullError(OSError):
+    """A write found the disk full. One line: the file, the space it needs, and that the same command resumes.
+
+    Attributes:
+        path (Path): the file (or directory) being written.
+        needed (int): bytes it needs (0 where unknown).
+    """
+
+    def __init__(self, path: str | Path, needed: int, what: str, *, resume: str = "run the same command to resume") -> None:
+        self.path, self.needed = Path(path), int(needed)
+        try:
+            free = shutil.disk_usage(self.path if self.path.exists() else self.path.parent).free
+        except OSError:
+            free = None
+        size = f"{self.needed / 2**30:.2f} GiB" if self.needed >= 2**28 else f"{self.needed / 2**20:.1f} MiB"
+        have = f" ({free / 2**20:.0f} MiB free)" if free is not None else ""
+        super().__init__(errno.ENOSPC, f"The disk holding {self.path} is full{have}: {what} needs about {size}. Free "
+                         f"space and {resume}.")
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+class PreallocatedMemmapStorage(LazyMemmapStorage):
+    """TorchRL's :class:`~torchrl.data.LazyMemmapStorage` whose files get their disk blocks when they are created.
+
+    TorchRL creates the memory-mapped files sparse: the blocks of a row are taken from the disk when the row is
+    first written, through the mapping, and a full disk then kills the process with ``SIGBUS`` (no error, no message,
+    whatever it was writing left half done). Here every file is allocated whole (``posix_fallocate``) as soon as the
+    storage is created, before any row is written: a disk that cannot hold ``capacity`` rows is a
+    :class:`DiskFullError` at the first write, naming the file and its size, and the new files are removed. Where
+    ``posix_fallocate`` is missing (not Linux) the files stay sparse, as TorchRL's.
+    """
+
+    def _init_standard(self, data: TensorDictBase | torch.Tensor) -> None:
+        super()._init_standard(data)
+        preallocate_files(self._storage, self.scratch_dir)
+
+
+def preallocate_files(storage: TensorDictBase, directory: str | Path | None, *, remove_on_failure: bool = True) -> None:
+    """Gives every memory-mapped file of ``storage`` its disk blocks; on a full disk raises :class:`DiskFullError`
+    (removing the files first with ``remove_on_failure``: new files hold no rows yet)."""
+    if not hasattr(os, "posix_fallocate") or not is_tensor_collection(storage):
+        return
+    files = [tensor.filename for tensor in storage.values(True, True) if getattr(tensor, "filename", None)]
+    total = sum(os.path.getsize(name) for name in files)
+    for name in files:
+        with open(name, "r+b") as file:
+            try:
+                os.posix_fallocate(file.fileno(), 0, os.path.getsize(name))
+            except OSError as err:
+                if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                full = err
+                break
+    else:
+        return
+    if remove_on_failure:
+        for name in files:
+            Path(name).unlink(missing_ok=True)
+    raise DiskFullError(directory or Path(files[0]).parent, total, "the replay, its memory-mapped rows allocated whole,",
+                        resume="run the same command to resume (or lower --replay-capacity)") from full
 
 
 class ReplayIntegrityError(RuntimeError, ValueError):
@@ -224,7 +290,7 @@ class DreamerReplayBuffer(TensorDictReplayBuffer):
         return self.scratch_dir / STORAGE_DIR
 
     def _new_storage(self) -> LazyMemmapStorage:
-        return LazyMemmapStorage(self.capacity, scratch_dir=self._storage_dir, existsok=True)
+        return PreallocatedMemmapStorage(self.capacity, scratch_dir=self._storage_dir, existsok=True)
 
     def reset_storage(self) -> None:
         """Discards every row, on disk too, and leaves an empty buffer on the same ``scratch_dir``.
@@ -471,6 +537,8 @@ class DreamerReplayBuffer(TensorDictReplayBuffer):
                     warnings.simplefilter("ignore")
                     self._storage.loads(self._storage_dir)  # maps the existing files, no copy
             self._check_mapped()
+            # files of an older run may be sparse: their blocks now, so that no later write meets a full disk
+            preallocate_files(self._storage._storage, self._storage_dir, remove_on_failure=False)
             self._storage_id = state_dict["storage_id"]
         with self._replay_lock, self._write_lock:
             self._writer.load_state_dict(state_dict["writer"])

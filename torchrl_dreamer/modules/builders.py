@@ -320,6 +320,13 @@ def make_dreamerv2_models(
         )
     shapes = {key: tuple(shape) for key, (shape, _) in leaves.items()}
     cnn_shapes = {key: shapes[key] for key in cnn_keys}
+    for key, (channels, height, width) in cnn_shapes.items():
+        if width in (1, 3, 4) and min(channels, height) >= 16:  # [H, W, C] read as [C, H, W]
+            raise ValueError(
+                f"The image {key!r} is {list(cnn_shapes[key])}: channels last ([H, W, C]); the CNN takes channels "
+                f"first, [C, H, W]: append torchrl.envs.ToTensorImage(in_keys=[{key!r}]) to the env (channels first, "
+                f"floats in [0, 1]), or torchrl.envs.PermuteTransform((-1, -3, -2), in_keys=[{key!r}])."
+            )
     mlp_sizes = {key: shapes[key][0] for key in mlp_keys}
     discrete = is_discrete_action_spec(action_spec)
     action_dim = action_spec.shape[-1]

@@ -226,8 +226,8 @@ class DreamerV2ActorLoss(LossModule):
     ``belief``, ``lambda_target``, ``discount_weight``) for :class:`DreamerV2ValueLoss`. Nothing is
     written into the input.
 
-    Besides ``loss_actor``, the losses carry learning-health metrics (detached): ``actor_ent`` and
-    ``actor_ent_fraction`` (entropy over its maximum, :attr:`max_entropy`; near 0 the actor has collapsed),
+    Besides ``loss_actor``, the losses carry learning-health metrics (detached): ``actor_ent`` and, for discrete
+    actions, ``actor_ent_fraction`` (entropy over its maximum, :attr:`max_entropy`; near 0 the actor has collapsed),
     ``advantage_scale`` (mean ``|lambda-return - slow value|``), the imagined rewards' ``reward_mean``,
     ``reward_std``, ``reward_max`` (largest magnitude) and discounts' ``discount_mean``, ``discount_min``, the slow
     critic's ``critic_slow`` and the targets' ``critic_target`` (means), and ``critic_bound``: the slow critic's
@@ -335,8 +335,7 @@ class DreamerV2ActorLoss(LossModule):
                 f"{self.action_key!r}."
             )
         if actor_grad == "auto":  # the reference's actor_grad: auto
-            discrete = isinstance(model_based_env.full_action_spec[self.action_key], (OneHot, Categorical))
-            actor_grad = "reinforce" if discrete else "dynamics"
+            actor_grad = "reinforce" if self.discrete_actions else "dynamics"
         self.actor_grad = actor_grad
         self.actor_grad_mix = actor_grad_mix
         self.entropy_scale = entropy_scale
@@ -387,10 +386,17 @@ class DreamerV2ActorLoss(LossModule):
         keys = self.tensor_keys
         return [*self.model_based_env.model_state_keys, keys.is_init, keys.reward, keys.terminated]
 
-    out_keys = [
-        "loss_actor", "actor_loss", "actor_ent", "actor_ent_fraction", "advantage_scale", "reward_mean", "reward_std",
-        "reward_max", "discount_mean", "discount_min", "critic_slow", "critic_target", "critic_bound",
-    ]
+    @property
+    def out_keys(self):
+        keys = ["loss_actor", "actor_loss", "actor_ent", "actor_ent_fraction", "advantage_scale", "reward_mean",
+                "reward_std", "reward_max", "discount_mean", "discount_min", "critic_slow", "critic_target",
+                "critic_bound"]
+        return keys if self.discrete_actions else [key for key in keys if key != "actor_ent_fraction"]
+
+    @property
+    def discrete_actions(self) -> bool:
+        """Whether the actions are discrete (one-hot): only then has the entropy a maximum to compare with."""
+        return isinstance(self.model_based_env.full_action_spec[self.action_key], (OneHot, Categorical))
 
     @property
     def max_entropy(self) -> float:
@@ -480,7 +486,6 @@ class DreamerV2ActorLoss(LossModule):
                 "loss_actor": actor_loss,
                 "actor_loss": actor_loss.detach(),
                 "actor_ent": entropy.detach().mean(),
-                "actor_ent_fraction": entropy.detach().mean() / self.max_entropy,
                 "advantage_scale": advantage_scale,
                 "reward_mean": all_rewards.mean(),
                 "reward_std": all_rewards.std(),
@@ -493,6 +498,8 @@ class DreamerV2ActorLoss(LossModule):
             },
             [],
         )
+        if self.discrete_actions:  # a continuous actor's entropy has no maximum it can be a fraction of
+            losses.set("actor_ent_fraction", entropy.detach().mean() / self.max_entropy)
         # [N, H] trajectory for the critic: states 0..H-1 with their targets and weights
         trajectory = TensorDict(
             {

@@ -25,6 +25,7 @@ hook                          stages                  what it does
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 import warnings
@@ -122,6 +123,7 @@ class UpdateSchedule(TrainerHookBase):
         self.steps = 0
         self.updates = 0
         self.updates_in_batch = 0
+        self.last_batch_steps = 0
         self._starved_warned = False
 
     def updates_due(self) -> int:
@@ -130,7 +132,8 @@ class UpdateSchedule(TrainerHookBase):
         return self.pretrain + (self.steps - self.prefill) // self.train_every - self.updates
 
     def count(self, batch: TensorDictBase) -> None:
-        self.steps += _num_steps(batch)
+        self.last_batch_steps = _num_steps(batch)
+        self.steps += self.last_batch_steps
         self.updates_in_batch = 0
 
     def gate(self, batch: TensorDictBase) -> None:
@@ -170,11 +173,13 @@ class _LoggingHook(TrainerHookBase):
     trainer: Trainer | None = None
 
     def _log(self, values: dict[str, float]) -> None:
+        """Logs each finite value (a NaN or an infinity never reaches a log row)."""
         logger = getattr(self.trainer, "logger", None)
         if logger is None:
             return
         for name, value in values.items():
-            logger.log_scalar(name, float(value), step=int(self.trainer.collected_frames))
+            if math.isfinite(float(value)):
+                logger.log_scalar(name, float(value), step=int(self.trainer.collected_frames))
 
 
 class _PeriodicHook(_LoggingHook):
@@ -278,10 +283,14 @@ class NonFiniteInputHook(_LoggingHook):
 
 
 class SpeedReportHook(_LoggingHook):
-    """Once, after the first ``updates`` updates, measures the pace and (if more than 10 minutes are left) prints it
-    with an honest estimate of the time left.
+    """Once, after the first ``updates`` updates of a session, prints the measured pace and an honest estimate of
+    the time left (when more than 10 minutes are left).
 
-    On a CPU with a long run it adds what to do about it (the GPU build of torch, the CPU-sized presets).
+    Updates and collection are timed apart: an update from the sample of its batch to the end of its optimiser
+    steps, collection from the end of one iteration's hooks to the next batch (env steps and the acting policy);
+    evaluations, videos and checkpoints, which run between the two, are left out, and so is the prefill. The time
+    left is the remaining updates at the first pace plus the remaining agent steps at the second. On a CPU with a
+    long run it adds what to do about it (the GPU build of torch, the CPU-sized presets).
 
     Args:
         schedule (UpdateSchedule): the counters.
@@ -294,33 +303,54 @@ class SpeedReportHook(_LoggingHook):
 
     def __init__(self, schedule: UpdateSchedule, total_steps: int, *, updates: int = 5, device: Any = "cpu") -> None:
         self.schedule, self.total_steps, self.updates, self.device = schedule, total_steps, updates, torch.device(device)
-        self._start: tuple[float, int, int] | None = None
         self.report: str | None = None
+        self.update_seconds, self.collect_seconds = 0.0, 0.0
+        self.timed_updates, self.timed_steps = 0, 0
+        self._update_start: float | None = None
+        self._collect_start: float | None = None
 
-    def __call__(self) -> None:
-        if self.report is not None:
-            return
+    def collected(self, batch: TensorDictBase) -> TensorDictBase:
+        """``batch_process``: a batch arrived; its collection is timed once the prefill is over."""
         now = time.perf_counter()
-        if self._start is None or self.schedule.steps == self._start[1]:
-            # the first update after the prefill (or a resume), and the pretraining updates at the same step: start
-            # the clock at the last of them, so that the pace is that of training
-            self._start = (now, self.schedule.steps, self.schedule.updates)
-            return
-        start_time, start_steps, start_updates = self._start
-        updates = self.schedule.updates - start_updates
-        if updates < self.updates:
-            return
-        per_update = (now - start_time) / updates
-        per_step = (now - start_time) / max(1, self.schedule.steps - start_steps)
-        left = max(0, self.total_steps - self.schedule.steps) * per_step
+        if self._collect_start is not None and self.schedule.steps >= self.schedule.prefill:
+            self.collect_seconds += now - self._collect_start
+            self.timed_steps += _num_steps(batch)
+        self._collect_start = None
+        return batch
+
+    def update_started(self, batch: TensorDictBase) -> TensorDictBase:
+        """``process_optim_batch`` (after the schedule's gate): an update starts."""
+        self._update_start = time.perf_counter()
+        return batch
+
+    def update_done(self) -> None:
+        """``post_optim``: an update ended (the pretraining updates at the prefill's end are not timed)."""
+        if self._update_start is not None and self.schedule.updates > self.schedule.pretrain:
+            self.update_seconds += time.perf_counter() - self._update_start
+            self.timed_updates += 1
+        self._update_start = None
+
+    def iteration_done(self, batch: TensorDictBase | None = None) -> None:
+        """``post_steps_log``: the iteration's hooks (evaluations included) are over; collection starts."""
+        self._collect_start = time.perf_counter()
+        if self.report is None and self.timed_updates >= self.updates and self.timed_steps:
+            self._report()
+
+    def _report(self) -> None:
+        per_update = self.update_seconds / self.timed_updates
+        per_step = self.collect_seconds / self.timed_steps
+        steps_left = max(0, self.total_steps - self.schedule.steps)
+        updates_left = steps_left // self.schedule.train_every
+        left = updates_left * per_update + steps_left * per_step
         message = (
-            f"Measured on {self.device.type}: {per_update:.2f} s per update, {1 / per_step:.1f} agent steps/s; "
-            f"the remaining {self.total_steps - self.schedule.steps:,} agent steps take about {_duration(left)}."
+            f"Measured on {self.device.type}: {per_update:.2f} s per update, {per_step * 1e3:.1f} ms per agent step "
+            f"collected (evaluations excluded); the remaining {steps_left:,} agent steps and {updates_left:,} updates "
+            f"take about {_duration(left)}, plus evaluations."
         )
         if self.device.type == "cpu" and left > 12 * 3600:
             message += (
                 " The paper's settings need a GPU: install the CUDA build of torch (see the README), or on a CPU "
-                "use --preset small (CPU-sized networks) or fewer --total-steps."
+                "use --preset small or atari100k (CPU-sized networks) or fewer --total-steps."
             )
             stepper = getattr(self.trainer, "optimization_stepper", None)
             amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
@@ -332,7 +362,10 @@ class SpeedReportHook(_LoggingHook):
 
     def register(self, trainer: Trainer, name: str = "speed_report") -> None:
         self.trainer = trainer
-        trainer.register_op("post_optim", self)
+        trainer.register_op("batch_process", self.collected)
+        trainer.register_op("process_optim_batch", self.update_started)
+        trainer.register_op("post_optim", self.update_done)
+        trainer.register_op("post_steps_log", self.iteration_done)
 
 
 def _duration(seconds: float) -> str:
@@ -399,6 +432,8 @@ class EpisodeReturnHook(_LoggingHook):
         trainer.register_module(name, self)
 
 
+#: metrics that are running totals, not per-update values
+COUNTERS = ("nonfinite_updates",)
 # learning-health limits, checked on the averaged training metrics at each log
 CRITIC_BOUND_LIMIT = 1.0  # the critic's largest value over the largest discounted return the rewards allow
 ENTROPY_FRACTION_LIMIT = 0.05  # the actor's entropy over its maximum
@@ -431,6 +466,10 @@ def health_warnings(metrics: dict[str, float], *, entropy: bool = True) -> list[
 class TrainMetricsHook(_PeriodicHook):
     """Averages the updates' metrics over ``log_every`` agent steps, then logs them with ``fps`` (frames / s).
 
+    Updates whose metrics are not finite (skipped by the optimisers, see ``nonfinite_updates``) are left out of the
+    averages, so that neither a NaN row nor a false health warning comes of them; running counters
+    (:data:`COUNTERS`) are logged as their last value, an integer.
+
     Learning health is checked at each log: a critic whose values exceed the largest discounted return the rewards
     allow (``critic_bound > 1``) or a discrete actor whose entropy has collapsed (``actor_ent_fraction < 0.05``)
     is reported in one line while the run goes on (:func:`health_warnings`).
@@ -448,8 +487,8 @@ class TrainMetricsHook(_PeriodicHook):
     def __init__(self, schedule: UpdateSchedule, *, log_every: int, check_entropy: bool = True) -> None:
         super().__init__(schedule, log_every)
         self.check_entropy = check_entropy
-        self._sums: dict[str, torch.Tensor] = {}
-        self._count = 0
+        self._sums: dict[str, tuple[float, int]] = {}  # key -> (weighted sum, updates) over the finite values
+        self._last: dict[str, float] = {}
         self._clock = (time.perf_counter(), 0)
 
     def accumulate(self, optim_steps: int, average_losses: TensorDictBase | None) -> None:
@@ -457,12 +496,17 @@ class TrainMetricsHook(_PeriodicHook):
         if average_losses is None or not count:
             return
         for key, value in average_losses.items():
-            self._sums[key] = self._sums.get(key, 0.0) + value * count
-        self._count += count
+            value = float(value)
+            if key in COUNTERS:  # running totals: the last one is logged
+                self._last[key] = value
+            elif math.isfinite(value):  # a skipped (non-finite) update leaves the averages alone
+                total, weight = self._sums.get(key, (0.0, 0))
+                self._sums[key] = (total + value * count, weight + count)
 
     def run(self) -> None:
         steps = self.schedule.steps
-        values = {key: float(total / self._count) for key, total in self._sums.items()} if self._count else {}
+        values = {key: total / weight for key, (total, weight) in self._sums.items() if weight}
+        values.update({key: int(value) for key, value in self._last.items()})
         for line in health_warnings(values, entropy=self.check_entropy):
             _print(self.trainer, f"warning at step {steps:_}: {line}")
         start, start_steps = self._clock
@@ -470,7 +514,7 @@ class TrainMetricsHook(_PeriodicHook):
         if start_steps:
             values["fps"] = (steps - start_steps) * self.trainer.frame_skip / max(now - start, 1e-9)
         self._log(values)
-        self._sums, self._count, self._clock = {}, 0, (now, steps)
+        self._sums, self._last, self._clock = {}, {}, (now, steps)
 
     def register(self, trainer: Trainer, name: str | None = None) -> None:
         trainer.register_op("post_optim_complete_log", self.accumulate)

@@ -16,9 +16,11 @@ Building it again on the same directory resumes the run.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import shutil
 import signal
 import warnings
 from pathlib import Path
@@ -32,11 +34,12 @@ from torchrl.objectives.utils import TargetNetUpdater
 from torchrl.trainers import ReplayBufferTrainer, TargetNetUpdaterHook, Trainer, TrainerHookBase
 
 from torchrl_dreamer.config import DreamerV2Config
-from torchrl_dreamer.data import DreamerReplayBuffer, ReplayIntegrityError, make_replay_buffer
+from torchrl_dreamer.data import DiskFullError, DreamerReplayBuffer, ReplayIntegrityError, make_replay_buffer
 from torchrl_dreamer.envs.resolve import EnvFactory, EnvLike, prepare_env
 from torchrl_dreamer.modules.builders import is_discrete_action_spec
 from torchrl_dreamer.record import make_logger
 from torchrl_dreamer.trainers.allocator import keep_freed_memory
+from torchrl_dreamer.trainers.memory import available_memory, estimate_update_memory, gib
 from torchrl_dreamer.trainers.threads import available_cores, default_shards
 from torchrl_dreamer.trainers.hooks import (
     CheckpointHook,
@@ -234,7 +237,8 @@ class DreamerV2Trainer(Trainer):
         )
         self.video.register(self)
         self.final_eval_episodes = final_eval_episodes
-        self.register_op("setup", self._resume_progress_bar)
+        self.register_op("setup", self._progress_bar_setup)
+        self.register_op("post_steps_log", lambda batch=None: self._progress_bar_phase(self.schedule.last_batch_steps))
         self.checkpointer = None
         self._resumed_from: Path | None = None
         if checkpoint_path is not None:
@@ -284,14 +288,64 @@ class DreamerV2Trainer(Trainer):
             if name not in checkpoint:
                 checkpoint.register(name, component)
 
-    def _resume_progress_bar(self) -> None:
-        if self.progress_bar and self.collected_frames:
-            self._pbar.update(min(self.collected_frames, self.total_frames))
+    def _progress_bar_setup(self) -> None:
+        """The bar of this session: during the prefill it counts to the prefill's end ("prefill"), then to the run's
+        end ("train"); a resumed run's steps are its starting point, so the rate and the time left count only the
+        steps run since the resume."""
+        if self.progress_bar:
+            self._pbar.close()
+            self._pbar = None
+            self._progress_bar_phase()
+
+    def _progress_bar_phase(self, pending_steps: int = 0) -> None:
+        """Opens the bar of the current phase when it changes (``pending_steps``: steps of the batch being
+        processed, which the trainer's loop adds to the bar after this hook)."""
+        if not self.progress_bar:
+            return
+        phase = "prefill" if self.schedule.steps < self.schedule.prefill else "train"
+        if self._pbar is not None and getattr(self._pbar, "phase", None) == phase:
+            return
+        if self._pbar is not None:
+            self._pbar.close()
+        from tqdm.auto import tqdm
+
+        end = (min(self.schedule.prefill, self.total_steps) if phase == "prefill" else self.total_steps) * self.frame_skip
+        done = self.collected_frames - pending_steps * self.frame_skip
+        self._pbar = tqdm(total=end, initial=min(done, end), desc=phase, unit="frame")
+        self._pbar.phase = phase
+
+    def _pbar_description(self) -> None:
+        """TorchRL's description of the bar (its metrics), after the phase: ``prefill`` or ``train``."""
+        if self.progress_bar:
+            metrics = ", ".join(f"{key}: {value}" for key, value in sorted(self._pbar_str.items()))
+            self._pbar.set_description(getattr(self._pbar, "phase", "train") + (f", {metrics}" if metrics else ""))
 
     @property
     def steps(self) -> int:
         """Agent steps collected (summed over envs)."""
         return self.schedule.steps
+
+    @property
+    def _run_dir(self) -> Path | None:
+        return self.checkpointer.path.parent if self.checkpointer is not None else None
+
+    def _space_needed(self) -> int:
+        """Bytes a checkpoint and some logging need: the last checkpoint's size (or the parameters and optimiser
+        states it would hold), and 64 MiB for logs and videos."""
+        path = self.checkpointer.path if self.checkpointer is not None else None
+        if path is not None and path.exists():
+            size = path.stat().st_size
+        else:
+            size = 4 * 4 * sum(p.numel() for p in self.loss_module.parameters())
+        return size + 64 * 2**20
+
+    @property
+    def finished(self) -> bool:
+        """Whether the run has nothing left to do: ``total_steps`` reached and the final evaluation made (when one
+        is asked for). :meth:`train` then changes nothing, no file included."""
+        final_pending = bool(self.final_eval_episodes) and self.evaluation is not None and \
+            self.evaluation.final_result is None
+        return self.schedule.steps >= self.total_steps and not final_pending
 
     @property
     def updates(self) -> int:
@@ -358,9 +412,10 @@ class DreamerV2Trainer(Trainer):
             torchrl_log.setLevel(max(log_level, logging.WARNING))
         for sig in handlers:
             signal.signal(sig, stop)
-        final_pending = bool(self.final_eval_episodes) and self.evaluation is not None and \
-            self.evaluation.final_result is None
-        if self.schedule.steps >= self.total_steps and not final_pending:
+        finished = self.finished
+        if not finished and getattr(self, "run_lock", None) is not None:
+            self.run_lock.mark()
+        if finished:
             warnings.warn(
                 f"Nothing to do: the run is at {self.schedule.steps} agent steps, total_steps is {self.total_steps}; "
                 "raise --total-steps to train further.",
@@ -372,6 +427,7 @@ class DreamerV2Trainer(Trainer):
                 "no update will run; lower --prefill or raise --total-steps.",
                 stacklevel=2,
             )
+        disk_full = None
         try:
             if self.schedule.steps < self.total_steps:
                 super().train()
@@ -379,12 +435,18 @@ class DreamerV2Trainer(Trainer):
                 self.collector.shutdown()
             if not self.interrupted and self.schedule.steps >= self.total_steps:
                 self._final_evaluation()
-        except Exception:
+        except Exception as err:
+            if _disk_full(err, self._run_dir):
+                # a write found the disk full (a log, a video, the replay): stop with one line; the previous
+                # checkpoint and the replay it describes are kept, and the same command resumes from them
+                disk_full = err
+                self.collector.shutdown()
+            elif not self.interrupted:
+                raise
             # A signal sent to the whole process group can take env workers down mid-collection: the state is
             # still consistent (steps and updates are counted per finished batch), so checkpoint it below.
-            if not self.interrupted:
-                raise
-            self.collector.shutdown()
+            else:
+                self.collector.shutdown()
         finally:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
@@ -393,7 +455,13 @@ class DreamerV2Trainer(Trainer):
             if shards is not None:  # the update's worker threads (a later train() starts them again)
                 shards.close()
         try:
-            self.save_checkpoint()
+            if disk_full is not None:
+                if isinstance(disk_full, DiskFullError):
+                    raise disk_full
+                raise DiskFullError(self._run_dir, self._space_needed(), "the next checkpoint with the logs") \
+                    from disk_full
+            if not finished:  # a run with nothing to do leaves every file as it is
+                self.save_checkpoint()
         finally:
             if getattr(self, "run_lock", None) is not None:
                 self.run_lock.release()
@@ -435,9 +503,19 @@ def _reconcile_config(config: DreamerV2Config, logdir: Path, resuming: bool, kee
     if not resuming:
         return config
     path = logdir / CONFIG_FILE
+    saved = None
     if path.exists():
-        saved = json.loads(path.read_text())
-    else:  # the checkpoint carries its config too
+        try:
+            saved = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as err:
+            kept = Checkpoint.manifest(logdir / CHECKPOINT_FILE)["metadata"].get("config") is not None
+            raise ValueError(
+                f"{path} is not a valid config ({type(err).__name__}: {err}): "
+                + ("the checkpoint carries its own copy of the config; delete config.json to resume with it."
+                   if kept else "the checkpoint has no copy of the config; restore config.json or use another "
+                   "--logdir.")
+            ) from None
+    if saved is None:  # the checkpoint carries its config too
         saved = Checkpoint.manifest(logdir / CHECKPOINT_FILE)["metadata"].get("config")
         if saved is None:
             raise ValueError(
@@ -464,6 +542,23 @@ def _reconcile_config(config: DreamerV2Config, logdir: Path, resuming: bool, kee
               + (f"; the schedules {schedules} are this command's." if schedules else "."))
     keep = {k: v for k, v in saved.items() if k not in _RESUMABLE_CHANGES and k in given}
     return config.replace(**keep)
+
+
+def _disk_full(err: BaseException, run_dir: Path | None) -> bool:
+    """Whether ``err`` comes of a full disk: ENOSPC or EDQUOT in its chain, or another write error (torch's archive
+    writer reports a short write as a bare RuntimeError) while the run's disk has less than 1 MiB free."""
+    seen, chained = set(), err
+    while chained is not None and id(chained) not in seen:
+        if isinstance(chained, OSError) and chained.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen.add(id(chained))
+        chained = chained.__cause__ or chained.__context__
+    if run_dir is None or not isinstance(err, (OSError, RuntimeError)):
+        return False
+    try:
+        return shutil.disk_usage(run_dir).free < 2**20
+    except OSError:
+        return False
 
 
 def _cause(err: BaseException, kind: type) -> BaseException | None:
@@ -500,6 +595,10 @@ class RunLock:
             raise RunLockedError(
                 f"{logdir} is in use by a running training ({holder}); wait for it to end or use another --logdir."
             ) from None
+
+    def mark(self) -> None:
+        """Writes this process's id in the lock file (read by a second process that finds the directory in use).
+        Called when training starts: a run with nothing to do changes no file."""
         self._file.seek(0)
         self._file.truncate()
         self._file.write(f"pid {os.getpid()}")
@@ -655,6 +754,24 @@ def make_dreamerv2_trainer(
     return trainer
 
 
+def _check_update_memory(config: DreamerV2Config, models: Any, loss: Any, device: torch.device) -> None:
+    """Refuses, before any work, a batch whose update needs more memory than the system has free (CPU updates)."""
+    if device.type != "cpu":
+        return
+    need = estimate_update_memory(
+        models.world_model, models.actor, models.critic, batch_size=config.batch_size,
+        batch_length=config.batch_length, imagination_horizon=config.imagination_horizon,
+        dynamics_gradients=loss.actor_loss.actor_grad != "reinforce",
+    )
+    free = available_memory()
+    if free is not None and need > free:
+        raise ValueError(
+            f"An update on batches of {config.batch_size} x {config.batch_length} needs about {gib(need)} of memory "
+            f"(estimated from the config) and {gib(free)} are free: lower --batch-size or --batch-length, or free "
+            "memory."
+        )
+
+
 def _build_trainer(
     config, logdir, factory, device, saved, resuming, progress, parallel_envs, fresh_replay, shards, replay=None
 ) -> DreamerV2Trainer:
@@ -670,6 +787,7 @@ def _build_trainer(
     if not factory.is_instance:
         probe.close()
     loss = config.make_loss(models)
+    _check_update_memory(config, models, loss, device)
     stepper = config.make_stepper(loss, shards=shards)
     if replay is None:
         replay = make_replay_buffer(
@@ -732,6 +850,9 @@ def _build_trainer(
     trainer.device = device
     if resuming:
         trainer.load_checkpoint(map_location=device)
+    if trainer.finished:  # nothing to do: every file stays as it is (no config, logger or checkpoint written)
+        trainer.logger = None
+        return trainer
     # only now, with the checkpoint read, is anything written in the run directory. The logs keep the rows up to the
     # checkpoint's step; without a checkpoint (a run killed before its first one) none: it starts again from 0
     trainer.logger = make_logger(logdir, resume_step=saved["steps"] * config.action_repeat if resuming else 0)
