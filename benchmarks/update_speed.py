@@ -1,4 +1,4 @@
-"""Speed of one full DreamerV2 update at the Atari preset.
+"""Speed of one full DreamerV2 update at the Atari preset (or another preset's networks, ``--preset``).
 
 One update = world-model loss + backward + Adam step, imagination of 15 steps
 from all B x T posterior states, actor loss + step, critic loss + step (the
@@ -15,6 +15,7 @@ in a training run after its first updates; the JSON gives the warm-up's length a
     python benchmarks/update_speed.py --background-load 1    # one busy process beside the timed updates
     python benchmarks/update_speed.py --shards 1 --background-load 1   # one pass on torch's threads, for comparison
     python benchmarks/update_speed.py --device cuda --compile --cudagraph --precision bf16
+    python benchmarks/update_speed.py --preset atari100k --threads 1 --compile   # the CPU Atari 100k preset
 
 See ``benchmarks/README.md`` for the figures.
 """
@@ -38,7 +39,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 from torchrl.data import Composite, OneHot, Unbounded
 
-from torchrl_dreamer.config import DreamerV2Config
+from torchrl_dreamer.config import PRESETS, DreamerV2Config
 from torchrl_dreamer.trainers import default_shards, keep_freed_memory, parse_threads
 
 from _checks import check_device_args  # benchmarks/_checks.py, beside this script
@@ -87,8 +88,10 @@ def main(argv: list[str] | None = None) -> dict:
         "(2-3 as one pass, up to ~10 in shards, whose threads interleave their allocations)",
     )
     parser.add_argument("--max-warmup", type=int, default=20, help="most untimed updates (see --warmup)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--batch-length", type=int, default=50)
+    parser.add_argument("--preset", default="atari", choices=sorted(PRESETS),
+                        help="the preset's networks and losses, on 64 x 64 Atari frames (default: the paper's atari)")
+    parser.add_argument("--batch-size", type=int, default=None, help="sequences per batch (default: the preset's)")
+    parser.add_argument("--batch-length", type=int, default=None, help="rows per sequence (default: the preset's)")
     parser.add_argument("--actions", type=int, default=18)
     parser.add_argument(
         "--threads", type=parse_threads, default=None, metavar="INT",
@@ -133,7 +136,9 @@ def main(argv: list[str] | None = None) -> dict:
         keep_freed_memory()
     device = torch.device(args.device)
     torch.manual_seed(0)
-    cfg = DreamerV2Config.preset("atari", precision=args.precision, compile=args.compile, cudagraph=args.cudagraph)
+    cfg = DreamerV2Config.preset(args.preset, precision=args.precision, compile=args.compile, cudagraph=args.cudagraph)
+    args.batch_size = args.batch_size or cfg.batch_size
+    args.batch_length = args.batch_length or cfg.batch_length
     obs_spec = Composite(pixels=Unbounded((1, 64, 64), dtype=torch.uint8))
     models = cfg.make_models(obs_spec, OneHot(args.actions), device=device)
     image_nets = [m for m in models.world_model.modules() if hasattr(m, "fast_path")]
@@ -202,6 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "device": args.device,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads",
+        "preset": args.preset,
         "precision": args.precision,
         "batch": [args.batch_size, args.batch_length],
         "updates": args.updates,

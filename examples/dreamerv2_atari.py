@@ -2,6 +2,7 @@
 
     python examples/dreamerv2_atari.py                       # Pong, paper preset
     python examples/dreamerv2_atari.py --game Boxing --device cuda --precision bf16
+    python examples/dreamerv2_atari.py --preset atari100k --game Krull --threads 1   # Atari 100k on a CPU, < 2 h
     python examples/dreamerv2_atari.py --env gym:CartPole-v1 --preset debug
     python examples/dreamerv2_atari.py --env my_package.envs:make_env   # your own TorchRL env factory
     python examples/dreamerv2_atari.py --preset debug --logdir /tmp/dbg   # ~1 minute on a CPU
@@ -95,9 +96,11 @@ def build_parser(preset: str = "atari") -> argparse.ArgumentParser:
     fields = {field.name: field for field in dataclasses.fields(DreamerV2Config)}
     run = parser.add_argument_group("run")
     run.add_argument("--preset", default="atari", choices=sorted(PRESETS),
-                     help="hyperparameter preset: atari (paper, Atari), dmc (paper, DMC from pixels), small (CPU-sized "
-                     "networks, the paper's behaviour settings: small tasks such as CartPole on a CPU), debug (a smoke "
-                     "test: tiny networks on Catch) [default: atari; --preset <name> --help shows its values]")
+                     help="hyperparameter preset: atari (paper, Atari), atari100k (Atari 100k on a CPU: the paper's "
+                     "Atari protocol, CPU-sized networks, 100k agent steps in under 2 hours on one thread), dmc (paper, "
+                     "DMC from pixels), small (CPU-sized networks, the paper's behaviour settings: small tasks such as "
+                     "CartPole on a CPU), debug (a smoke test: tiny networks on Catch) [default: atari; --preset <name> "
+                     "--help shows its values]")
     run.add_argument("--game", default=None, help="Atari game, e.g. Pong, Boxing, Freeway (sets --env atari:<game>)")
     run.add_argument("--env", default=None, help=_hyper_help(fields["env"], preset))
     run.add_argument("--logdir", default=None, help="run directory (default: logs/<env>-<preset>-seed<seed>)")

@@ -37,6 +37,12 @@ from torchrl_dreamer.modules.models import RSSMPriorStepV2, WorldModelV2
 # objectives package imports this module (the actor loss imagines in this env)
 
 
+def _thread_key() -> int:
+    """The key of this thread's start states: the thread (shards roll out in several threads at once); one key
+    under ``torch.compile``, which runs one thread and cannot trace ``threading.get_ident``."""
+    return 0 if torch.compiler.is_compiling() else threading.get_ident()
+
+
 def _reward_transforms() -> dict:
     from torchrl_dreamer.objectives.functional import REWARD_TRANSFORMS
 
@@ -262,7 +268,7 @@ class DreamerV2ImaginationEnv(ModelBasedEnvBase):
         if "_reset" in keys:
             # a partial reset during a rollout: the ended trajectories restart from their start states (those of the
             # last full reset in this thread), or from the initial state
-            starts = self._starts.get(threading.get_ident())
+            starts = self._starts.get(_thread_key())
             if starts is not None and starts.batch_size == batch:
                 return starts.clone()
             return self._with_heads(self._initial(batch), None)
@@ -276,7 +282,7 @@ class DreamerV2ImaginationEnv(ModelBasedEnvBase):
         else:  # (TorchRL refuses start states of another batch size than a batched env's)
             out = tensordict.select(*self.model_state_keys, *(["discount"] if "discount" in keys else [])).copy()
             out = self._with_heads(out, out.get("discount", None))
-        self._starts[threading.get_ident()] = out.detach()
+        self._starts[_thread_key()] = out.detach()
         return out
 
     def _with_heads(self, out: TensorDictBase, discount: torch.Tensor | None) -> TensorDictBase:
