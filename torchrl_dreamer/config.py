@@ -364,6 +364,12 @@ def _validate(cfg: DreamerV2Config) -> None:
         raise _fail("replay_capacity", cfg.replay_capacity, f"an integer >= batch_length ({cfg.batch_length})")
 
 
+#: the networks of the CPU presets (small, atari100k): 16 x 16 latents, GRU and hidden layers of 128, MLPs of 2 x 128,
+#: CNN depth 16 (the paper's: 32 x 32, 600, 4 x 400, 48)
+CPU_NETWORKS: dict[str, int] = dict(
+    num_categoricals=16, num_classes=16, rnn_hidden_dim=128, hidden_dim=128, cnn_depth=16, mlp_units=128, mlp_layers=2
+)
+
 PRESETS: dict[str, dict[str, Any]] = {
     # the paper's Atari settings (spec section 2): the dataclass defaults
     "atari": {},
@@ -407,13 +413,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "small": dict(
         env="gym:CartPole-v1",
         action_repeat=1,
-        num_categoricals=16,
-        num_classes=16,
-        rnn_hidden_dim=128,
-        hidden_dim=128,
-        cnn_depth=16,
-        mlp_units=128,
-        mlp_layers=2,
+        **CPU_NETWORKS,
         gamma=0.99,
         entropy_scale=1e-2,
         model_lr=3e-4,
@@ -452,13 +452,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     #   steps; the acting policy is compiled (torch.compile) and all 100k steps are kept in the replay.
     "atari100k": dict(
         env="atari:Boxing",
-        num_categoricals=16,
-        num_classes=16,
-        rnn_hidden_dim=128,
-        hidden_dim=128,
-        cnn_depth=16,
-        mlp_units=128,
-        mlp_layers=2,
+        **CPU_NETWORKS,
         gamma=0.99,
         entropy_scale=3e-3,
         model_lr=1e-3,
