@@ -1,7 +1,8 @@
 """Throughput of the whole DreamerV2 training loop: agent steps per second and where the time goes.
 
 Builds the trainer exactly as ``examples/dreamerv2_atari.py`` does (``make_dreamerv2_trainer(config, logdir,
-device=..., progress=False)``, then ``trainer.train()``) at a preset (``--preset``, default the paper's ``atari``) on an Atari game, once per ``--num-envs`` value. After
+device=..., progress=False)``, then ``trainer.train()``) at a preset (``--preset``, default the paper's ``atari``) on
+an Atari game, once per ``--num-envs`` value. After
 ``--prefill`` random steps (and the pretraining update) it times a stretch of ``--updates`` updates and splits
 its wall-clock time into:
 

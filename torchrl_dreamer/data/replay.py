@@ -73,7 +73,9 @@ class DiskFullError(OSError):
         needed (int): bytes it needs (0 where unknown).
     """
 
-    def __init__(self, path: str | Path, needed: int, what: str, *, resume: str = "run the same command to resume") -> None:
+    def __init__(
+        self, path: str | Path, needed: int, what: str, *, resume: str = "run the same command to resume"
+    ) -> None:
         self.path, self.needed = Path(path), int(needed)
         try:
             free = shutil.disk_usage(self.path if self.path.exists() else self.path.parent).free
@@ -104,7 +106,9 @@ class PreallocatedMemmapStorage(LazyMemmapStorage):
         preallocate_files(self._storage, self.scratch_dir)
 
 
-def preallocate_files(storage: TensorDictBase, directory: str | Path | None, *, remove_on_failure: bool = True) -> None:
+def preallocate_files(
+    storage: TensorDictBase, directory: str | Path | None, *, remove_on_failure: bool = True
+) -> None:
     """Gives every memory-mapped file of ``storage`` its disk blocks; on a full disk raises :class:`DiskFullError`
     (removing the files first with ``remove_on_failure``: new files hold no rows yet)."""
     if not hasattr(os, "posix_fallocate") or not is_tensor_collection(storage):
@@ -125,8 +129,10 @@ def preallocate_files(storage: TensorDictBase, directory: str | Path | None, *, 
     if remove_on_failure:
         for name in files:
             Path(name).unlink(missing_ok=True)
-    raise DiskFullError(directory or Path(files[0]).parent, total, "the replay, its memory-mapped rows allocated whole,",
-                        resume="run the same command to resume (or lower --replay-capacity)") from full
+    raise DiskFullError(
+        directory or Path(files[0]).parent, total, "the replay, its memory-mapped rows allocated whole,",
+        resume="run the same command to resume (or lower --replay-capacity)",
+    ) from full
 
 
 class ReplayIntegrityError(RuntimeError, ValueError):

@@ -17,7 +17,9 @@ from typing import Sequence
 import torch
 from tensordict import NestedKey, TensorDict, TensorDictBase
 
-__all__ = ["NEXT_KEYS", "is_transition_batch", "next_key", "step_rows", "transitions_as_sequences", "transitions_to_rows"]
+__all__ = [
+    "NEXT_KEYS", "is_transition_batch", "next_key", "step_rows", "transitions_as_sequences", "transitions_to_rows",
+]
 
 NEXT_KEYS = ("reward", "terminated", "truncated", "done")
 
@@ -156,7 +158,9 @@ def transitions_as_sequences(
     if batch.ndim == 1:
         batch = _cut_slices(batch)
     elif batch.ndim != 2:
-        raise ValueError(f"Transitions come as [B, T] slices or a flat [B * T] sample, got batch {tuple(batch.batch_size)}.")
+        raise ValueError(
+            f"Transitions come as [B, T] slices or a flat [B * T] sample, got batch {tuple(batch.batch_size)}."
+        )
     num, steps = batch.batch_size
     done = batch.get(("next", "done")).reshape(num, steps)
     inside = done[:, :-1]

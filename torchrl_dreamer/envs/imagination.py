@@ -180,7 +180,9 @@ class DreamerV2ImaginationEnv(ModelBasedEnvBase):
         device: torch.device | str | None = None,
     ):
         if reward_transform not in _reward_transforms():
-            raise ValueError(f"reward_transform must be one of {sorted(_reward_transforms())}, got {reward_transform!r}.")
+            raise ValueError(
+                f"reward_transform must be one of {sorted(_reward_transforms())}, got {reward_transform!r}."
+            )
         state_key, belief_key = state_keys
         feat = [state_key, belief_key]
         heads = ImaginationHeads(world_model, threshold=discount_threshold, state_keys=feat)
@@ -276,7 +278,8 @@ class DreamerV2ImaginationEnv(ModelBasedEnvBase):
             if keys & set(self.model_state_keys):
                 raise ValueError(
                     f"DreamerV2ImaginationEnv.reset needs all the start states {self.model_state_keys} (got only "
-                    f"{sorted(map(str, keys & set(self.model_state_keys)))}): pass env.start_states(world_model_output)."
+                    f"{sorted(map(str, keys & set(self.model_state_keys)))}): pass "
+                    "env.start_states(world_model_output)."
                 )
             out = self._with_heads(self._initial(batch), None)  # no start states: the initial state
         else:  # (TorchRL refuses start states of another batch size than a batched env's)
@@ -330,7 +333,9 @@ class InverseRewardTransform(Transform):
 
     def __init__(self, *, reward_transform: str = "tanh", eps: float = 1e-6, in_keys=None):
         if reward_transform not in _reward_transforms():
-            raise ValueError(f"reward_transform must be one of {sorted(_reward_transforms())}, got {reward_transform!r}.")
+            raise ValueError(
+                f"reward_transform must be one of {sorted(_reward_transforms())}, got {reward_transform!r}."
+            )
         in_keys = ["reward"] if in_keys is None else list(in_keys)
         super().__init__(in_keys=in_keys, out_keys=list(in_keys))
         self.reward_transform, self.eps = reward_transform, eps

@@ -204,7 +204,10 @@ def straight_through_sample(logits: torch.Tensor, *, straight_through: bool = Tr
     generator = shard_generator()
     total = cdf[..., -1:]
     # (rand_like draws the same numbers as torch.rand of that shape, and traces under dynamic shapes)
-    u = torch.rand_like(total) if generator is None else torch.rand(total.shape, dtype=cdf.dtype, device=cdf.device, generator=generator)
+    if generator is None:
+        u = torch.rand_like(total)
+    else:
+        u = torch.rand(total.shape, dtype=cdf.dtype, device=cdf.device, generator=generator)
     u = u * total
     index = (cdf <= u).sum(-1, keepdim=True).clamp_max_(logits.shape[-1] - 1)
     sample = torch.zeros_like(logits).scatter_(-1, index, 1.0)

@@ -200,7 +200,8 @@ class DreamerV2Trainer(Trainer):
         ).register(self)
         # Stock TorchRL replay hook: extend with each collected batch, sample once per due update.
         if replay_hook is None:
-            replay_hook = ReplayBufferTrainer(replay_buffer, flatten_tensordicts=not isinstance(replay_buffer, DreamerReplayBuffer))
+            stock = not isinstance(replay_buffer, DreamerReplayBuffer)  # stock buffers take flat transitions
+            replay_hook = ReplayBufferTrainer(replay_buffer, flatten_tensordicts=stock)
         self.replay_hook = replay_hook
         self.register_op("batch_process", replay_hook.extend)
         self.register_op("process_optim_batch", replay_hook.sample)
