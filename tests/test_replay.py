@@ -773,16 +773,17 @@ def test_memory_does_not_grow_with_capacity(tmp_path):
     envs = FakeEnvs([[150]], pixel_shape=(1, 64, 64), extras=False)
     batches = [envs.batch(100) for _ in range(4)]
     before = _rss_mb()
-    rb = make(tmp_path, capacity=2_000_000, seq_len=50, batch_size=16)
+    rb = make(tmp_path, capacity=250_000, seq_len=50, batch_size=16)
     for batch in batches:
         rb.extend(batch)
     sample = rb.sample()
     grown = _rss_mb() - before
     assert sample["pixels"].shape == (16, 50, 1, 64, 64)
-    assert grown < 200, f"RSS grew by {grown:.0f} MB"
+    assert grown < 200, f"RSS grew by {grown:.0f} MB"  # 1 GB of rows on disk, not in memory
     pixels_file = next((tmp_path / "replay" / "storage").glob("pixels*"))
-    assert pixels_file.stat().st_size == 2_000_000 * 64 * 64  # allocated lazily on disk...
-    assert pixels_file.stat().st_blocks * 512 < 100 * 2**20  # ...only written pages take space
+    assert pixels_file.stat().st_size == 250_000 * 64 * 64
+    # the disk blocks are taken when the file is created (a full disk is an error then, not a SIGBUS later)
+    assert pixels_file.stat().st_blocks * 512 >= pixels_file.stat().st_size
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
