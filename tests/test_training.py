@@ -362,3 +362,19 @@ def test_final_evaluation_stopped_is_done_again_on_resume(tmp_path):
     assert "final_eval" not in result and not (logdir / "final_eval.json").exists()
     again = make_dreamerv2_trainer(cfg, logdir, device="cpu", progress=False).train()
     assert again["final_eval"]["episodes"] == 4 and (logdir / "final_eval.json").exists()
+
+
+@pytest.mark.slow
+def test_stock_replay_from_the_command_line_trains_and_resumes(tmp_path):
+    """--replay stock: TorchRL's TensorDictReplayBuffer of transitions with a SliceSampler; checkpointed with the
+    run (its storage), resumed with it, and a resume without the flag is refused (the replay is a setting)."""
+    logdir = tmp_path / "run"
+    common = ["--preset", "debug", "--replay", "stock", "--logdir", logdir, "--no-progress", "--eval-every", 10**9]
+    first = _result(_run(*common, "--total-steps", 300))
+    assert first["updates"] > 0
+    cfg = DreamerV2Config(**json.loads((logdir / "config.json").read_text()))
+    trainer = make_dreamerv2_trainer(cfg.replace(total_steps=400), logdir, device="cpu", progress=False)
+    assert type(trainer.replay_buffer).__name__ == "TensorDictReplayBuffer" and len(trainer.replay_buffer) == 300
+    assert trainer.train()["updates"] > first["updates"]
+    other = _run("--preset", "debug", "--logdir", logdir, "--no-progress", "--total-steps", 500)
+    assert other.returncode == 2 and "replay" in other.stderr

@@ -106,6 +106,10 @@ class DreamerV2Config:
     batch_size: int = _h(16, help="sequences per training batch (count)")
     batch_length: int = _h(50, help="rows per training sequence (agent steps)")
     replay_capacity: int = _h(2_000_000, help="replay buffer size (transitions, >= batch_length)")
+    replay: Literal["dreamer", "stock"] = _h(
+        "dreamer", help="the replay: dreamer (this package's: one row per observation on disk, the reference's "
+        "prioritize-ends windows) or stock (TorchRL's TensorDictReplayBuffer of transitions with a SliceSampler, "
+        "in memory; strict_length and prioritize_ends do not apply)")
     prioritize_ends: bool = _h(True, help="sample windows ending at episode ends more often, as the reference (bool)")
     # False: episodes shorter than batch_length are trained on too (a sequence that reaches such an episode's end
     # continues at another episode's start; the RSSM resets at is_init). Windows inside episodes of batch_length
@@ -297,6 +301,7 @@ _CHOICES = {
     "reward_transform": ("tanh", "identity"),
     "actor_grad": ("auto", "reinforce", "dynamics", "both"),
     "precision": ("fp32", "bf16"),
+    "replay": ("dreamer", "stock"),
 }
 _BOOLS = ("discount_head", "prioritize_ends", "strict_length", "compile", "cudagraph", "compile_policy")
 

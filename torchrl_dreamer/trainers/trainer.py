@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torchrl.checkpoint import Checkpoint, GlobalRNGState
 from torchrl.collectors import Collector
+from torchrl.data import LazyTensorStorage, SliceSampler, TensorDictReplayBuffer
 from torchrl.envs import EnvBase, ParallelEnv, SerialEnv
 from torchrl.objectives.utils import TargetNetUpdater
 from torchrl.trainers import ReplayBufferTrainer, TargetNetUpdaterHook, Trainer, TrainerHookBase
@@ -790,7 +791,14 @@ def _build_trainer(
     loss = config.make_loss(models)
     _check_update_memory(config, models, loss, device)
     stepper = config.make_stepper(loss, shards=shards)
-    if replay is None:
+    if replay is None and config.replay == "stock":
+        # TorchRL's own: transitions in memory, slices inside one trajectory (the losses read them as sequences)
+        replay = TensorDictReplayBuffer(
+            storage=LazyTensorStorage(config.replay_capacity),
+            sampler=SliceSampler(slice_len=config.batch_length, traj_key=("collector", "traj_ids")),
+            batch_size=config.batch_size * config.batch_length,
+        )
+    elif replay is None:
         replay = make_replay_buffer(
             capacity=config.replay_capacity, seq_len=config.batch_length, batch_size=config.batch_size,
             obs_keys=models.world_model.obs_keys, scratch_dir=logdir / "replay", prioritize_ends=config.prioritize_ends,
