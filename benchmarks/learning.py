@@ -28,6 +28,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -107,7 +108,7 @@ def _run_jobs(pending: list, running: list, env: dict, args: argparse.Namespace)
                 command += ["--eval-episodes", str(args.eval_episodes)]
             if args.final_eval_episodes is not None:
                 command += ["--final-eval-episodes", str(args.final_eval_episodes)]
-            command += args.set
+            command += [flag for flags in args.set for flag in shlex.split(flags)]
             log = open(logdir / "stdout.log", "a")
             print(f"start  {name} seed {seed} -> {logdir}", flush=True)
             running.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT),
@@ -322,8 +323,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="greedy episodes of a final evaluation of each run (default: the preset's); when a run "
                              "made one, it is the run's final return")
     parser.add_argument("--random-episodes", type=int, default=100)
-    parser.add_argument("--set", nargs="+", default=[], metavar="FLAG",
-                        help="more flags of the command for every run, e.g. --set --replay stock")
+    parser.add_argument("--set", action="append", default=[], metavar="FLAGS",
+                        help='more flags of the command for every run, e.g. --set="--replay stock"')
     parser.add_argument("--out", type=Path, default=Path("logs/learning"))
     parser.add_argument("--tables-only", action="store_true", help="rebuild the tables from the runs as they are")
     args = parser.parse_args(argv)
