@@ -13,6 +13,9 @@ its wall-clock time into:
 * ``update``: the optimisation stepper (world model, imagination, actor, critic);
 * ``other``: the rest (the collector's own bookkeeping, hooks, logging).
 
+With ``--eval-episodes N`` it then times N greedy episodes with one env, and with the preset's ``eval_envs``
+stepped together (the policy acting for all of them at once).
+
 It also prints the peak resident memory (this process and its env workers, sampled every 50 ms). The last line
 is JSON.
 
@@ -111,8 +114,18 @@ def run(num_envs: int, args: argparse.Namespace, device: torch.device) -> dict:
             window.update(start=time.perf_counter(), steps=trainer.steps, updates=trainer.updates)
 
     trainer.register_op("post_steps", start_window)
+    evaluation = {}
     try:
         trainer.train()
+        for envs in sorted({1, config.eval_envs}) if args.eval_episodes else ():
+            # greedy episodes, one env at a time or several stepped together (the policy acting for all at once)
+            trainer.evaluation.num_envs = envs
+            start = time.perf_counter()
+            result = trainer.evaluation.evaluate(args.eval_episodes, seed=0)
+            seconds = time.perf_counter() - start
+            evaluation[f"{envs}_envs"] = {"episodes": args.eval_episodes, "agent_steps": sum(result["lengths"]),
+                                          "seconds": round(seconds, 2),
+                                          "agent_steps_per_s": round(sum(result["lengths"]) / seconds, 1)}
     finally:
         peaks.stop()
         shutil.rmtree(logdir.parent, ignore_errors=True)
@@ -135,6 +148,7 @@ def run(num_envs: int, args: argparse.Namespace, device: torch.device) -> dict:
         "threads": torch.get_num_threads(),
         # the update's worker threads (one per thread for an eager CPU update; 1: one pass on torch's threads)
         "shards": getattr(trainer.optimization_stepper.shard_pool, "shards", 1),
+        **({"evaluation": evaluation} if evaluation else {}),
     }
 
 
@@ -148,6 +162,9 @@ def main(argv: list[str] | None = None) -> dict:
                              "the env count), on the Atari env with action repeat 4")
     parser.add_argument("--serial-envs", action="store_true", help="several envs stepped in this process (SerialEnv)")
     parser.add_argument("--compile-policy", action="store_true", help="compile the acting policy")
+    parser.add_argument("--eval-episodes", type=int, default=0,
+                        help="after the timed stretch, time this many greedy episodes with one env and with the "
+                             "preset's eval_envs stepped together (0: none)")
     parser.add_argument("--prefill", type=int, default=1000, help="random agent steps before the first update")
     parser.add_argument("--updates", type=int, default=8, help="updates in the timed stretch (train_every agent steps each)")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
