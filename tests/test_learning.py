@@ -57,9 +57,11 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def train_and_evaluate(tmp_path, seed: int = SEED, steps: int = STEPS) -> tuple[dict, dict, float, float]:
+def train_and_evaluate(tmp_path, seed: int = SEED, steps: int = STEPS, replay: str = "dreamer"
+                       ) -> tuple[dict, dict, float, float]:
     cfg = DreamerV2Config.preset(
-        "small", seed=seed, total_steps=steps, eval_every=10**9, video_every=10**9, checkpoint_every=10**9
+        "small", seed=seed, total_steps=steps, eval_every=10**9, video_every=10**9, checkpoint_every=10**9,
+        replay=replay,
     )
     start = time.perf_counter()
     trainer = make_dreamerv2_trainer(cfg, tmp_path / "run", device="cpu", progress=False)
@@ -70,9 +72,12 @@ def train_and_evaluate(tmp_path, seed: int = SEED, steps: int = STEPS) -> tuple[
 
 
 @pytest.mark.slow
-def test_small_preset_learns_cartpole(tmp_path, one_thread):
-    result, evaluation, target, seconds = train_and_evaluate(tmp_path)
-    print(f"\nDreamerV2 (small preset) on CartPole-v1, seed {SEED}: greedy return {evaluation['eval_return']:.1f} over "
+@pytest.mark.parametrize("replay", ["dreamer", "stock"])
+def test_small_preset_learns_cartpole(tmp_path, one_thread, replay):
+    """The package's replay, and TorchRL's stock TensorDictReplayBuffer of transitions with a SliceSampler (the
+    losses read its slices as sequences), to the same threshold."""
+    result, evaluation, target, seconds = train_and_evaluate(tmp_path, replay=replay)
+    print(f"\nDreamerV2 (small preset, {replay} replay) on CartPole-v1, seed {SEED}: greedy return {evaluation['eval_return']:.1f} over "
           f"{EVAL_EPISODES} episodes, mean lambda-return target {target:.1f}, after {result['steps']} agent steps and "
           f"{result['updates']} updates ({seconds:.0f} s)")
     assert result["steps"] == STEPS and not result["interrupted"]
