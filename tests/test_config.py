@@ -58,7 +58,7 @@ BAD = [
     ("hidden_dim", 0), ("cnn_depth", 0), ("mlp_units", 0), ("mlp_layers", 0), ("imagination_horizon", 1),
     ("target_update_interval", 0), ("total_steps", 0), ("total_steps", 5e7), ("prefill", -1), ("pretrain", -1),
     ("train_every", 0), ("batch_size", 0), ("batch_length", 1), ("replay_capacity", 0), ("eval_every", 0),
-    ("eval_episodes", 0), ("eval_envs", 0), ("compile_policy", 1), ("replay", "fifo"), ("final_eval_episodes", -1), ("log_every", 0), ("video_every", 0), ("checkpoint_every", -10), ("seed", -1),
+    ("eval_episodes", 0), ("eval_envs", 0), ("compile_policy", 1), ("episodes_by_length", "yes"), ("replay", "fifo"), ("final_eval_episodes", -1), ("log_every", 0), ("video_every", 0), ("checkpoint_every", -10), ("seed", -1),
     ("reward_transform", "clip"), ("actor_grad", "dynamic"), ("precision", "fp16"), ("discount_head", "yes"),
     ("prioritize_ends", 1), ("strict_length", None), ("compile", "yes"), ("cudagraph", 1), ("cnn_keys", "pixels,,x"),
     ("cnn_keys", 3),

@@ -386,6 +386,17 @@ def check_joined(sample: TensorDict, envs: FakeEnvs, seq_len: int) -> int:
     return int(is_init[:, 1:].sum())
 
 
+@pytest.mark.parametrize("by_length", [False, True])
+def test_episodes_drawn_uniformly_or_by_length(tmp_path, by_length):
+    """The reference draws each episode equally often; episodes_by_length makes every stored row equally likely."""
+    envs = FakeEnvs([[9, 89]])  # episodes of 10 and 90 rows
+    rb = make(tmp_path, capacity=500, seq_len=5, batch_size=2000, episodes_by_length=by_length)
+    rb.extend(envs.batch(98))
+    _, episode, _ = decode(rb.sample()["pixels"][:, 0])
+    long_share = float((episode == 1).double().mean())
+    assert abs(long_share - (0.9 if by_length else 0.5)) < 0.04, long_share
+
+
 def test_short_episodes_are_joined_without_strict_length(tmp_path):
     envs = FakeEnvs([[3, 20, 2]])  # episodes of 4, 21 and 3 rows
     strict = make(tmp_path, capacity=500, seq_len=8, batch_size=200, scratch_dir=tmp_path / "strict")

@@ -111,6 +111,8 @@ class DreamerV2Config:
         "prioritize-ends windows) or stock (TorchRL's TensorDictReplayBuffer of transitions with a SliceSampler, "
         "in memory; strict_length and prioritize_ends do not apply)")
     prioritize_ends: bool = _h(True, help="sample windows ending at episode ends more often, as the reference (bool)")
+    episodes_by_length: bool = _h(False, help="draw episodes in proportion to their length (every step equally "
+                                  "likely) instead of uniformly, the reference's rule (bool)")
     # False: episodes shorter than batch_length are trained on too (a sequence that reaches such an episode's end
     # continues at another episode's start; the RSSM resets at is_init). Windows inside episodes of batch_length
     # rows or more are the reference's either way. True: the reference exactly (shorter episodes never sampled).
@@ -303,7 +305,8 @@ _CHOICES = {
     "precision": ("fp32", "bf16"),
     "replay": ("dreamer", "stock"),
 }
-_BOOLS = ("discount_head", "prioritize_ends", "strict_length", "compile", "cudagraph", "compile_policy")
+_BOOLS = ("discount_head", "prioritize_ends", "episodes_by_length", "strict_length", "compile", "cudagraph",
+          "compile_policy")
 
 
 def _fail(name: str, value: Any, allowed: str) -> ValueError:

@@ -203,6 +203,8 @@ class DreamerReplayBuffer(TensorDictReplayBuffer):
         prioritize_ends (bool, optional): favour windows that touch the episode end. Defaults to ``True``.
         strict_length (bool, optional): sample only episodes with at least ``seq_len`` rows (the reference);
             ``False`` also samples shorter ones, joined to others. Defaults to ``True``.
+        episodes_by_length (bool, optional): draw episodes in proportion to their rows instead of uniformly (the
+            reference), see :class:`~torchrl_dreamer.data.PrioritizeEndsSampler`. Defaults to ``False``.
         traj_key (NestedKey, optional): trajectory ids in collector batches. Defaults to
             ``("collector", "traj_ids")``.
         device (torch.device or str, optional): where samples are moved (pinned first when CUDA).
@@ -242,6 +244,7 @@ class DreamerReplayBuffer(TensorDictReplayBuffer):
         scratch_dir: str | Path,
         prioritize_ends: bool = True,
         strict_length: bool = True,
+        episodes_by_length: bool = False,
         traj_key: NestedKey = ("collector", "traj_ids"),
         device: torch.device | str = "cpu",
         seed: int | None = None,
@@ -267,7 +270,8 @@ class DreamerReplayBuffer(TensorDictReplayBuffer):
         super().__init__(
             storage=self._new_storage(),
             sampler=PrioritizeEndsSampler(
-                seq_len=seq_len, traj_key=self.traj_key, strict_length=strict_length, prioritize_ends=prioritize_ends
+                seq_len=seq_len, traj_key=self.traj_key, strict_length=strict_length, prioritize_ends=prioritize_ends,
+                episodes_by_length=episodes_by_length,
             ),
             writer=FifoWriter(mark_path=self.scratch_dir / MARK_FILE),
             batch_size=batch_size,
@@ -816,6 +820,7 @@ def make_replay_buffer(
     scratch_dir: str | Path,
     prioritize_ends: bool = True,
     strict_length: bool = True,
+    episodes_by_length: bool = False,
     traj_key: NestedKey = ("collector", "traj_ids"),
     device: torch.device | str = "cpu",
     seed: int | None = None,
@@ -843,6 +848,7 @@ def make_replay_buffer(
         scratch_dir=scratch_dir,
         prioritize_ends=prioritize_ends,
         strict_length=strict_length,
+        episodes_by_length=episodes_by_length,
         traj_key=traj_key,
         device=device,
         seed=seed,

@@ -62,6 +62,11 @@ class PrioritizeEndsSampler(SliceSampler):
             Defaults to ``True``.
         prioritize_ends (bool, optional): use the reference's end-favouring start distribution; ``False`` draws
             the start uniformly. Defaults to ``True``.
+        episodes_by_length (bool, optional): draw each episode with a probability proportional to its stored rows
+            (every step equally likely, as TorchRL's ``SliceSampler`` and sheeprl's sequential buffer) instead of
+            uniformly (the reference: each episode equally likely, whatever its length). Where episode lengths
+            differ by orders of magnitude (CartPole: ~20-step random episodes, later 500-step ones) the reference's
+            rule keeps training mostly on the short early episodes. Defaults to ``False``.
 
     Reference: Hafner et al., "Mastering Atari with Discrete World Models" (ICLR 2021), ``common/replay.py``.
 
@@ -83,12 +88,14 @@ class PrioritizeEndsSampler(SliceSampler):
         traj_key: NestedKey = ("collector", "traj_ids"),
         strict_length: bool = True,
         prioritize_ends: bool = True,
+        episodes_by_length: bool = False,
     ) -> None:
         if seq_len < 1:
             raise ValueError(f"seq_len must be >= 1, got {seq_len}.")
         super().__init__(slice_len=seq_len, traj_key=traj_key, strict_length=strict_length)
         self.seq_len = seq_len
         self.prioritize_ends = prioritize_ends
+        self.episodes_by_length = episodes_by_length
         self.episodes = EpisodeTable()
         self._eligible_cache: tuple[int, np.ndarray, np.ndarray] | None = None
 
@@ -115,7 +122,11 @@ class PrioritizeEndsSampler(SliceSampler):
                 f"({int(stored.sum())} rows in {len(stored)} episodes, longest {int(stored.max(initial=0))}). "
                 "Collect more steps first."
             )
-        episode = torch.randint(len(ids), (num_sequences,), generator=self._rng).numpy()
+        if self.episodes_by_length:
+            weights = torch.from_numpy(lengths).double()
+            episode = torch.multinomial(weights, num_sequences, replacement=True, generator=self._rng).numpy()
+        else:
+            episode = torch.randint(len(ids), (num_sequences,), generator=self._rng).numpy()
         u = torch.rand(num_sequences, generator=self._rng, dtype=torch.float64).numpy()
         positions = np.empty((num_sequences, seq_len), np.int64)
         is_init = np.zeros((num_sequences, seq_len), bool)
@@ -143,7 +154,11 @@ class PrioritizeEndsSampler(SliceSampler):
             filled += take
             if filled == len(positions):
                 return
-            chosen = int(torch.randint(len(ids), (), generator=self._rng))
+            if self.episodes_by_length:
+                lengths = self._eligible()[1]
+                chosen = int(torch.multinomial(torch.from_numpy(lengths).double(), 1, generator=self._rng))
+            else:
+                chosen = int(torch.randint(len(ids), (), generator=self._rng))
             rows = self.episodes.positions(int(ids[chosen]))
 
     def extend(self, index: torch.Tensor) -> None:
@@ -175,5 +190,6 @@ class PrioritizeEndsSampler(SliceSampler):
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(seq_len={self.seq_len}, prioritize_ends={self.prioritize_ends}, "
-            f"strict_length={self.strict_length}, traj_key={self.traj_key}, episodes={self.episodes.num_episodes})"
+            f"strict_length={self.strict_length}, episodes_by_length={self.episodes_by_length}, "
+            f"traj_key={self.traj_key}, episodes={self.episodes.num_episodes})"
         )

@@ -802,7 +802,8 @@ def _build_trainer(
         replay = make_replay_buffer(
             capacity=config.replay_capacity, seq_len=config.batch_length, batch_size=config.batch_size,
             obs_keys=models.world_model.obs_keys, scratch_dir=logdir / "replay", prioritize_ends=config.prioritize_ends,
-            strict_length=config.strict_length, device=device, seed=config.seed, fresh=fresh_replay,
+            strict_length=config.strict_length, episodes_by_length=config.episodes_by_length, device=device,
+            seed=config.seed, fresh=fresh_replay,
         )
     primer = models.policy.make_tensordict_primer
 
