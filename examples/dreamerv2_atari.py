@@ -86,11 +86,18 @@ def _hyper_help(field: dataclasses.Field, preset: str) -> str:
     return f"{field.metadata['help']} [{preset} preset: {value}]".replace("%", "%%")
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse with its errors as one line, like the command's other errors (argparse prints the whole usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def build_parser(preset: str = "atari") -> argparse.ArgumentParser:
     """The command line; ``--help`` shows each hyperparameter's description and its value in ``preset``."""
     if preset not in PRESETS:
         preset = "atari"
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
     fields = {field.name: field for field in dataclasses.fields(DreamerV2Config)}
@@ -195,7 +202,7 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
 def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _one_line_warning  # the library's warnings as one line each (threads, spinning, ...)
     # the preset first, so that --help shows its values
-    preset_parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    preset_parser = _OneLineParser(add_help=False, allow_abbrev=False)
     preset_parser.add_argument("--preset", default="atari")
     args = build_parser(preset_parser.parse_known_args(argv)[0].preset).parse_args(argv)
     try:

@@ -4,6 +4,8 @@ The run is ``make_dreamerv2_trainer(DreamerV2Config.preset("small", seed=..., to
 preset's networks and behaviour settings (learning rates, horizon, lambda, entropy scale, target-critic interval,
 gamma, update ratio, prefill), only a shorter budget and no intermediate evaluations, videos or checkpoints. The
 greedy policy (the actor's mode) is then evaluated on ``EVAL_EPISODES`` fresh episodes and must reach ``THRESHOLD``.
+Two such runs go side by side in worker processes, one thread each: the package's replay and TorchRL's stock
+transitions buffer (``replay="stock"``), which must reach the same threshold.
 
 Two checks:
 
@@ -33,7 +35,9 @@ enough to balance the pole for a while): the budget of 10,000 steps and the targ
 """
 from __future__ import annotations
 
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 import torch
@@ -49,16 +53,10 @@ THRESHOLD = 150.0
 EVAL_EPISODES = 10
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def train_and_evaluate(tmp_path, seed: int = SEED, steps: int = STEPS, replay: str = "dreamer"
                        ) -> tuple[dict, dict, float, float]:
+    """One run on one CPU thread (called in a worker process)."""
+    torch.set_num_threads(1)
     cfg = DreamerV2Config.preset(
         "small", seed=seed, total_steps=steps, eval_every=10**9, video_every=10**9, checkpoint_every=10**9,
         replay=replay,
@@ -72,16 +70,23 @@ def train_and_evaluate(tmp_path, seed: int = SEED, steps: int = STEPS, replay: s
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("replay", ["dreamer", "stock"])
-def test_small_preset_learns_cartpole(tmp_path, one_thread, replay):
+def test_small_preset_learns_cartpole(tmp_path):
     """The package's replay, and TorchRL's stock TensorDictReplayBuffer of transitions with a SliceSampler (the
-    losses read its slices as sequences), to the same threshold."""
-    result, evaluation, target, seconds = train_and_evaluate(tmp_path, replay=replay)
-    print(f"\nDreamerV2 (small preset, {replay} replay) on CartPole-v1, seed {SEED}: greedy return {evaluation['eval_return']:.1f} over "
-          f"{EVAL_EPISODES} episodes, mean lambda-return target {target:.1f}, after {result['steps']} agent steps and "
-          f"{result['updates']} updates ({seconds:.0f} s)")
-    assert result["steps"] == STEPS and not result["interrupted"]
-    assert target >= TARGET_FLOOR, f"mean lambda-return target {target:.1f} < {TARGET_FLOOR}: the critic does not bootstrap"
-    assert evaluation["eval_return"] >= THRESHOLD, (
-        f"greedy return {evaluation['eval_return']:.1f} < {THRESHOLD} (random actions: 22)"
-    )
+    losses read its slices as sequences), to the same threshold: the two runs side by side, one thread each."""
+    replays = ("dreamer", "stock")
+    with ProcessPoolExecutor(len(replays), mp_context=multiprocessing.get_context("spawn")) as pool:
+        runs = {replay: pool.submit(train_and_evaluate, tmp_path / replay, replay=replay) for replay in replays}
+        runs = {replay: run.result() for replay, run in runs.items()}
+    failures = []
+    for replay, (result, evaluation, target, seconds) in runs.items():
+        print(f"\nDreamerV2 (small preset, {replay} replay) on CartPole-v1, seed {SEED}: greedy return "
+              f"{evaluation['eval_return']:.1f} over {EVAL_EPISODES} episodes, mean lambda-return target {target:.1f}, "
+              f"after {result['steps']} agent steps and {result['updates']} updates ({seconds:.0f} s)")
+        assert result["steps"] == STEPS and not result["interrupted"], replay
+        if target < TARGET_FLOOR:
+            failures.append(f"{replay} replay: mean lambda-return target {target:.1f} < {TARGET_FLOOR}: the critic "
+                            "does not bootstrap")
+        if evaluation["eval_return"] < THRESHOLD:
+            failures.append(f"{replay} replay: greedy return {evaluation['eval_return']:.1f} < {THRESHOLD} "
+                            "(random actions: 22)")
+    assert not failures, "; ".join(failures)

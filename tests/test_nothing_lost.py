@@ -181,10 +181,14 @@ def test_bad_values_are_one_line_with_status_2(tmp_path):
         (["--batch-length", "1"], "batch_length must be an integer >= 2"),
         (["--imagination-horizon", "1"], "imagination_horizon must be an integer >= 2"),
         (["--batch-size", "100000"], "needs about"),
+        (["--seed", "abc"], "invalid int value"),  # argparse's own errors too: one line, not the whole usage
+        (["--precision", "fp8"], "invalid choice"),
     ):
         proc = _run("--preset", "debug", "--logdir", tmp_path / "run", "--no-progress", *args)
         assert proc.returncode == 2, (args, proc.stderr[-2000:])
         assert expected in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr[-2000:])
+        errors = [line for line in proc.stderr.splitlines() if not line.startswith("warning: ")]
+        assert len(errors) == 1 and errors[0].startswith("error: "), (args, proc.stderr[-2000:])
         assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
