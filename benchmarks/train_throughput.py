@@ -14,7 +14,8 @@ its wall-clock time into:
 * ``other``: the rest (the collector's own bookkeeping, hooks, logging).
 
 With ``--eval-episodes N`` it then times N greedy episodes with one env, and with the preset's ``eval_envs``
-stepped together (the policy acting for all of them at once).
+stepped together (the policy acting for all of them at once), each after an untimed warm-up evaluation (a compiled
+policy compiles for each batch size).
 
 It also prints the peak resident memory (this process and its env workers, sampled every 50 ms). The last line
 is JSON.
@@ -91,6 +92,7 @@ def run(num_envs: int, args: argparse.Namespace, device: torch.device) -> dict:
         video_every=10**9,
         checkpoint_every=10**9,
         log_every=10**9,
+        final_eval_episodes=0,  # evaluations are timed apart (--eval-episodes)
     )
     logdir = Path(tempfile.mkdtemp(prefix="train_throughput-")) / "run"
     peaks = Peaks(0.05)
@@ -100,7 +102,8 @@ def run(num_envs: int, args: argparse.Namespace, device: torch.device) -> dict:
     timers = Timers(device)
     collector, replay = trainer.collector, trainer.replay_buffer
     collector.env.step_and_maybe_reset = timers.wrap("env", collector.env.step_and_maybe_reset)
-    collector._wrapped_policy = timers.wrap("policy", collector._wrapped_policy)
+    # the policy as the collector calls it (compiled, with --compile-policy): timed outside the compiled function
+    collector._wrapped_policy_maybe_compiled = timers.wrap("policy", collector._wrapped_policy)
     replay.extend = timers.wrap("replay_write", replay.extend)
     replay.sample = timers.wrap("replay_sample", replay.sample)
     stepper = trainer.optimization_stepper
@@ -117,9 +120,11 @@ def run(num_envs: int, args: argparse.Namespace, device: torch.device) -> dict:
     evaluation = {}
     try:
         trainer.train()
+        window["end"] = time.perf_counter()
         for envs in sorted({1, config.eval_envs}) if args.eval_episodes else ():
             # greedy episodes, one env at a time or several stepped together (the policy acting for all at once)
             trainer.evaluation.num_envs = envs
+            trainer.evaluation.evaluate(envs, seed=1)  # untimed: a compiled policy compiles for this batch first
             start = time.perf_counter()
             result = trainer.evaluation.evaluate(args.eval_episodes, seed=0)
             seconds = time.perf_counter() - start
@@ -131,7 +136,7 @@ def run(num_envs: int, args: argparse.Namespace, device: torch.device) -> dict:
         shutil.rmtree(logdir.parent, ignore_errors=True)
     if not window:
         raise SystemExit("the run ended before the timed stretch: raise --updates")
-    wall = time.perf_counter() - window["start"]
+    wall = window["end"] - window["start"]
     steps, updates = trainer.steps - window["steps"], trainer.updates - window["updates"]
     shares = {part: round(seconds / wall, 4) for part, seconds in timers.seconds.items()}
     shares["other"] = round(1.0 - sum(timers.seconds.values()) / wall, 4)
