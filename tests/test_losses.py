@@ -388,3 +388,18 @@ def test_actor_grad_auto_is_the_reference_choice(discrete):
     torch.manual_seed(3)
     explicit_out, _ = explicit.actor_loss(posteriors)
     torch.testing.assert_close(auto_out["loss_actor"], explicit_out["loss_actor"])
+
+
+@pytest.mark.parametrize("discrete", [True, False])
+def test_reward_transform_auto_is_the_reference_setting(discrete):
+    """``reward_transform="auto"`` (the default): the reference's Atari setting (tanh) for one-hot actions, its DMC
+    setting (identity) for continuous ones; the world model's targets and the imagination env agree."""
+    models, _, _ = _setup("auto", discrete=discrete)
+    loss = make_dreamerv2_loss(models)
+    expected = "tanh" if discrete else "identity"
+    assert loss.model_loss.reward_transform == expected
+    assert loss.actor_loss.model_based_env.reward_transform == expected
+    assert make_dreamerv2_loss(models, reward_transform="tanh").model_loss.reward_transform == "tanh"
+    from torchrl_dreamer.config import DreamerV2Config
+
+    assert DreamerV2Config().reward_transform == "auto" and DreamerV2Config.preset("small").reward_transform == "auto"

@@ -126,6 +126,21 @@ def test_resume_refuses_other_settings_and_keeps_the_logs_clean(tmp_path, capsys
         assert steps == sorted(set(steps)), csv.name  # no duplicate step, no backward jump
 
 
+def test_auto_resumes_a_run_saved_with_a_concrete_value(tmp_path, capsys):
+    """A run saved before a setting defaulted to "auto" (reward_transform "tanh" in its config.json) resumes under
+    "auto" with its saved value, without a refusal; another concrete value is still refused."""
+    cfg = _debug(total_steps=120, prefill=100, reward_transform="tanh")
+    logdir = tmp_path / "run"
+    make_dreamerv2_trainer(cfg, logdir, device="cpu", progress=False).train()
+    resumed = make_dreamerv2_trainer(cfg.replace(total_steps=160, reward_transform="auto"), logdir, device="cpu",
+                                     progress=False)
+    assert resumed.config.reward_transform == "tanh" and "saved values" not in capsys.readouterr().out
+    assert resumed.train()["steps"] == 160
+    with pytest.raises(ValueError, match="reward_transform: 'tanh'"):
+        make_dreamerv2_trainer(cfg.replace(total_steps=200, reward_transform="identity"), logdir, device="cpu",
+                               progress=False)
+
+
 def test_a_failed_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
     cfg = _debug(total_steps=120, prefill=100)
     trainer = make_dreamerv2_trainer(cfg, tmp_path / "run", device="cpu", progress=False)

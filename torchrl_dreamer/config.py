@@ -78,8 +78,9 @@ class DreamerV2Config:
     lambda_discount: float = _h(5.0, help="weight of the discount loss (scale >= 0)")
     kl_balance: float = _h(0.8, help="KL balancing: share of the KL gradient that trains the prior (in [0, 1])")
     free_nats: float = _h(0.0, help="free bits: KL below this is not penalised (nats >= 0)")
-    reward_transform: Literal["tanh", "identity"] = _h("tanh", help="reward transform of the reward targets and "
-                                                       "imagined returns: tanh or identity")
+    reward_transform: Literal["auto", "tanh", "identity"] = _h(
+        "auto", help="reward transform of the reward targets and imagined returns: auto (the reference's settings: "
+        "tanh for discrete actions, its Atari one; identity for continuous actions, its DMC one), tanh or identity")
     # behaviour
     gamma: float = _h(0.999, help="discount factor per agent step (in [0, 1])")
     lmbda: float = _h(0.95, help="lambda of the lambda-return (in [0, 1])")
@@ -300,7 +301,7 @@ _NON_NEGATIVE = ("lambda_kl", "lambda_reco", "lambda_reward", "lambda_discount",
 # learning rates and epsilons: finite, > 0
 _POSITIVE = ("model_lr", "actor_lr", "critic_lr", "adam_eps")
 _CHOICES = {
-    "reward_transform": ("tanh", "identity"),
+    "reward_transform": ("auto", "tanh", "identity"),
     "actor_grad": ("auto", "reinforce", "dynamics", "both"),
     "precision": ("fp32", "bf16"),
     "replay": ("dreamer", "stock"),

@@ -6,6 +6,7 @@ from torchrl.objectives.common import LossModule
 from torchrl.objectives.utils import ValueEstimators
 
 from torchrl_dreamer.envs.imagination import DreamerV2ImaginationEnv
+from torchrl_dreamer.modules.builders import is_discrete_action_spec
 from torchrl_dreamer.objectives.behaviour import DreamerV2ActorLoss, DreamerV2ValueLoss
 from torchrl_dreamer.objectives.world_model import DreamerV2ModelLoss
 
@@ -113,7 +114,7 @@ def make_dreamerv2_loss(
     kl_balance: float = 0.8,
     free_nats: float = 0.0,
     free_avg: bool = True,
-    reward_transform: str = "tanh",
+    reward_transform: str = "auto",
     imagination_horizon: int = 15,
     gamma: float = 0.999,
     lmbda: float = 0.95,
@@ -125,11 +126,17 @@ def make_dreamerv2_loss(
 
     Keyword arguments are those of :class:`DreamerV2ModelLoss` and :class:`DreamerV2ActorLoss`, and
     the actor loss's ``TDLambda`` estimator (``gamma``, ``lmbda``); paper defaults (``actor_grad="auto"``:
-    REINFORCE for discrete actions, dynamics backpropagation for continuous ones, as the reference). The actor
+    REINFORCE for discrete actions, dynamics backpropagation for continuous ones, as the reference;
+    ``reward_transform="auto"``: ``tanh`` rewards for discrete actions, the reference's Atari setting, and identity
+    for continuous ones, its DMC setting: squashed, a dense cost such as Pendulum's is flat wherever it is large,
+    and the model gives the actor no gradient there). The actor
     imagines in a :class:`~torchrl_dreamer.envs.DreamerV2ImaginationEnv` over the world model (with
     ``discount_threshold=0``: a fixed horizon). The slow critic's copies are the trainer's
     (:func:`~torchrl_dreamer.objectives.make_target_updater`).
     """
+    action_spec = models.actor.spec[models.actor.dist_sample_keys[0]]
+    if reward_transform == "auto":
+        reward_transform = "tanh" if is_discrete_action_spec(action_spec) else "identity"
     model_loss = DreamerV2ModelLoss(
         models.world_model,
         lambda_kl=lambda_kl,
@@ -143,7 +150,6 @@ def make_dreamerv2_loss(
         reward_transform=reward_transform,
     )
     value_loss = DreamerV2ValueLoss(models.critic)
-    action_spec = models.actor.spec[models.actor.dist_sample_keys[0]]
     env = DreamerV2ImaginationEnv(
         models.world_model, action_spec, discount_threshold=0.0, reward_transform=reward_transform,
         action_key=models.actor.dist_sample_keys[0],

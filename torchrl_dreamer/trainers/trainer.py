@@ -497,7 +497,8 @@ class _WorkerEnv:
 
 
 def _reconcile_config(config: DreamerV2Config, logdir: Path, resuming: bool, keep_saved: bool) -> DreamerV2Config:
-    """A resumed run keeps its saved config: only the schedules (``_RESUMABLE_CHANGES``) may change.
+    """A resumed run keeps its saved config: only the schedules (``_RESUMABLE_CHANGES``) may change, and a setting
+    given as ``"auto"`` takes the saved value.
 
     Other differences (another env, another preset, another network size...) are refused unless ``keep_saved``,
     which resumes with the saved values; the env never changes.
@@ -525,7 +526,10 @@ def _reconcile_config(config: DreamerV2Config, logdir: Path, resuming: bool, kee
                 "cannot be checked; restore config.json or use another --logdir."
             )
     given = config.to_dict()
-    changed = sorted(k for k in given if k in saved and given[k] != saved[k] and k not in _RESUMABLE_CHANGES)
+    # "auto" leaves the choice to the run: a run saved with a value resumes with it (runs saved before a setting
+    # had "auto" resume as they were trained)
+    changed = sorted(k for k in given if k in saved and given[k] != saved[k] and k not in _RESUMABLE_CHANGES
+                     and given[k] != "auto")
     if "env" in changed:
         raise ValueError(
             f"{logdir} holds a run on {saved['env']!r}, not {given['env']!r}: a run's env cannot change; "
