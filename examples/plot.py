@@ -11,6 +11,11 @@ Usage::
     python examples/plot.py runs/pong_seed0 runs/pong_seed1 --out curves.png
     python examples/plot.py runs/a --game Boxing --metric eval_return --out boxing.png
     python examples/plot.py runs/a runs/b --no-paper --metric train_return --out train.png
+    python examples/plot.py runs/a --openl --out openl.png   # the open-loop prediction: truth above the model
+
+``--openl`` draws one sequence of the run's latest open-loop video (``<logdir>/videos/openl_<frames>.gif``, written
+by the training's video hook: the observed frames, then the world model's predictions from the recorded actions
+alone) as a picture: the truth above the model's frames, every ``--every`` steps.
 """
 from __future__ import annotations
 
@@ -19,6 +24,8 @@ import json
 import math
 import sys
 from pathlib import Path
+
+import numpy as np
 
 try:
     import matplotlib
@@ -119,6 +126,56 @@ def plot_curves(logdirs: list[Path], out: Path, *, metric: str = "eval_return", 
     return out
 
 
+def latest_openl(logdir: Path) -> Path:
+    """The run's open-loop video with the most frames, ``<logdir>/videos/openl_<frames>.gif``."""
+    gifs = sorted((logdir / "videos").glob("openl_*.gif"), key=lambda path: int(path.stem.split("_")[1]))
+    if not gifs:
+        raise FileNotFoundError(f"{logdir} has no open-loop video (videos/openl_<frames>.gif): the run writes one "
+                                "every video_every agent steps, for a world model with image observations")
+    return gifs[-1]
+
+
+def plot_openl(gif: Path, out: Path, *, sequence: int = 0, every: int = 3, context: int = 5) -> Path:
+    """One sequence of an open-loop video as a picture: the truth above the model, every ``every`` steps.
+
+    Args:
+        gif: An ``openl_<frames>.gif`` of :func:`torchrl_dreamer.record.open_loop_video` (rows truth / model /
+            error, sequences side by side, square frames).
+        out: Path of the PNG to write.
+        sequence: Which of the sequences side by side. Default: ``0``.
+        every: Steps between the frames shown. Default: ``3``.
+        context: Observed frames before the open-loop predictions (the hook's). Default: ``5``.
+
+    Returns:
+        ``out``.
+    """
+    from PIL import Image, ImageSequence
+
+    frames = [np.array(frame.convert("L")) for frame in ImageSequence.Iterator(Image.open(gif))]
+    side = frames[0].shape[0] // 3  # three rows of square frames
+    sequences = frames[0].shape[1] // side
+    if not 0 <= sequence < sequences:
+        raise ValueError(f"{gif} holds {sequences} sequences; --sequence must be in [0, {sequences - 1}]")
+    steps = sorted(set(range(0, len(frames), every)) | {context - 1, len(frames) - 1})
+    columns = slice(sequence * side, (sequence + 1) * side)
+    fig, axes = plt.subplots(2, len(steps), figsize=(1.1 * len(steps), 2.6), dpi=120, squeeze=False)
+    for col, t in enumerate(steps):
+        for row, name in enumerate(("truth", "model")):
+            ax = axes[row, col]
+            ax.imshow(frames[t][row * side:(row + 1) * side, columns], cmap="gray", vmin=0, vmax=255)
+            ax.set_xticks([]), ax.set_yticks([])
+            if col == 0:
+                ax.set_ylabel(name)
+        axes[0, col].set_title(f"t={t}" + (" obs." if t < context else ""), fontsize="small")
+    fig.suptitle(f"{gif.parent.parent.name}: {context} observed frames, then open-loop predictions "
+                 f"({gif.stem})", fontsize="small")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point; see the module docstring."""
     parser = argparse.ArgumentParser(description="Plot learning curves of CSVLogger runs against the paper.")
@@ -127,9 +184,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--game", help="game of the paper curve (default: env in <logdir>/config.json)")
     parser.add_argument("--metric", default="eval_return", help="metric to plot (default: eval_return)")
     parser.add_argument("--no-paper", action="store_true", help="do not draw the paper's curve")
+    parser.add_argument("--openl", action="store_true",
+                        help="draw the first run's latest open-loop prediction (truth above the model) instead")
+    parser.add_argument("--sequence", type=int, default=0, help="with --openl: which sequence (default: 0)")
+    parser.add_argument("--every", type=int, default=3, help="with --openl: steps between frames (default: 3)")
     args = parser.parse_args(argv)
     try:
-        out = plot_curves(args.logdirs, args.out, metric=args.metric, game=args.game, paper=not args.no_paper)
+        if args.openl:
+            out = plot_openl(latest_openl(args.logdirs[0]), args.out, sequence=args.sequence,
+                             every=max(1, args.every))
+        else:
+            out = plot_curves(args.logdirs, args.out, metric=args.metric, game=args.game, paper=not args.no_paper)
     except (FileNotFoundError, ValueError, KeyError) as error:
         parser.exit(2, f"error: {error.args[0] if error.args else error}\n")
     print(f"wrote {out}")

@@ -200,3 +200,28 @@ def test_atari_100k_baselines_ship_with_the_table():
 
     assert baselines("Krull") == {"random": 1598.0, "human_gamer": 2665.5, "simple_4e5": 4539.9, "rainbow_4e5": 2851.5}
     assert math.isnan(baselines("Zaxxon")["simple_4e5"])  # not one of the 26 Atari 100k games
+
+
+def test_plot_openl_draws_the_latest_open_loop_video(tmp_path):
+    """``--openl``: the run's latest ``videos/openl_<frames>.gif`` (as the video hook writes it) as a picture of one
+    sequence, truth above the model; a sequence that is not there and a run without videos are one-line errors."""
+    import torch
+
+    from torchrl_dreamer.record import write_gif
+
+    run = tmp_path / "run"
+    generator = torch.Generator().manual_seed(0)
+    for frames in (400, 2000):  # the later video is drawn
+        video = torch.randint(0, 256, (12, 1, 3 * 16, 2 * 16), dtype=torch.uint8, generator=generator)  # 2 sequences
+        write_gif(video, run / "videos" / f"openl_{frames}.gif")
+    result = _run_plot(run, "--openl", "--sequence", "1", "--out", tmp_path / "openl.png")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "openl.png").read_bytes()[:8] == PNG_SIGNATURE
+    plot = importlib.util.spec_from_file_location("plot_script", PLOT_SCRIPT)
+    module = importlib.util.module_from_spec(plot)
+    plot.loader.exec_module(module)
+    assert module.latest_openl(run).name == "openl_2000.gif"
+    result = _run_plot(run, "--openl", "--sequence", "2", "--out", tmp_path / "bad.png")
+    assert result.returncode == 2 and "holds 2 sequences" in result.stderr and "Traceback" not in result.stderr
+    result = _run_plot(tmp_path / "empty", "--openl", "--out", tmp_path / "bad.png")
+    assert result.returncode == 2 and "no open-loop video" in result.stderr
