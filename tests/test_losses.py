@@ -400,6 +400,10 @@ def test_reward_transform_auto_is_the_reference_setting(discrete):
     assert loss.model_loss.reward_transform == expected
     assert loss.actor_loss.model_based_env.reward_transform == expected
     assert make_dreamerv2_loss(models, reward_transform="tanh").model_loss.reward_transform == "tanh"
+    from torchrl_dreamer.envs import DreamerV2ImaginationEnv
+
+    action_spec = models.actor.spec[models.actor.dist_sample_keys[0]]
+    assert DreamerV2ImaginationEnv(models.world_model, action_spec).reward_transform == expected  # built by hand
     from torchrl_dreamer.config import DreamerV2Config
 
     assert DreamerV2Config().reward_transform == "auto" and DreamerV2Config.preset("small").reward_transform == "auto"

@@ -31,6 +31,7 @@ from torchrl.data import Categorical, Composite, TensorSpec, Unbounded
 from torchrl.envs.model_based import ModelBasedEnvBase
 from torchrl.envs.transforms import Transform
 
+from torchrl_dreamer.modules.builders import is_discrete_action_spec
 from torchrl_dreamer.modules.models import RSSMPriorStepV2, WorldModelV2
 
 # torchrl_dreamer.objectives.functional (REWARD_TRANSFORMS, transition_targets) is imported where it is used: the
@@ -138,7 +139,9 @@ class DreamerV2ImaginationEnv(ModelBasedEnvBase):
             (the head learns ``gamma * (1 - terminal)``, so this reads "more likely to end than not");
             ``0`` never terminates.
         reward_transform (str): the transform of the rewards the world model learnt, ``"tanh"`` or
-            ``"identity"`` (the world-model loss's). Default: ``"tanh"``.
+            ``"identity"`` (the world-model loss's), or ``"auto"``: ``"tanh"`` for a one-hot ``action_spec``,
+            ``"identity"`` for a continuous one, as :func:`~torchrl_dreamer.objectives.make_dreamerv2_loss` and
+            the config choose. Default: ``"auto"``.
         batch_size (sequence of int): see above. Default: ``()``.
         action_key (NestedKey): where the policy writes the action. Default: ``"action"``.
         state_keys (sequence of two NestedKey): the stochastic and deterministic states. Default:
@@ -173,15 +176,17 @@ class DreamerV2ImaginationEnv(ModelBasedEnvBase):
         action_spec: TensorSpec,
         *,
         discount_threshold: float = 0.5,
-        reward_transform: str = "tanh",
+        reward_transform: str = "auto",
         batch_size: Sequence[int] = (),
         action_key: NestedKey = "action",
         state_keys: Sequence[NestedKey] = ("state", "belief"),
         device: torch.device | str | None = None,
     ):
+        if reward_transform == "auto":
+            reward_transform = "tanh" if is_discrete_action_spec(action_spec) else "identity"
         if reward_transform not in _reward_transforms():
             raise ValueError(
-                f"reward_transform must be one of {sorted(_reward_transforms())}, got {reward_transform!r}."
+                f"reward_transform must be one of {sorted(_reward_transforms()) + ['auto']}, got {reward_transform!r}."
             )
         state_key, belief_key = state_keys
         feat = [state_key, belief_key]
