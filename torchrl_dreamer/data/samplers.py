@@ -122,11 +122,7 @@ class PrioritizeEndsSampler(SliceSampler):
                 f"({int(stored.sum())} rows in {len(stored)} episodes, longest {int(stored.max(initial=0))}). "
                 "Collect more steps first."
             )
-        if self.episodes_by_length:
-            weights = torch.from_numpy(lengths).double()
-            episode = torch.multinomial(weights, num_sequences, replacement=True, generator=self._rng).numpy()
-        else:
-            episode = torch.randint(len(ids), (num_sequences,), generator=self._rng).numpy()
+        episode = self._draw_episodes(lengths, num_sequences)
         u = torch.rand(num_sequences, generator=self._rng, dtype=torch.float64).numpy()
         positions = np.empty((num_sequences, seq_len), np.int64)
         is_init = np.zeros((num_sequences, seq_len), bool)
@@ -139,13 +135,22 @@ class PrioritizeEndsSampler(SliceSampler):
                 start = min(int(u[i] * high), num_windows - 1)
                 positions[i] = rows[start : start + seq_len]
             else:
-                self._join(rows, positions[i], is_init[i], ids)
+                self._join(rows, positions[i], is_init[i], ids, lengths)
         index = torch.from_numpy(positions % storage.max_size).reshape(-1)
         return index, {"is_init": torch.from_numpy(is_init).reshape(-1, 1)}
 
-    def _join(self, rows: np.ndarray, positions: np.ndarray, is_init: np.ndarray, ids: np.ndarray) -> None:
-        """Fills one window with whole episodes from their first stored row, drawing the next ones uniformly; marks
-        ``is_init`` where each episode after the first begins."""
+    def _draw_episodes(self, lengths: np.ndarray, num: int) -> np.ndarray:
+        """``num`` indices into the eligible episodes: uniform (the reference), or in proportion to ``lengths``
+        (``episodes_by_length``)."""
+        if self.episodes_by_length:
+            weights = torch.from_numpy(lengths).double()
+            return torch.multinomial(weights, num, replacement=True, generator=self._rng).numpy()
+        return torch.randint(len(lengths), (num,), generator=self._rng).numpy()
+
+    def _join(self, rows: np.ndarray, positions: np.ndarray, is_init: np.ndarray, ids: np.ndarray,
+              lengths: np.ndarray) -> None:
+        """Fills one window with whole episodes from their first stored row, drawing the next ones as the first
+        (:meth:`_draw_episodes`); marks ``is_init`` where each episode after the first begins."""
         filled = 0
         while True:
             take = min(len(rows), len(positions) - filled)
@@ -154,11 +159,7 @@ class PrioritizeEndsSampler(SliceSampler):
             filled += take
             if filled == len(positions):
                 return
-            if self.episodes_by_length:
-                lengths = self._eligible()[1]
-                chosen = int(torch.multinomial(torch.from_numpy(lengths).double(), 1, generator=self._rng))
-            else:
-                chosen = int(torch.randint(len(ids), (), generator=self._rng))
+            chosen = int(self._draw_episodes(lengths, 1)[0])
             rows = self.episodes.positions(int(ids[chosen]))
 
     def extend(self, index: torch.Tensor) -> None:

@@ -6,7 +6,6 @@ from torchrl.objectives.common import LossModule
 from torchrl.objectives.utils import ValueEstimators
 
 from torchrl_dreamer.envs.imagination import DreamerV2ImaginationEnv
-from torchrl_dreamer.modules.builders import is_discrete_action_spec
 from torchrl_dreamer.objectives.behaviour import DreamerV2ActorLoss, DreamerV2ValueLoss
 from torchrl_dreamer.objectives.world_model import DreamerV2ModelLoss
 
@@ -134,9 +133,11 @@ def make_dreamerv2_loss(
     ``discount_threshold=0``: a fixed horizon). The slow critic's copies are the trainer's
     (:func:`~torchrl_dreamer.objectives.make_target_updater`).
     """
-    action_spec = models.actor.spec[models.actor.dist_sample_keys[0]]
-    if reward_transform == "auto":
-        reward_transform = "tanh" if is_discrete_action_spec(action_spec) else "identity"
+    # the imagination env resolves "auto" from the action spec; the world model learns the rewards it states
+    env = DreamerV2ImaginationEnv(
+        models.world_model, models.actor.spec[models.actor.dist_sample_keys[0]], discount_threshold=0.0,
+        reward_transform=reward_transform, action_key=models.actor.dist_sample_keys[0],
+    )
     model_loss = DreamerV2ModelLoss(
         models.world_model,
         lambda_kl=lambda_kl,
@@ -147,13 +148,9 @@ def make_dreamerv2_loss(
         free_nats=free_nats,
         free_avg=free_avg,
         gamma=gamma,
-        reward_transform=reward_transform,
+        reward_transform=env.reward_transform,
     )
     value_loss = DreamerV2ValueLoss(models.critic)
-    env = DreamerV2ImaginationEnv(
-        models.world_model, action_spec, discount_threshold=0.0, reward_transform=reward_transform,
-        action_key=models.actor.dist_sample_keys[0],
-    )
     actor_loss = DreamerV2ActorLoss(
         models.actor,
         env,
