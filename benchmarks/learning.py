@@ -15,7 +15,8 @@ made one: ``--final-eval-episodes``, ``final_eval.json``; else the mean of the l
 ``eval_episodes`` episodes of the actor's mode), the agent steps of the first evaluation at or above the
 threshold, the lowest evaluation in the last third of the budget and the lowest from the first evaluation at the
 threshold on (a run that stays learnt keeps both high), the largest ``critic_bound`` logged (above 1 the critic
-diverged) and the minutes the run took (``wall_minutes.txt`` in its directory, summed over resumed sessions).
+diverged) and the minutes the run took (``wall_minutes.txt`` in its directory, summed over resumed sessions, and
+its CPU minutes, ``cpu_minutes.txt``; both rewritten every minute, so a session killed outright loses at most one).
 Writes ``<out>/learning.md`` (the table: per task the mean, std, min and max over seeds, next to the random
 baseline; Atari games also beside the published scores: random, human, SimPLe and Rainbow at 400k frames,
 DreamerV2's paper at 1M), ``learning.json`` and ``learning.png`` (the greedy return against frames, agent steps
@@ -50,6 +51,8 @@ CLI = ROOT / "examples" / "dreamerv2_atari.py"
 DEFAULT_TASKS = ("gym:CartPole-v1=475", "gym:Acrobot-v1=-100")
 LAST_EVALS = 5
 WALL_FILE = "wall_minutes.txt"  # written by this script: minutes of one CPU thread the run took, over all sessions
+CPU_FILE = "cpu_minutes.txt"  # the same run's CPU time (user + system): its wall time less what other work took
+SAVE_EVERY_S = 60  # both are rewritten this often while a run trains, so a session killed outright loses at most this
 FINAL_EVAL_FILE = "final_eval.json"  # written by the trainer: the final evaluation's episodes (--final-eval-episodes)
 
 
@@ -89,10 +92,12 @@ def train(jobs: list[tuple[str, int, Path]], args: argparse.Namespace) -> None:
     try:
         _run_jobs(pending, running, env, args)
     finally:  # interrupted: stop the runs (each saves a checkpoint on SIGTERM; running this again resumes them)
-        for proc, log, *_ in running:
-            proc.terminate()
-            proc.wait()
-            log.close()
+        for run in running:
+            run.read_cpu()
+            run.proc.terminate()
+            run.proc.wait()
+            run.log.close()
+            run.save_minutes(final=True)
 
 
 def _run_jobs(pending: list, running: list, env: dict, args: argparse.Namespace) -> None:
@@ -111,22 +116,52 @@ def _run_jobs(pending: list, running: list, env: dict, args: argparse.Namespace)
             command += [flag for flags in args.set for flag in shlex.split(flags)]
             log = open(logdir / "stdout.log", "a")
             print(f"start  {name} seed {seed} -> {logdir}", flush=True)
-            running.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT),
-                            log, name, seed, logdir, last_logged_step(logdir), time.perf_counter()))
+            running.append(_Run(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT),
+                                log, name, seed, logdir))
         time.sleep(2)
-        for item in list(running):
-            proc, log, name, seed, logdir, progress, start = item
-            if proc.poll() is None:
+        for run in list(running):
+            run.read_cpu()  # before poll(), which reaps an exited process and its /proc entry
+            if run.proc.poll() is None:
+                run.save_minutes()
                 continue
-            log.close()
-            running.remove(item)
-            minutes = (time.perf_counter() - start) / 60
-            status = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see stdout.log)"
-            print(f"{status:<6} {name} seed {seed} in {minutes:.1f} min", flush=True)
-            wall = logdir / WALL_FILE
-            if last_logged_step(logdir) > progress:  # it trained (not a finished run that only resumed and stopped)
-                previous = float(wall.read_text()) if wall.exists() else 0.0
-                wall.write_text(f"{previous + minutes:.2f}\n")  # summed over resumed sessions
+            run.log.close()
+            running.remove(run)
+            minutes = (time.perf_counter() - run.start) / 60
+            status = "done" if run.proc.returncode == 0 else f"FAILED (exit {run.proc.returncode}, see stdout.log)"
+            print(f"{status:<6} {run.name} seed {run.seed} in {minutes:.1f} min", flush=True)
+            run.save_minutes(final=True)
+
+
+class _Run:
+    """One training process and its minutes: wall and CPU, summed over sessions (``wall_minutes.txt``,
+    ``cpu_minutes.txt``), rewritten every ``SAVE_EVERY_S`` while it trains so a killed session keeps them."""
+
+    def __init__(self, proc: subprocess.Popen, log, name: str, seed: int, logdir: Path):
+        self.proc, self.log, self.name, self.seed, self.logdir = proc, log, name, seed, logdir
+        self.progress = last_logged_step(logdir)
+        self.start = self.saved = time.perf_counter()
+        self.cpu = 0.0
+        self.previous = {file: float((logdir / file).read_text()) if (logdir / file).exists() else 0.0
+                         for file in (WALL_FILE, CPU_FILE)}
+
+    def read_cpu(self) -> float:
+        try:  # utime + stime of the process, all its threads (fields 14 and 15 of /proc/<pid>/stat, in ticks)
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rpartition(")")[2].split()
+            self.cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") / 60
+        except (OSError, IndexError, ValueError):  # exited (the last reading stands) or no /proc
+            pass
+        return self.cpu
+
+    def save_minutes(self, final: bool = False) -> None:
+        now = time.perf_counter()
+        if not final and now - self.saved < SAVE_EVERY_S:
+            return
+        self.saved = now
+        trained = last_logged_step(self.logdir) > self.progress  # not a finished run that only resumed and stopped
+        for file, minutes in ((WALL_FILE, (now - self.start) / 60), (CPU_FILE, self.cpu)):
+            value = self.previous[file] + (minutes if trained else 0.0)
+            if trained or (self.logdir / file).exists():
+                (self.logdir / file).write_text(f"{value:.2f}\n")
 
 
 def summarise_run(logdir: Path, threshold: float, budget: int) -> dict | None:
@@ -154,6 +189,7 @@ def summarise_run(logdir: Path, threshold: float, budget: int) -> dict | None:
         "last_evals": float(returns[-LAST_EVALS:].mean()),
         "action_repeat": config["action_repeat"],
         "wall_minutes": float(wall.read_text()) if wall.exists() else None,
+        "cpu_minutes": float(cpu.read_text()) if (cpu := logdir / CPU_FILE).exists() else None,
         "steps_to_threshold": above[0] if above else None,
         "min_last_third": min(last_third) if last_third else None,
         "min_after_threshold": min(after) if after else None,
@@ -226,7 +262,8 @@ def write_outputs(results: list[dict], out: Path, args: argparse.Namespace) -> N
         f"Preset `{args.preset}`, {args.seeds} seed(s) per task, one CPU thread per run. Final: the mean greedy "
         f"return over the last {LAST_EVALS} evaluations (episodes per seed in brackets); steps: agent steps to the "
         "first evaluation at or above the threshold; wall: minutes per run on one thread (slowest seed; n/a where "
-        "the run predates the record); random: uniformly random actions.",
+        "the run predates the record), and its CPU minutes in brackets (less than the wall where other work shared "
+        "the cores); random: uniformly random actions.",
         "",
         "| task | budget (agent steps) | runs finished | final: mean (episodes) | std | min | max | threshold "
         "| seeds at threshold | steps to threshold (mean; per seed) | lowest eval in the last third "
@@ -253,7 +290,10 @@ def write_outputs(results: list[dict], out: Path, args: argparse.Namespace) -> N
                                if run is not None and run["last_step"] < task["budget"])
         bound = float(np.nanmax([run["max_critic_bound"] for run in runs]))
         walls = [run["wall_minutes"] for run in runs if run["wall_minutes"] is not None]
-        wall = f"{max(walls):.1f} ({len(walls)} of {len(runs)})" if walls else "n/a"
+        slowest = max((run for run in runs if run["wall_minutes"] is not None), key=lambda run: run["wall_minutes"],
+                      default=None)
+        cpu = f", CPU {slowest['cpu_minutes']:.1f}" if slowest and slowest["cpu_minutes"] is not None else ""
+        wall = f"{max(walls):.1f} ({len(walls)} of {len(runs)}{cpu})" if walls else "n/a"
         episodes = min(run["final_episodes"] for run in runs)
         rand = task["random"]
         lines.append(
