@@ -104,20 +104,8 @@ def _run_jobs(pending: list, running: list, env: dict, args: argparse.Namespace)
     while pending or running:
         while pending and len(running) < args.jobs:
             name, seed, logdir = pending.pop(0)
-            logdir.mkdir(parents=True, exist_ok=True)
-            command = [sys.executable, str(CLI), "--preset", args.preset, "--env", name, "--seed", str(seed),
-                       "--logdir", str(logdir), "--threads", "1", "--no-progress"]
-            if args.steps:
-                command += ["--total-steps", str(args.steps)]
-            if args.eval_episodes:
-                command += ["--eval-episodes", str(args.eval_episodes)]
-            if args.final_eval_episodes is not None:
-                command += ["--final-eval-episodes", str(args.final_eval_episodes)]
-            command += [flag for flags in args.set for flag in shlex.split(flags)]
-            log = open(logdir / "stdout.log", "a")
             print(f"start  {name} seed {seed} -> {logdir}", flush=True)
-            running.append(_Run(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT),
-                                log, name, seed, logdir))
+            running.append(_Run.start(command_for(name, seed, logdir, args), name, seed, logdir, env))
         time.sleep(2)
         for run in list(running):
             run.read_cpu()  # before poll(), which reaps an exited process and its /proc entry
@@ -126,10 +114,42 @@ def _run_jobs(pending: list, running: list, env: dict, args: argparse.Namespace)
                 continue
             run.log.close()
             running.remove(run)
-            minutes = (time.perf_counter() - run.start) / 60
+            minutes = (time.perf_counter() - run.started) / 60
             status = "done" if run.proc.returncode == 0 else f"FAILED (exit {run.proc.returncode}, see stdout.log)"
             print(f"{status:<6} {run.name} seed {run.seed} in {minutes:.1f} min", flush=True)
             run.save_minutes(final=True)
+
+
+def command_for(name: str, seed: int, logdir: Path, args: argparse.Namespace) -> list[str]:
+    """The training command of one run (the command users run; run again, it resumes)."""
+    command = [sys.executable, str(CLI), "--preset", args.preset, "--env", name, "--seed", str(seed),
+               "--logdir", str(logdir), "--threads", "1", "--no-progress"]
+    if args.steps:
+        command += ["--total-steps", str(args.steps)]
+    if args.eval_episodes:
+        command += ["--eval-episodes", str(args.eval_episodes)]
+    if args.final_eval_episodes is not None:
+        command += ["--final-eval-episodes", str(args.final_eval_episodes)]
+    return command + [flag for flags in args.set for flag in shlex.split(flags)]
+
+
+def run_to_end(name: str, seed: int, logdir: Path, args: argparse.Namespace) -> int:
+    """Runs one run's command to its end, recording its minutes as :func:`train` does; its exit code."""
+    run = _Run.start(command_for(name, seed, logdir, args), name, seed, logdir, {**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        while True:
+            run.read_cpu()  # before poll(), which reaps an exited process and its /proc entry
+            if run.proc.poll() is not None:
+                break
+            time.sleep(2)
+            run.save_minutes()
+    finally:
+        if run.proc.poll() is None:
+            run.proc.terminate()
+            run.proc.wait()
+        run.log.close()
+        run.save_minutes(final=True)
+    return run.proc.returncode
 
 
 class _Run:
@@ -139,10 +159,17 @@ class _Run:
     def __init__(self, proc: subprocess.Popen, log, name: str, seed: int, logdir: Path):
         self.proc, self.log, self.name, self.seed, self.logdir = proc, log, name, seed, logdir
         self.progress = last_logged_step(logdir)
-        self.start = self.saved = time.perf_counter()
+        self.started = self.saved = time.perf_counter()
         self.cpu = 0.0
         self.previous = {file: float((logdir / file).read_text()) if (logdir / file).exists() else 0.0
                          for file in (WALL_FILE, CPU_FILE)}
+
+    @classmethod
+    def start(cls, command: list[str], name: str, seed: int, logdir: Path, env: dict) -> _Run:
+        logdir.mkdir(parents=True, exist_ok=True)
+        log = open(logdir / "stdout.log", "a")
+        return cls(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT), log, name, seed,
+                   logdir)
 
     def read_cpu(self) -> float:
         try:  # utime + stime of the process, all its threads (fields 14 and 15 of /proc/<pid>/stat, in ticks)
@@ -158,7 +185,7 @@ class _Run:
             return
         self.saved = now
         trained = last_logged_step(self.logdir) > self.progress  # not a finished run that only resumed and stopped
-        for file, minutes in ((WALL_FILE, (now - self.start) / 60), (CPU_FILE, self.cpu)):
+        for file, minutes in ((WALL_FILE, (now - self.started) / 60), (CPU_FILE, self.cpu)):
             value = self.previous[file] + (minutes if trained else 0.0)
             if trained or (self.logdir / file).exists():
                 (self.logdir / file).write_text(f"{value:.2f}\n")
@@ -348,7 +375,8 @@ def write_outputs(results: list[dict], out: Path, args: argparse.Namespace) -> N
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The arguments (``scripts/sweep.py`` takes the same)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", type=parse_task, default=[parse_task(t) for t in DEFAULT_TASKS],
                         metavar="ENV=THRESHOLD")
@@ -373,6 +401,11 @@ def main(argv: list[str] | None = None) -> dict:
             args.final_eval_episodes is not None and args.final_eval_episodes < 0):
         parser.error("--seeds, --jobs, --random-episodes, --steps and --eval-episodes must be >= 1, "
                      "--final-eval-episodes >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     configs = {env: DreamerV2Config.preset(args.preset, env=env) for env, _ in args.tasks}
     if not args.tables_only:

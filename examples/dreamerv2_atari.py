@@ -133,6 +133,13 @@ def build_parser(preset: str = "atari") -> argparse.ArgumentParser:
     run.add_argument("--fresh-replay", action="store_true",
                      help="resume the models, optimisers and counters, but discard the saved replay and refill it "
                           "(when its files are damaged)")
+    dist = parser.add_argument_group("past one machine (Ray: pip install -e \".[distributed]\")")
+    dist.add_argument("--collectors", type=_number(int), default=None, metavar="N",
+                      help="Ray collector workers, each stepping its env (one CPU each)")
+    dist.add_argument("--learners", type=_number(int), default=None, metavar="G",
+                      help="data-parallel learner ranks (gloo on CPUs, nccl on GPUs); --batch-size is split over them")
+    dist.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT",
+                      help="join a running Ray cluster (default: start a local one)")
     hyper = parser.add_argument_group(f"hyperparameters (default: the preset's value, shown for --preset {preset})")
     hints = typing.get_type_hints(DreamerV2Config)
     for field in fields.values():
@@ -218,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     logdir = args.logdir or f"logs/{name}-{args.preset}-seed{cfg.seed}"
+    if args.collectors is not None or args.learners is not None or args.ray_address is not None:
+        return _train_on_ray(cfg, logdir, args)
     try:
         trainer = make_dreamerv2_trainer(
             cfg, logdir, device=args.device, progress=not args.no_progress, parallel_envs=not args.serial_envs,
@@ -239,6 +248,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Interrupted: checkpoint saved in {trainer.logdir}; run the same command to resume.")
     print(json.dumps(result))
     return 130 if result["interrupted"] else 0
+
+
+def _train_on_ray(cfg: DreamerV2Config, logdir: str, args: argparse.Namespace) -> int:
+    """The same run on TorchRL's Ray backends: collector workers, the replay as a service, DDP learner ranks."""
+    try:
+        from torchrl_dreamer.trainers.distributed import DistributedFailure, make_dreamerv2_ray_trainer
+
+        trainer = make_dreamerv2_ray_trainer(
+            cfg, logdir, collectors=args.collectors or 1, learners=args.learners or 1, ray_address=args.ray_address,
+            learner_gpus=1 if args.device == "cuda" else 0, progress=not args.no_progress,
+        )
+    except (OSError, ValueError, TypeError, ImportError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{'Resuming' if trainer.resumed else 'Starting'} DreamerV2 on {cfg.env} on Ray ({args.collectors or 1} "
+          f"collectors, {args.learners or 1} learners) in {trainer.logdir}, at "
+          f"{trainer.collected_frames // cfg.action_repeat} / {cfg.total_steps} agent steps", flush=True)
+    try:
+        result = trainer.train()
+    except DistributedFailure as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(result))
+    return 0
 
 
 if __name__ == "__main__":

@@ -190,6 +190,14 @@ class EpisodeTable:
             )
         return self._table
 
+    def key(self, episode_id: int) -> int:
+        """The key (trajectory id) an episode was recorded under."""
+        return self._episodes[episode_id].key
+
+    def is_closed(self, episode_id: int) -> bool:
+        """Whether an episode is closed (no later row can continue it)."""
+        return self._open.get(self._episodes[episode_id].key) != episode_id
+
     def positions(self, episode_id: int) -> np.ndarray:
         """The stored positions of an episode, in order (int64; cached until the episode changes)."""
         found = self._positions.get(episode_id)

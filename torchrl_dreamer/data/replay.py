@@ -214,6 +214,12 @@ class DreamerReplayBuffer(TensorDictReplayBuffer):
         fresh (bool, optional): discard the rows found in ``scratch_dir`` and start empty (see
             :meth:`reset_storage`), e.g. to keep a checkpoint's models but not its broken replay. Defaults to
             ``False``.
+        extra_keys (sequence of NestedKey, optional): per-step values also stored, ``[1]`` per row (e.g. the
+            ``"policy_version"`` that collected the step, see
+            :func:`~torchrl_dreamer.trainers.distributed.make_dreamerv2_ray_trainer`). Defaults to ``()``.
+        delayed_init (bool, optional): must be ``False`` (TorchRL's Ray service backend passes it). As a Ray actor
+            (``service_backend="ray"``, see :func:`~torchrl_dreamer.trainers.distributed.make_replay_service`) the
+            buffer keeps every guarantee above; its files are on the node the actor runs on.
 
     Examples:
         >>> import tempfile
@@ -250,7 +256,11 @@ class DreamerReplayBuffer(TensorDictReplayBuffer):
         seed: int | None = None,
         transform: Any = None,
         fresh: bool = False,
+        extra_keys: Sequence[NestedKey] = (),
+        delayed_init: bool = False,
     ) -> None:
+        if delayed_init:  # TorchRL's Ray service passes it (False); the memmap storage is created lazily anyway
+            raise ValueError("DreamerReplayBuffer builds its storage, sampler and writer at once: delayed_init=False.")
         if min(seq_len, batch_size) < 1 or not obs_keys:
             raise ValueError("seq_len and batch_size must be >= 1 and obs_keys non-empty.")
         if capacity < seq_len:
@@ -279,7 +289,9 @@ class DreamerReplayBuffer(TensorDictReplayBuffer):
             generator=generator,
         )
         self._storage_id: str | None = None  # identifies the current contents of the storage files
+        self.extra_keys = tuple(unravel_key(key) for key in extra_keys)
         self._required_keys = [
+            *self.extra_keys,
             *self.obs_keys,
             *(next_key(key) for key in self.obs_keys),
             "action",
@@ -287,7 +299,7 @@ class DreamerReplayBuffer(TensorDictReplayBuffer):
             *(("next", key) for key in NEXT_KEYS),
         ]
         # the keys of a stored row (the next observation of a step is the next row)
-        self._row_keys = [_key_tuple(key) for key in (*self.obs_keys, "action", "is_init")]
+        self._row_keys = [_key_tuple(key) for key in (*self.obs_keys, *self.extra_keys, "action", "is_init")]
         self._row_keys += [("next", key) for key in NEXT_KEYS]
         self._mapped_files: dict[Path, tuple[int, int]] = {}  # (device, inode) of each mapped storage file
         self._vanished_warned: set[Path] = set()
@@ -417,7 +429,7 @@ class DreamerReplayBuffer(TensorDictReplayBuffer):
                 starts[a] = bool(is_init[a]) or not still_open.get(key, table.is_open(key))
                 still_open[key] = not bool(done[b - 1])
                 pieces.append((key, a, b, bool(starts[a]), bool(done[b - 1])))
-            rows, row_of_step = step_rows(stream, starts, self.obs_keys)
+            rows, row_of_step = step_rows(stream, starts, self.obs_keys, self.extra_keys)
             for key, a, b, new_episode, closes in pieces:
                 first, last = int(row_of_step[a]), int(row_of_step[b - 1]) + 1 + closes
                 segments.append((key, offset + first, last - first, new_episode, closes))
@@ -486,6 +498,17 @@ class DreamerReplayBuffer(TensorDictReplayBuffer):
     def num_episodes(self) -> int:
         """Episodes (complete or ongoing) with at least one stored row."""
         return self._sampler.episodes.num_episodes
+
+    def episodes(self) -> list[dict[str, Any]]:
+        """Every stored episode, oldest first: ``{"key": its trajectory id, "closed": whether a later row could
+        still continue it, "rows": its stored rows in order (a TensorDict on CPU)}``. For inspection (a Ray
+        service's client returns it too); the rows are read from storage."""
+        table = self._sampler.episodes
+        with self._replay_lock, self._write_lock:
+            ids, _ = table.lengths()
+            return [{"key": table.key(int(i)), "closed": table.is_closed(int(i)),
+                     "rows": self._storage.get(torch.from_numpy(table.positions(int(i)) % self._storage.max_size)).clone()}
+                    for i in ids]
 
     # ---- checkpointing ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -30,9 +30,10 @@ def next_key(key: NestedKey) -> tuple[str, ...]:
 
 
 def step_rows(
-    steps: TensorDictBase, starts: torch.Tensor, obs_keys: Sequence[NestedKey]
+    steps: TensorDictBase, starts: torch.Tensor, obs_keys: Sequence[NestedKey], extra_keys: Sequence[NestedKey] = ()
 ) -> tuple[TensorDictBase, torch.Tensor]:
-    """Rows of ``[T]`` transitions with ``is_init = starts``, and the row of every transition."""
+    """Rows of ``[T]`` transitions with ``is_init = starts``, and the row of every transition (``extra_keys``: per-step
+    values kept as ``[1]`` per row, the final observation's row holding its last step's)."""
     num_steps = steps.shape[0]
     done = steps.get(("next", "done")).reshape(num_steps).bool()
     # Row of transition t = t + number of final rows inserted before it; a final row follows its done transition.
@@ -45,11 +46,15 @@ def step_rows(
     rows.set(("next", "reward"), steps.get(("next", "reward")).reshape(num_steps, 1).float())
     for flag in NEXT_KEYS[1:]:
         rows.set(("next", flag), steps.get(("next", flag)).reshape(num_steps, 1).bool())
+    for key in extra_keys:
+        rows.set(key, steps.get(key).reshape(num_steps, 1))
     if done.any():
         transition_rows, rows = rows, rows.new_zeros(num_steps + int(done.sum()))
         rows[row_of_step] = transition_rows
         for key in obs_keys:
             rows.get(key)[row_of_step[done] + 1] = steps.get(next_key(key))[done]
+        for key in extra_keys:
+            rows.get(key)[row_of_step[done] + 1] = steps.get(key).reshape(num_steps, 1)[done]
     return rows, row_of_step
 
 

@@ -6,9 +6,13 @@ All functions are time-major where time matters (``[T, ...]``).
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
+from typing import Iterator
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 __all__ = [
@@ -20,12 +24,59 @@ __all__ = [
     "bernoulli_nll",
     "transition_targets",
     "REWARD_TRANSFORMS",
+    "data_parallel",
+    "batch_mean",
 ]
 
 #: the transforms of the reward targets a world model may be trained on (``tanh`` on Atari, the paper's)
 REWARD_TRANSFORMS = {"tanh": torch.tanh, "identity": lambda reward: reward}
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+_DATA_PARALLEL: list = []  # the process group of the data-parallel update running now (data_parallel())
+
+
+@contextlib.contextmanager
+def data_parallel(group: dist.ProcessGroup | None = None) -> Iterator[None]:
+    """Within it, the losses' batch statistics that are not plain means span every rank's batch.
+
+    A data-parallel update (DDP, which averages the ranks' gradients) computes the one-process update of the whole
+    batch when every loss term is a mean over equal per-rank batches. Two DreamerV2 terms are not: the reward loss
+    is a mean over the rows whose reward is known (their count differs between ranks), and the free-nats
+    threshold is applied to the KL's batch mean. Inside this context :func:`batch_mean` sums over the group with a
+    differentiable all-reduce, so each rank's loss is the whole batch's and DDP's average of the gradients is the
+    whole batch's gradient. The stepper enters it on a rank of a data-parallel learner (``world_size > 1``).
+
+    Args:
+        group (ProcessGroup, optional): the data-parallel group. Default: the default group.
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("data_parallel() needs an initialised torch.distributed process group.")
+    _DATA_PARALLEL.append(group if group is not None else dist.group.WORLD)
+    try:
+        yield
+    finally:
+        _DATA_PARALLEL.pop()
+
+
+def batch_mean(values: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``values.mean()`` (or the mean where ``mask`` is 1), over the whole data-parallel batch inside
+    :func:`data_parallel`: the sums are all-reduced (the numerator differentiably), so every rank gets the same
+    mean and its gradient for its own rows, scaled by the group's size to undo DDP's averaging."""
+    if not _DATA_PARALLEL and mask is None:
+        return values.mean()
+    total = values.sum() if mask is None else (values * mask).sum()
+    count = torch.tensor(float(values.numel()), device=values.device) if mask is None else mask.sum().detach()
+    if _DATA_PARALLEL:
+        from torch.distributed.nn.functional import all_reduce  # its backward all-reduces the gradient (sum)
+
+        group = _DATA_PARALLEL[-1]
+        with warnings.catch_warnings():  # deprecated for the functional collectives, which do not differentiate
+            warnings.simplefilter("ignore", FutureWarning)
+            total = all_reduce(total, group=group)
+        count = count.clone()
+        dist.all_reduce(count, group=group)
+    return total / count.clamp_min(1.0)
 
 
 def categorical_kl(post_logits: torch.Tensor, prior_logits: torch.Tensor) -> torch.Tensor:
@@ -90,9 +141,9 @@ def balanced_kl_loss(
     """
     kl_prior = categorical_kl(post_logits.detach(), prior_logits)
     kl_post = categorical_kl(post_logits, prior_logits.detach())
-    if free_avg:
-        loss_prior = kl_prior.mean().clamp_min(free_nats)
-        loss_post = kl_post.mean().clamp_min(free_nats)
+    if free_avg:  # the mean over the whole batch (every rank's in a data-parallel update: see data_parallel())
+        loss_prior = batch_mean(kl_prior).clamp_min(free_nats)
+        loss_post = batch_mean(kl_post).clamp_min(free_nats)
     else:
         loss_prior = kl_prior.clamp_min(free_nats).mean()
         loss_post = kl_post.clamp_min(free_nats).mean()

@@ -13,6 +13,7 @@ from torchrl_dreamer.modules.models import WorldModelV2
 from torchrl_dreamer.objectives.functional import (
     REWARD_TRANSFORMS,
     balanced_kl_loss,
+    batch_mean,
     bernoulli_nll,
     categorical_entropy,
     gaussian_nll,
@@ -250,7 +251,7 @@ class DreamerV2ModelLoss(LossModule):
         )
         reward = REWARD_TRANSFORMS[self.reward_transform](reward)
         reward_nll = gaussian_nll(tensordict.get(wm[3].out_keys[0]), reward)
-        reward_loss = (reward_nll * mask).sum() / mask.sum().clamp_min(1.0)
+        reward_loss = batch_mean(reward_nll, mask)  # over the rows whose reward is known (every rank's)
 
         losses = {
             "loss_model_kl": self.lambda_kl * kl_loss,

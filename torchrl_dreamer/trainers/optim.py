@@ -85,6 +85,13 @@ class DreamerV2Optimizer(torch.optim.Adam):
         self.last_grad_norm = torch.zeros(())
         self.skipped = False
 
+    _EXTRA = ("decoupled_weight_decay", "max_grad_norm", "last_grad_norm", "skipped")
+
+    def __getstate__(self) -> dict:
+        """torch's optimiser pickles its defaults, state and groups only; these settings travel too (to the ranks
+        of a Ray learner, which receive the optimiser pickled)."""
+        return {**super().__getstate__(), **{name: self.__dict__[name] for name in self._EXTRA}}
+
     @torch.no_grad()
     def step(self, closure=None):
         params = [p for group in self.param_groups for p in group["params"]]

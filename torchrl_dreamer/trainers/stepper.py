@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from tensordict import TensorDict, TensorDictBase
 from tensordict.nn import CudaGraphModule
 from torchrl.checkpoint import GlobalRNGState
@@ -12,9 +14,18 @@ from torchrl.trainers.trainers import OptimizationStepper
 
 from torchrl_dreamer.modules.shards import ShardPool
 from torchrl_dreamer.objectives.composite import DreamerV2Loss
+from torchrl_dreamer.objectives.functional import data_parallel
 from torchrl_dreamer.trainers.optim import DreamerV2Optimizer
 
 __all__ = ["DreamerV2OptimizationStepper", "make_dreamerv2_optimizers", "NonFiniteUpdateError"]
+
+
+def _data_parallel_ranks(trainer: Any) -> int:
+    """The ranks of the data-parallel learner ``trainer`` is a rank of (TorchRL's Ray learner sets its
+    ``process_group``), 1 for a local trainer."""
+    if getattr(trainer, "process_group", None) is None or not dist.is_available() or not dist.is_initialized():
+        return 1
+    return dist.get_world_size()
 
 
 class NonFiniteUpdateError(RuntimeError):
@@ -181,13 +192,21 @@ class DreamerV2OptimizationStepper(OptimizationStepper):
         sum(v for k, v in out.items() if k.startswith("loss_")).backward()
         return out.detach(), posteriors.detach()
 
-    def _behaviour_pass(self, posteriors: TensorDictBase, trainer: Any = None) -> TensorDictBase:
-        """Imagination, actor and critic losses and one backward through both: the metrics."""
-        with self._autocast(posteriors.device or next(self.loss.parameters()).device):
-            actor_out, trajectory = self._compute(trainer, posteriors, "actor_loss")
-            value_out = self._compute(trainer, trajectory, "value_loss")
+    def _behaviour_pass(self, posteriors: TensorDictBase, trainer: Any = None, split: bool = True) -> TensorDictBase:
+        """Imagination, actor and critic losses and their backward passes: the metrics.
+
+        Eager (``split``), each loss's backward follows its forward: a data-parallel learner's DDP reduces the
+        gradients of one forward per backward. The critic reads the imagined trajectory detached, so the two
+        backward passes give the gradients of one through both, which the compiled pass takes (one graph)."""
+        device = posteriors.device or next(self.loss.parameters()).device
         self._zero_grad("actor", "critic")
-        (actor_out["loss_actor"] + value_out["loss_value"]).backward()
+        with self._autocast(device):
+            actor_out, trajectory = self._compute(trainer, posteriors, "actor_loss")
+        if split:
+            actor_out["loss_actor"].backward()
+        with self._autocast(device):
+            value_out = self._compute(trainer, trajectory, "value_loss")
+        (value_out["loss_value"] if split else actor_out["loss_actor"] + value_out["loss_value"]).backward()
         metrics = actor_out.detach()
         metrics.update(value_out.detach())
         return metrics
@@ -205,7 +224,7 @@ class DreamerV2OptimizationStepper(OptimizationStepper):
         if self.cudagraph and device.type != "cuda":
             raise RuntimeError(f"cudagraph=True needs the loss on a CUDA device, it is on {device}.")
         batch = batch.to(device) if batch.device != device else batch
-        model_pass, behaviour_pass = self._model_pass, self._behaviour_pass
+        model_pass, behaviour_pass = self._model_pass, functools.partial(self._behaviour_pass, split=False)
         if self.compile:
             model_pass = torch.compile(model_pass, mode=self.compile_mode)
             behaviour_pass = torch.compile(behaviour_pass, mode=self.compile_mode)
@@ -228,6 +247,16 @@ class DreamerV2OptimizationStepper(OptimizationStepper):
         self._passes = (model_pass, behaviour_pass)
 
     def step(self, trainer: Any, sub_batch: TensorDictBase) -> TensorDictBase:
+        parallel = _data_parallel_ranks(trainer) > 1
+        if parallel and (self.compile or self.cudagraph):
+            raise ValueError(
+                "A data-parallel learner runs the eager update (its DDP reduces the gradients of the losses computed "
+                "through trainer.compute_loss, which a compiled update does not call): set compile=False."
+            )
+        with data_parallel() if parallel else contextlib.nullcontext():
+            return self._update(trainer, sub_batch)
+
+    def _update(self, trainer: Any, sub_batch: TensorDictBase) -> TensorDictBase:
         device = next(self.loss.parameters()).device
         batch = sub_batch.to(device) if sub_batch.device != device else sub_batch
         if (self.compile or self.cudagraph) and self._passes is None:

@@ -1,0 +1,97 @@
+"""The Ray path's costs on this machine: collection with 1 and 2 Ray collectors, its overhead against the local path
+on the same work, and the policy lag (``pip install -e ".[distributed]"``).
+
+Every figure is a run of the command users run (``examples/dreamerv2_atari.py``), timed from its start to its exit:
+
+* **collection**: ``--collectors 1`` and ``--collectors 2`` with a prefill as long as the run (random actions, no
+  update): agent steps per second through the Ray collectors into the replay service, less the start-up (measured
+  as the same command with a 1-step budget);
+* **overhead**: the ``small`` preset (or ``--preset``) on the same env and budget, locally (one process, its env in
+  it) and on Ray (1 collector, 1 learner): wall minutes of each and their ratio (the start-up excluded the same way);
+* **policy lag**: the mean and largest ``policy_lag`` the learner logged in the Ray run (updates between the
+  weights that collected a sampled row and the learner's).
+
+Pairs alternate (local, Ray, local, Ray, ...) so that both see the same machine. Prints a table; the last line is JSON.
+
+    python benchmarks/distributed.py                                   # CartPole-v1, 3,000 steps, 2 repeats
+    python benchmarks/distributed.py --env gym:Acrobot-v1 --steps 5000 --repeats 3
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = ROOT / "examples" / "dreamerv2_atari.py"
+
+
+def run(args: argparse.Namespace, logdir: Path, steps: int, *extra: str) -> float:
+    """Seconds the CLI takes for ``steps`` agent steps (its own start-up included)."""
+    command = [sys.executable, str(CLI), "--preset", args.preset, "--env", args.env, "--total-steps", str(steps),
+               "--logdir", str(logdir), "--no-progress", "--eval-every", str(10**9), "--video-every", str(10**9),
+               "--seed", str(args.seed), *extra]
+    start = time.perf_counter()
+    proc = subprocess.run(command, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{proc.stderr[-2000:]}")
+    return seconds
+
+
+def lag(logdir: Path) -> tuple[float, float]:
+    rows = list(csv.reader(open(logdir / "scalars" / "policy_lag.csv")))
+    highest = list(csv.reader(open(logdir / "scalars" / "policy_lag_max.csv")))
+    return statistics.fmean(float(r[1]) for r in rows), max(float(r[1]) for r in highest)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--env", default="gym:CartPole-v1")
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--steps", type=int, default=3000, help="agent steps of each timed run")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    collect, overhead, lags = {1: [], 2: []}, {"local": [], "ray": []}, []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for repeat in range(args.repeats):
+            for workers in (1, 2):  # collection only: the prefill covers the run
+                flags = ("--collectors", str(workers), "--prefill", str(args.steps + 1))
+                start_up = run(args, tmp / f"s{repeat}{workers}", 1, *flags)
+                seconds = run(args, tmp / f"c{repeat}{workers}", args.steps, *flags)
+                collect[workers].append(args.steps / max(seconds - start_up, 1e-9))
+            for path, flags in (("local", ("--threads", "1")), ("ray", ("--collectors", "1", "--learners", "1"))):
+                start_up = run(args, tmp / f"o{repeat}{path}0", 1, *flags)
+                seconds = run(args, tmp / f"o{repeat}{path}", args.steps, *flags)
+                overhead[path].append(seconds - start_up)
+                if path == "ray":
+                    lags.append(lag(tmp / f"o{repeat}{path}"))
+            print(f"repeat {repeat}: collection {collect[1][-1]:.0f} / {collect[2][-1]:.0f} steps/s (1 / 2 "
+                  f"collectors); {args.preset} preset: local {overhead['local'][-1]:.1f} s, Ray "
+                  f"{overhead['ray'][-1]:.1f} s", flush=True)
+    result = {
+        "env": args.env, "preset": args.preset, "steps": args.steps, "repeats": args.repeats,
+        "collect_steps_per_s": {str(k): statistics.fmean(v) for k, v in collect.items()},
+        "seconds": {k: statistics.fmean(v) for k, v in overhead.items()},
+        "ray_over_local": statistics.fmean(overhead["ray"]) / statistics.fmean(overhead["local"]),
+        "policy_lag_mean": statistics.fmean(m for m, _ in lags), "policy_lag_max": max(x for _, x in lags),
+    }
+    print(f"| collectors | agent steps/s |\n|---|---|\n| 1 | {result['collect_steps_per_s']['1']:.0f} |\n"
+          f"| 2 | {result['collect_steps_per_s']['2']:.0f} |")
+    print(f"{args.preset} preset, {args.steps} agent steps: local {result['seconds']['local']:.1f} s, Ray (1 collector, "
+          f"1 learner) {result['seconds']['ray']:.1f} s: {result['ray_over_local']:.2f}x; policy lag "
+          f"{result['policy_lag_mean']:.2f} updates on average, {result['policy_lag_max']:.0f} at most")
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

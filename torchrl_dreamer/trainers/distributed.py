@@ -1,0 +1,420 @@
+"""Past one machine: DreamerV2 on TorchRL's own Ray backends (an optional extra: ``pip install -e ".[distributed]"``).
+
+Nothing here is a distributed engine: every piece is TorchRL's, this module only fits DreamerV2 to them::
+
+    N x RayCollector workers (each: the env, InitTracker, the policy's primer, PolicyVersion; random actions for
+        their share of the prefill)  --client.extend-->  DreamerReplayBuffer as a Ray actor (RayReplayBuffer,
+        pinned to the node that holds its memory maps)  --client.sample(B / G)-->  G learner ranks
+        (Trainer(learner_backend="ray"): DDP over gloo on CPUs, nccl on GPUs; DreamerV2OptimizationStepper through
+        trainer.compute_loss; the slow critic's HardUpdate)  --RayWeightSyncScheme-->  the workers' policies
+
+What DreamerV2 needs that TorchRL leaves to the algorithm, and where it is done here:
+
+* **Unique trajectory ids.** Each worker's collector numbers its trajectories from 0; the replay keys episodes by
+  id, so :class:`WorkerTrajectoryIds` (each worker's ``postproc``) makes them ``id * workers + worker``.
+* **The acting policy's weights.** TorchRL's learner publishes its loss's ``actor_network``; DreamerV2's policy also
+  runs the world model (encoder and RSSM), so :func:`make_dreamerv2_ray_trainer` points the loss's ``actor_network``
+  at the acting policy (not registered as a submodule: the loss's parameters and checkpoints are unchanged).
+* **The same update as one process.** DDP averages the ranks' gradients; the two batch statistics of the losses
+  that are not plain means are taken over every rank's batch (:func:`~torchrl_dreamer.objectives.data_parallel`).
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from tensordict import TensorDictBase
+from torchrl.trainers.trainers import OptimizationStepper
+
+from torchrl_dreamer.config import DreamerV2Config
+from torchrl_dreamer.envs.resolve import EnvFactory, EnvLike, prepare_env
+
+__all__ = ["WorkerTrajectoryIds", "require_ray", "init_ray", "make_replay_service", "make_dreamerv2_ray_trainer", "RankStepper"]
+
+RAY_PIN = "ray>=2.40,<2.61"  # the versions tested with TorchRL 0.14 (setup.cfg's [distributed] extra)
+RAY_CHECKPOINT = "checkpoint_ray"  # TorchRL's Checkpoint of the whole job: trainer, collectors, replay, every rank
+POLICY_VERSION = "policy_version"  # the learner's update count whose weights collected a step (TorchRL's PolicyVersion)
+LAYOUT_FILE = "distributed.json"  # the collectors and learners the run was started with
+
+
+def require_ray():
+    """Imports Ray, or one line saying how to install it."""
+    try:
+        import ray
+    except ImportError:
+        raise ImportError(
+            'Ray is not installed: the distributed path is an optional extra, pip install -e ".[distributed]".'
+        ) from None
+    return ray
+
+
+def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
+    """Joins the cluster at ``address`` (``"auto"`` or ``"HOST:PORT"``), or starts a local one (``num_cpus``
+    logical CPUs: each collector and learner rank reserves one). Does nothing when Ray is already initialised.
+
+    TorchRL's pieces start Ray themselves when it is not running, and shut it down when the last of them is done;
+    starting it here keeps one cluster for the whole run.
+    """
+    ray = require_ray()
+    if ray.is_initialized():
+        return
+    if address is not None:
+        ray.init(address=address, include_dashboard=False, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+
+
+class WorkerTrajectoryIds:
+    """A collector ``postproc`` that makes worker ``worker``'s trajectory ids unique among ``workers`` workers:
+    ``id * workers + worker`` (TorchRL's collectors each number their trajectories from 0, and the replay keys
+    episodes by id: two workers' episodes would be read as one).
+
+    Examples:
+        >>> from tensordict import TensorDict
+        >>> batch = TensorDict({("collector", "traj_ids"): torch.tensor([0, 0, 1])}, [3])
+        >>> WorkerTrajectoryIds(1, 2)(batch)["collector", "traj_ids"].tolist()
+        [1, 1, 3]
+    """
+
+    def __init__(self, worker: int, workers: int, traj_key=("collector", "traj_ids")) -> None:
+        if not 0 <= worker < workers:
+            raise ValueError(f"worker must be in [0, {workers}), got {worker}.")
+        self.worker, self.workers, self.traj_key = worker, workers, traj_key
+
+    def __call__(self, batch: TensorDictBase) -> TensorDictBase:
+        ids = batch.get(self.traj_key)
+        return batch.set(self.traj_key, ids.long() * self.workers + self.worker)
+
+
+def make_replay_service(config: DreamerV2Config, scratch_dir: str | Path, obs_keys, *, node_id: str | None = None,
+                        fresh: bool = False):
+    """The run's :class:`~torchrl_dreamer.data.DreamerReplayBuffer` as a Ray actor (TorchRL's ``RayReplayBuffer``),
+    pinned to ``node_id`` (default: this node, whose disk holds ``scratch_dir``). Pass ``.client()`` /
+    ``.clients(n)`` to other actors: the service itself is not picklable."""
+    ray = require_ray()
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from torchrl_dreamer.data import DreamerReplayBuffer
+
+    node_id = node_id or ray.get_runtime_context().get_node_id()
+    return DreamerReplayBuffer(
+        capacity=config.replay_capacity, seq_len=config.batch_length, batch_size=config.batch_size,
+        obs_keys=obs_keys, scratch_dir=str(Path(scratch_dir).absolute()), prioritize_ends=config.prioritize_ends,
+        strict_length=config.strict_length, episodes_by_length=config.episodes_by_length, seed=config.seed,
+        fresh=fresh, extra_keys=(POLICY_VERSION,), service_backend="ray",
+        service_backend_options={"remote_config": {
+            "num_cpus": 0, "num_gpus": 0,
+            "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id, soft=False),
+        }},
+    )
+
+
+def _worker_collector_class():
+    from torchrl.collectors import Collector
+
+    class WorkerCollector(Collector):
+        """TorchRL's ``Collector``, named in one line: Ray prefixes each log line of an actor with its repr."""
+
+        def __repr__(self) -> str:
+            return f"DreamerV2Collector(worker={self.worker_idx})"
+
+    return WorkerCollector
+
+
+class _WorkerEnv:
+    """Builds worker ``worker``'s env in its Ray actor: the user's env, seeded apart from the other workers',
+    with ``InitTracker`` and the policy's primer."""
+
+    def __init__(self, factory: EnvFactory, seed: int, primer: Any) -> None:
+        self.factory, self.seed, self.primer = factory, seed, primer
+
+    def __call__(self):
+        return prepare_env(self.factory(self.seed), self.primer)
+
+
+class RankStepper(OptimizationStepper):
+    """A learner rank's update: :class:`~torchrl_dreamer.trainers.DreamerV2OptimizationStepper`, then the slow
+    critic's copy (``HardUpdate``). Logs ``policy_lag`` (mean and max over the sampled rows of the updates made
+    since the weights that collected them; the replay stores each step's ``policy_version``).
+
+    TorchRL's Ray learner steps a ``target_net_updater`` only when it is the learner's own loss's; DreamerV2's slow
+    critic belongs to the value sub-loss, so the rank steps it here after each update (as the local trainer's
+    ``TargetNetUpdaterHook`` does at ``post_optim``). Both are checkpointed with the rank.
+    """
+
+    updates_replay_priority = True  # the replay samples by episode, not by priority: nothing to update
+
+    def __init__(self, stepper: Any, target_updater: Any) -> None:
+        self.stepper, self.target_updater = stepper, target_updater
+
+    def step(self, trainer: Any, sub_batch: TensorDictBase) -> TensorDictBase:
+        metrics = self.stepper.step(trainer, sub_batch)
+        self.target_updater.step()
+        version = getattr(trainer, "model_version", None)
+        if version is not None and POLICY_VERSION in sub_batch.keys():
+            # updates between the weights that collected each sampled row and these (prefill rows: version 0)
+            lag = version - sub_batch.get(POLICY_VERSION).double()
+            metrics.set("policy_lag", lag.mean().float())
+            metrics.set("policy_lag_max", lag.max().float())
+        return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"stepper": self.stepper.state_dict(), "target_updater": {"counter": self.target_updater.counter}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.stepper.load_state_dict(state_dict["stepper"])
+        self.target_updater.counter = state_dict["target_updater"]["counter"]
+
+
+class DistributedFailure(RuntimeError):
+    """A piece of the Ray job died (a learner rank, a collector worker, the replay service): one line saying which,
+    and that the same command resumes from the last checkpoint."""
+
+
+def _ray_trainer_class():
+    from torchrl.trainers import Trainer
+
+    from torchrl_dreamer.trainers.hooks import EvaluationHook
+
+    class LearnerWeightsEvaluation(EvaluationHook):
+        """Greedy evaluation on the driver with the learner's current weights: the driver's copy of the model is
+        never trained (the ranks hold it), so each evaluation first fetches rank 0's acting policy."""
+
+        def fetch_weights(self) -> None:
+            backend = self.trainer._execution_backend
+            if backend is not None and backend.is_alive():
+                backend.get_weights("policy").to_module(self.policy)
+
+        def evaluate(self, *args, **kwargs):
+            self.fetch_weights()
+            return super().evaluate(*args, **kwargs)
+
+        def register(self, trainer, name=None) -> None:
+            super().register(trainer, name)
+            trainer.register_op("shutdown", self.fetch_weights)  # the final weights, for the final evaluation
+
+    class DreamerV2RayTrainer(Trainer):
+        """TorchRL's ``Trainer`` with ``learner_backend="ray"``, plus what the DreamerV2 runs need around it: the
+        greedy evaluations (:attr:`evaluation`), the final one, and one line when a piece of the job dies."""
+
+        evaluation: EvaluationHook | None = None
+        final_eval_episodes: int = 0
+        dead: list[str] = []
+
+        def find_dead(self) -> None:
+            """At shutdown, before the collectors are stopped: the pieces whose actor is gone (an error met on
+            another piece, e.g. a weight publication to a dead worker, does not always name it)."""
+            import ray
+
+            actors = [("the replay service", getattr(self.replay_buffer, "_rb", None))]
+            actors += [("a collector worker", actor) for actor in getattr(self.collector, "remote_collectors", [])]
+            self.dead = []
+            for name, actor in actors:
+                if actor is None:
+                    continue
+                try:
+                    ray.get(actor.__ray_ready__.remote(), timeout=10)
+                except Exception:  # noqa: BLE001 - dead, or not answering
+                    self.dead.append(name)
+
+        def train(self) -> dict[str, Any]:
+            import ray
+
+            try:
+                super().train()
+            except (ray.exceptions.RayError, RuntimeError, TimeoutError) as err:
+                if isinstance(err, RuntimeError) and not isinstance(err, ray.exceptions.RayError) and \
+                        "learner" not in str(err).lower() and "actor" not in str(err).lower():
+                    raise
+                raise DistributedFailure(_failure_line(err, self.logdir, self.dead)) from err
+            result = {"steps": self.collected_frames // self.frame_skip, "frames": self.collected_frames,
+                      "updates": self._optim_count}
+            if self.evaluation is not None and self.final_eval_episodes:
+                final = self.evaluation.final(self.final_eval_episodes)
+                result["final_eval"] = {k: v for k, v in final.items() if k not in ("returns", "lengths")}
+            return result
+
+    return DreamerV2RayTrainer, LearnerWeightsEvaluation
+
+
+_PIECES = {"WorkerCollector": "a collector worker", "DreamerReplayBuffer": "the replay service",
+           "_RayLearnerWorker": "a learner rank"}
+
+
+def _failure_line(err: BaseException, logdir: Path, dead: list[str] = ()) -> str:
+    """One line: which piece died (found dead at shutdown, or the dead actor's class that Ray names,
+    ``class_name: ...``, in the error of whichever call met it first), the error's first line, how to resume."""
+    message = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    named = list(dead) + [_PIECES[name.rsplit(".", 1)[-1]] for name in re.findall(r"class_name: ([\w.]+)", message)
+                          if name.rsplit(".", 1)[-1] in _PIECES]
+    which = named[0] if named else (
+        "the replay service" if "ReplayBuffer" in message else  # once it is gone, every piece fails on it
+        "a learner rank" if "learner" in message.lower() else
+        "a collector worker" if "Collector" in message else "a Ray actor")
+    first = message.strip().splitlines()[0] if message.strip() else type(err).__name__
+    return (f"{which} died ({type(err).__name__}: {first[:160]}); the job stopped. Its last checkpoint in {logdir} "
+            "is kept: run the same command to resume from it.")
+
+
+class _Steps:
+    """The driver's count of agent steps, for the hooks that read ``schedule.steps``."""
+
+    def __init__(self, trainer: Any) -> None:
+        self.trainer = trainer
+
+    @property
+    def steps(self) -> int:
+        return self.trainer.collected_frames // self.trainer.frame_skip
+
+
+def make_dreamerv2_ray_trainer(
+    config: DreamerV2Config,
+    logdir: str | Path,
+    *,
+    collectors: int = 1,
+    learners: int = 1,
+    ray_address: str | None = None,
+    env: EnvLike | None = None,
+    learner_gpus: int = 0,
+    shards: int = 1,
+    progress: bool = True,
+    command_timeout: float = 600.0,
+    make_stepper: Any = None,
+):
+    """A TorchRL :class:`~torchrl.trainers.Trainer` with ``learner_backend="ray"`` that trains DreamerV2 with
+    ``collectors`` Ray collector workers, the replay as a Ray actor and ``learners`` data-parallel learner ranks.
+
+    The update is :class:`~torchrl_dreamer.trainers.DreamerV2OptimizationStepper` on each rank, on ``batch_size /
+    learners`` sequences each (``batch_size`` must be a multiple of ``learners``): with ``learners > 1`` eager
+    (``compile=False``) and the same maths as one process on the whole batch. Every ``train_every`` agent steps a
+    worker collects make one update; the prefill is split among the workers, and the first learner command after
+    it runs the ``pretrain`` updates.
+
+    Args:
+        config (DreamerV2Config): hyperparameters.
+        logdir (str | Path): the run directory (the replay's files, the checkpoint, the logs).
+
+    Keyword Args:
+        collectors (int): Ray collector workers (one CPU each). Default: ``1``.
+        learners (int): learner ranks (one CPU, and ``learner_gpus`` GPUs, each). Default: ``1``.
+        ray_address (str, optional): ``"auto"`` or ``"HOST:PORT"`` of a running cluster; ``None`` starts a local
+            one.
+        env: the environment (see :func:`~torchrl_dreamer.trainers.make_dreamerv2_trainer`). Default: ``config.env``.
+        learner_gpus (int): GPUs per rank (nccl when > 0, gloo on CPUs). Default: ``0``.
+        shards (int): CPU worker threads of each rank's eager update (see the stepper). Default: ``1``.
+        progress (bool): a progress bar. Default: ``True``.
+        command_timeout (float): seconds a learner command (updates, a weight publication) may take before the
+            job stops. Default: ``600``.
+        make_stepper (callable, optional): ``make_stepper(stepper, target_updater)`` returns the ranks'
+            ``OptimizationStepper`` from the DreamerV2 stepper and the slow critic's updater (e.g. a subclass of
+            :class:`RankStepper` that records or schedules). Default: :class:`RankStepper`.
+    """
+    for name, value in (("collectors", collectors), ("learners", learners)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
+    if config.batch_size % learners:
+        raise ValueError(f"--batch-size {config.batch_size} does not split over {learners} learners: use a multiple.")
+    if learners > 1 and (config.compile or config.cudagraph):
+        raise ValueError("A data-parallel learner runs the eager update: drop --compile / --cudagraph.")
+    ray = require_ray()
+    from torchrl.checkpoint import Checkpoint
+    from torchrl.collectors.distributed import RayCollector
+    from torchrl.envs.llm.transforms import PolicyVersion
+    from torchrl_dreamer.record import make_logger
+
+    Trainer, Evaluation = _ray_trainer_class()
+
+    logdir = Path(logdir).expanduser().absolute()
+    layout = logdir / LAYOUT_FILE
+    if layout.exists():  # a resumed run: TorchRL's learner restores each rank's state, it does not re-shard
+        saved = json.loads(layout.read_text())
+        if saved["learners"] != learners:
+            raise ValueError(
+                f"{logdir} was trained with --learners {saved['learners']}: resume it with --learners "
+                f"{saved['learners']} (each rank's state is restored as saved; it is not re-sharded)."
+            )
+    logdir.mkdir(parents=True, exist_ok=True)
+    init_ray(ray_address, num_cpus=None if ray_address else collectors + learners + 1)
+    torch.manual_seed(config.seed)
+    factory = EnvFactory(env if env is not None else config.env, **({} if env is not None else config.make_env_kwargs))
+    if factory.is_instance:
+        raise ValueError("Ray collector workers build their own envs: pass a factory or a name, not an env instance.")
+    probe = factory(config.seed)
+    models = config.make_models(probe.observation_spec, probe.action_spec, device="cpu")
+    probe.close()
+    loss = config.make_loss(models)
+    # TorchRL's learner publishes its loss's actor_network to the workers: DreamerV2's acting policy (world model
+    # encoder and RSSM, and the actor), left out of the loss's modules so its parameters and checkpoints stay as
+    # they are (the policy shares their tensors)
+    object.__setattr__(loss, "actor_network", models.policy)
+    stepper = (make_stepper or RankStepper)(config.make_stepper(loss, shards=shards), config.make_target_updater(loss))
+    replay = make_replay_service(config, logdir / "replay", models.world_model.obs_keys)
+    primer = models.policy.make_tensordict_primer()
+    envs = [_WorkerEnv(factory, config.seed + 1 + 1_000_003 * i, primer) for i in range(collectors)]
+    collector = RayCollector(
+        envs,
+        models.policy,
+        frames_per_batch=config.train_every,
+        total_frames=2**62,  # the trainer stops at total_steps (RayCollector reads -1 as none left)
+        init_random_frames=config.prefill,  # RayCollector gives each worker its share
+        replay_buffer=replay,
+        collector_class=_worker_collector_class(),
+        collector_kwargs=[{"postproc": WorkerTrajectoryIds(i, collectors), "track_policy_version": PolicyVersion(int)}
+                          for i in range(collectors)],
+        remote_configs={"num_cpus": 1, "num_gpus": 0},
+        sync=False,
+    )
+    trainer = Trainer(
+        collector=collector,
+        total_frames=config.total_steps * config.action_repeat,
+        frame_skip=config.action_repeat,
+        optim_steps_per_batch=1,
+        loss_module=loss,
+        optimization_stepper=stepper,
+        replay_buffer=replay,
+        batch_size=config.batch_size,
+        learner_backend="ray",
+        learner_backend_options={
+            "world_size": learners,
+            "resources_per_rank": {"num_cpus": 1, "num_gpus": learner_gpus},
+            "command_timeout": command_timeout,
+        },
+        logger=None,  # set below, once a resumed run's step is known
+        progress_bar=progress,
+        log_interval=config.log_every * config.action_repeat,
+        checkpoint=Checkpoint(),
+        save_trainer_file=str(logdir / RAY_CHECKPOINT),
+        save_trainer_interval=config.checkpoint_every * config.action_repeat,
+        seed=config.seed,
+    )
+    trainer.config, trainer.logdir, trainer.models, trainer.replay = config, logdir, models, replay
+    trainer.register_op("shutdown", trainer.find_dead)
+    steps = _Steps(trainer)
+    if config.eval_episodes:
+        def make_eval_env(seed: int, num_envs: int = 1):
+            return prepare_env(factory(seed), models.policy.make_tensordict_primer())
+
+        trainer.evaluation = Evaluation(models.policy, make_eval_env, steps, eval_every=config.eval_every,
+                                        episodes=config.eval_episodes, seed=config.seed + 10_000)
+        trainer.evaluation.register(trainer)
+        trainer.final_eval_episodes = config.final_eval_episodes
+    trainer.resumed = (logdir / RAY_CHECKPOINT).exists()
+    if trainer.resumed:
+        trainer.load_from_file(str(logdir / RAY_CHECKPOINT))
+    # the logs keep the rows up to the checkpoint's step (a job stopped later logged rows it will log again)
+    trainer.logger = make_logger(logdir, resume_step=trainer.collected_frames if trainer.resumed else 0)
+    if trainer._optim_count == 0 and config.pretrain > 1:
+        # the reference's pretraining: the first learner command, once the prefill is in, runs `pretrain` updates
+        trainer.optim_steps_per_batch = config.pretrain
+
+        def after_pretraining() -> None:
+            if trainer._optim_count:
+                trainer.optim_steps_per_batch = 1
+
+        trainer.register_op("post_steps", after_pretraining)
+    layout.write_text(json.dumps({"collectors": collectors, "learners": learners}))
+    (logdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    return trainer
