@@ -13,8 +13,14 @@ Every figure is a run of the command users run (``examples/dreamerv2_atari.py``)
 
 Pairs alternate (local, Ray, local, Ray, ...) so that both see the same machine. Prints a table; the last line is JSON.
 
+``--pieces`` measures instead the per-piece costs a cluster projection needs, at a preset's sizes (default the
+paper's ``atari``): the acting policy per agent step on one CPU thread (an Atari env rolled out with and without
+it), and the replay service's ``sample`` of ``batch_size x batch_length`` rows and ``extend`` of ``train_every``
+steps, called through a client from another process, with the service holding ``--rows`` Atari rows.
+
     python benchmarks/distributed.py                                   # CartPole-v1, 3,000 steps, 2 repeats
     python benchmarks/distributed.py --env gym:Acrobot-v1 --steps 5000 --repeats 3
+    python benchmarks/distributed.py --pieces --preset atari --env atari:Boxing
 """
 from __future__ import annotations
 
@@ -51,6 +57,70 @@ def lag(logdir: Path) -> tuple[float, float]:
     return statistics.fmean(float(r[1]) for r in rows), max(float(r[1]) for r in highest)
 
 
+def pieces(args: argparse.Namespace) -> dict:
+    """Per-piece costs at ``args.preset``'s sizes (see the module docstring)."""
+    import torch
+    from tensordict import TensorDict
+
+    from torchrl_dreamer.config import DreamerV2Config
+    from torchrl_dreamer.envs import make_env, prepare_env
+    from torchrl_dreamer.trainers.distributed import init_ray, make_replay_service
+
+    torch.set_num_threads(1)
+    config = DreamerV2Config.preset(args.preset, env=args.env)
+    env = make_env(args.env, **config.make_env_kwargs)
+    models = config.make_models(env.observation_spec, env.action_spec, device="cpu")
+    env = prepare_env(env, models.policy.make_tensordict_primer())
+    env.set_seed(args.seed)
+    steps = 300
+    timings = {"env": [], "env_and_policy": []}
+    with torch.no_grad():
+        env.rollout(20, models.policy, break_when_any_done=False)  # warm-up
+        for _ in range(args.repeats):
+            for name, policy in (("env", None), ("env_and_policy", models.policy)):
+                start = time.perf_counter()
+                env.rollout(steps, policy, break_when_any_done=False)
+                timings[name].append((time.perf_counter() - start) / steps * 1e3)
+    env_ms, both_ms = min(timings["env"]), min(timings["env_and_policy"])
+    init_ray(num_cpus=2)
+    with tempfile.TemporaryDirectory() as tmp:
+        service = make_replay_service(config.replace(replay_capacity=args.rows + 1000), tmp, models.world_model.obs_keys)
+        client = service.client()
+        chunk = 1000
+        obs = torch.randint(0, 256, (1, chunk, *env.observation_spec["pixels"].shape), dtype=torch.uint8)
+        done = torch.zeros(1, chunk, 1, dtype=torch.bool)
+        done[:, -1] = True
+        action = torch.zeros(1, chunk, env.action_spec.shape[-1])
+        for k in range(args.rows // chunk):
+            batch = TensorDict({"pixels": obs, "action": action, "is_init": torch.arange(chunk).eq(0).view(1, -1, 1),
+                                ("collector", "traj_ids"): torch.full((1, chunk), k),
+                                "policy_version": torch.zeros(1, chunk, dtype=torch.long),
+                                "next": {"pixels": obs, "reward": torch.zeros(1, chunk, 1), "done": done,
+                                         "terminated": done, "truncated": torch.zeros_like(done)}}, [1, chunk])
+            client.extend(batch)
+        sample_ms, extend_ms = [], []
+        small = batch[:, : config.train_every].clone()
+        small["collector", "traj_ids"].fill_(10**6)
+        for _ in range(20):
+            start = time.perf_counter()
+            client.sample(config.batch_size)
+            sample_ms.append((time.perf_counter() - start) * 1e3)
+            start = time.perf_counter()
+            client.extend(small)
+            extend_ms.append((time.perf_counter() - start) * 1e3)
+        service.shutdown()
+    result = {"preset": args.preset, "env": args.env, "env_ms_per_step": env_ms,
+              "policy_ms_per_step": both_ms - env_ms, "replay_rows": args.rows,
+              "sample_ms": statistics.median(sample_ms), "sample_shape": [config.batch_size, config.batch_length],
+              "extend_ms": statistics.median(extend_ms), "extend_steps": config.train_every}
+    print(f"{args.preset} preset on {args.env}, one CPU thread: the env {env_ms:.2f} ms per agent step, the policy "
+          f"{both_ms - env_ms:.2f} ms; the replay service ({args.rows:,} rows): sample of {config.batch_size} x "
+          f"{config.batch_length} in {result['sample_ms']:.1f} ms, extend of {config.train_every} steps in "
+          f"{result['extend_ms']:.1f} ms (medians of 20, through a client)")
+    print(json.dumps(result))
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--env", default="gym:CartPole-v1")
@@ -58,7 +128,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=3000, help="agent steps of each timed run")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pieces", action="store_true", help="the per-piece costs instead (see above)")
+    parser.add_argument("--rows", type=int, default=50_000, help="--pieces: rows in the replay service")
     args = parser.parse_args(argv)
+    if args.pieces:
+        return pieces(args)
     collect, overhead, lags = {1: [], 2: []}, {"local": [], "ray": []}, []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

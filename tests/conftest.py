@@ -40,3 +40,15 @@ def make_batch(batch: int = 2, steps: int = 6, *, action_dim: int = 3, image: tu
         },
         [batch, steps],
     )
+
+
+def row_local_sample(logits: torch.Tensor, *, straight_through: bool = True) -> torch.Tensor:
+    """A one-hot "draw" that depends on each row's logits only (their argmax after a fixed offset per class): the
+    same whether the row is in a shard or not, and not moved by a rounding difference of the logits."""
+    offsets = (torch.arange(logits.shape[-1], dtype=torch.float64) * 0.618).frac().to(logits) * 2
+    index = (logits.detach() + offsets).argmax(-1, keepdim=True)
+    sample = torch.zeros_like(logits).scatter_(-1, index, 1.0)
+    if straight_through and logits.requires_grad and torch.is_grad_enabled():
+        probs = logits.softmax(-1)
+        sample = sample + (probs - probs.detach())
+    return sample

@@ -16,7 +16,11 @@ from torchrl_dreamer.config import DreamerV2Config  # noqa: E402
 from torchrl_dreamer.modules import actor as actor_module, rssm as rssm_module  # noqa: E402
 from torchrl_dreamer.trainers.distributed import RankStepper, init_ray, make_dreamerv2_ray_trainer  # noqa: E402
 
-ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the recording stepper below runs on the ranks
+from conftest import row_local_sample as _row_local_sample  # noqa: E402
+
+# the recording stepper below, and the draws it patches in, run on the ranks
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+ray.cloudpickle.register_pickle_by_value(sys.modules["conftest"])
 
 
 @pytest.fixture(scope="module")
@@ -32,18 +36,6 @@ def _config(**overrides) -> DreamerV2Config:
                     eval_every=10**9, video_every=10**9, log_every=10**9)
     settings.update(overrides)
     return DreamerV2Config.preset("debug", **settings)
-
-
-def _row_local_sample(logits: torch.Tensor, *, straight_through: bool = True) -> torch.Tensor:
-    """A one-hot "draw" that depends on each row's logits only: the same on a rank as in one process on the whole
-    batch (the ranks draw from their own generators), so the test compares the maths, not the noise."""
-    offsets = (torch.arange(logits.shape[-1], dtype=torch.float64) * 0.618).frac().to(logits) * 2
-    index = (logits.detach() + offsets).argmax(-1, keepdim=True)
-    sample = torch.zeros_like(logits).scatter_(-1, index, 1.0)
-    if straight_through and logits.requires_grad and torch.is_grad_enabled():
-        probs = logits.softmax(-1)
-        sample = sample + (probs - probs.detach())
-    return sample
 
 
 class _Recording(RankStepper):

@@ -14,7 +14,7 @@ from torchrl_dreamer.modules import DEBUG_SIZES, ShardPool, make_dreamerv2_model
 from torchrl_dreamer.objectives import make_dreamerv2_loss, make_target_updater
 from torchrl_dreamer.trainers import DreamerV2OptimizationStepper, make_dreamerv2_optimizers
 
-from conftest import make_batch
+from conftest import make_batch, row_local_sample as _row_local_sample
 
 SPEC = Composite(pixels=Unbounded((1, 16, 16), dtype=torch.uint8))
 
@@ -25,18 +25,6 @@ def _stepper(shards: int, action_spec=None, seed: int = 3, actor_grad: str = "re
     loss = make_dreamerv2_loss(models, imagination_horizon=4, actor_grad=actor_grad)
     stepper = DreamerV2OptimizationStepper(loss, make_dreamerv2_optimizers(loss), shards=shards)
     return stepper, make_target_updater(loss.value_loss, interval=2)
-
-
-def _row_local_sample(logits: torch.Tensor, *, straight_through: bool = True) -> torch.Tensor:
-    """A one-hot "draw" that depends on each row's logits only (their argmax after a fixed offset per class): the
-    same whether the row is in a shard or not, and not moved by a rounding difference of the logits."""
-    offsets = (torch.arange(logits.shape[-1], dtype=torch.float64) * 0.618).frac().to(logits) * 2
-    index = (logits.detach() + offsets).argmax(-1, keepdim=True)
-    sample = torch.zeros_like(logits).scatter_(-1, index, 1.0)
-    if straight_through and logits.requires_grad and torch.is_grad_enabled():
-        probs = logits.softmax(-1)
-        sample = sample + (probs - probs.detach())
-    return sample
 
 
 def _passes(loss, batch):
