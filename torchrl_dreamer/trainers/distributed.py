@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -289,7 +290,7 @@ def make_dreamerv2_ray_trainer(
 
     The update is :class:`~torchrl_dreamer.trainers.DreamerV2OptimizationStepper` on each rank, on ``batch_size /
     learners`` sequences each (``batch_size`` must be a multiple of ``learners``): with ``learners > 1`` eager
-    (``compile=False``) and the same maths as one process on the whole batch. Every ``train_every`` agent steps a
+    (a compiled config is run eager, with a warning) and the same maths as one process on the whole batch. Every ``train_every`` agent steps a
     worker collects make one update; the prefill is split among the workers, and the first learner command after
     it runs the ``pretrain`` updates.
 
@@ -306,8 +307,8 @@ def make_dreamerv2_ray_trainer(
         learner_gpus (int): GPUs per rank (nccl when > 0, gloo on CPUs). Default: ``0``.
         shards (int): CPU worker threads of each rank's eager update (see the stepper). Default: ``1``.
         progress (bool): a progress bar. Default: ``True``.
-        command_timeout (float): seconds a learner command (updates, a weight publication) may take before the
-            job stops. Default: ``600``.
+        command_timeout (float): seconds a learner command (updates, a weight publication) or the ranks' start
+            may take before the job stops. Default: ``600``.
         make_stepper (callable, optional): ``make_stepper(stepper, target_updater)`` returns the ranks'
             ``OptimizationStepper`` from the DreamerV2 stepper and the slow critic's updater (e.g. a subclass of
             :class:`RankStepper` that records or schedules). Default: :class:`RankStepper`.
@@ -318,8 +319,11 @@ def make_dreamerv2_ray_trainer(
     if config.batch_size % learners:
         raise ValueError(f"--batch-size {config.batch_size} does not split over {learners} learners: use a multiple.")
     if learners > 1 and (config.compile or config.cudagraph):
-        raise ValueError("A data-parallel learner runs the eager update: drop --compile / --cudagraph.")
-    ray = require_ray()
+        warnings.warn("A data-parallel learner runs the eager update (its DDP reduces the gradients of the losses "
+                      "computed through trainer.compute_loss): compile and cudagraph are off for its ranks.",
+                      stacklevel=2)
+        config = config.replace(compile=False, cudagraph=False)
+    require_ray()
     from torchrl.checkpoint import Checkpoint
     from torchrl.collectors.distributed import RayCollector
     from torchrl.envs.llm.transforms import PolicyVersion
@@ -381,6 +385,7 @@ def make_dreamerv2_ray_trainer(
             "world_size": learners,
             "resources_per_rank": {"num_cpus": 1, "num_gpus": learner_gpus},
             "command_timeout": command_timeout,
+            "setup_timeout": command_timeout,  # placing and starting the ranks (120 s by default) on a loaded node
         },
         logger=None,  # set below, once a resumed run's step is known
         progress_bar=progress,
