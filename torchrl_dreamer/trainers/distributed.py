@@ -22,18 +22,23 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from tensordict import TensorDictBase
+from torchrl.collectors import Collector
+from torchrl.trainers import Trainer
 from torchrl.trainers.trainers import OptimizationStepper
 
 from torchrl_dreamer.config import DreamerV2Config
 from torchrl_dreamer.envs.resolve import EnvFactory, EnvLike, prepare_env
+from torchrl_dreamer.trainers.hooks import EvaluationHook
 
-__all__ = ["WorkerTrajectoryIds", "require_ray", "init_ray", "make_replay_service", "make_dreamerv2_ray_trainer", "RankStepper"]
+__all__ = ["WorkerTrajectoryIds", "require_ray", "init_ray", "make_replay_service", "make_dreamerv2_ray_trainer",
+           "RankStepper", "DreamerV2RayTrainer", "DistributedFailure", "WorkerCollector"]
 
 RAY_PIN = "ray>=2.40,<2.61"  # the versions tested with TorchRL 0.14 (setup.cfg's [distributed] extra)
 RAY_CHECKPOINT = "checkpoint_ray"  # TorchRL's Checkpoint of the whole job: trainer, collectors, replay, every rank
@@ -113,16 +118,12 @@ def make_replay_service(config: DreamerV2Config, scratch_dir: str | Path, obs_ke
     )
 
 
-def _worker_collector_class():
-    from torchrl.collectors import Collector
+class WorkerCollector(Collector):
+    """TorchRL's ``Collector`` for a Ray worker, named in one line: Ray prefixes each log line of an actor with its
+    repr, and the collector's default repr is dozens of lines."""
 
-    class WorkerCollector(Collector):
-        """TorchRL's ``Collector``, named in one line: Ray prefixes each log line of an actor with its repr."""
-
-        def __repr__(self) -> str:
-            return f"DreamerV2Collector(worker={self.worker_idx})"
-
-    return WorkerCollector
+    def __repr__(self) -> str:
+        return f"DreamerV2Collector(worker={self.worker_idx})"
 
 
 class _WorkerEnv:
@@ -175,70 +176,67 @@ class DistributedFailure(RuntimeError):
     and that the same command resumes from the last checkpoint."""
 
 
-def _ray_trainer_class():
-    from torchrl.trainers import Trainer
+class LearnerWeightsEvaluation(EvaluationHook):
+    """Greedy evaluation on the driver with the learner's current weights: the driver's copy of the model is
+    never trained (the ranks hold it), so each evaluation first fetches rank 0's acting policy."""
 
-    from torchrl_dreamer.trainers.hooks import EvaluationHook
+    def fetch_weights(self) -> None:
+        backend = self.trainer._execution_backend
+        if backend is not None and backend.is_alive():
+            backend.get_weights("policy").to_module(self.policy)
 
-    class LearnerWeightsEvaluation(EvaluationHook):
-        """Greedy evaluation on the driver with the learner's current weights: the driver's copy of the model is
-        never trained (the ranks hold it), so each evaluation first fetches rank 0's acting policy."""
+    def evaluate(self, *args, **kwargs):
+        self.fetch_weights()
+        return super().evaluate(*args, **kwargs)
 
-        def fetch_weights(self) -> None:
-            backend = self.trainer._execution_backend
-            if backend is not None and backend.is_alive():
-                backend.get_weights("policy").to_module(self.policy)
+    def register(self, trainer, name=None) -> None:
+        super().register(trainer, name)
+        trainer.register_op("shutdown", self.fetch_weights)  # the final weights, for the final evaluation
 
-        def evaluate(self, *args, **kwargs):
-            self.fetch_weights()
-            return super().evaluate(*args, **kwargs)
 
-        def register(self, trainer, name=None) -> None:
-            super().register(trainer, name)
-            trainer.register_op("shutdown", self.fetch_weights)  # the final weights, for the final evaluation
+class DreamerV2RayTrainer(Trainer):
+    """TorchRL's ``Trainer`` with ``learner_backend="ray"``, plus what the DreamerV2 runs need around it: the
+    greedy evaluations (:attr:`evaluation`), the final one, and one line when a piece of the job dies."""
 
-    class DreamerV2RayTrainer(Trainer):
-        """TorchRL's ``Trainer`` with ``learner_backend="ray"``, plus what the DreamerV2 runs need around it: the
-        greedy evaluations (:attr:`evaluation`), the final one, and one line when a piece of the job dies."""
+    evaluation: EvaluationHook | None = None
+    final_eval_episodes: int = 0
+    dead: list[str] = []
 
-        evaluation: EvaluationHook | None = None
-        final_eval_episodes: int = 0
-        dead: list[str] = []
+    def find_dead(self) -> None:
+        """At shutdown after an error, before the collectors are stopped: the pieces whose actor is gone (an error
+        met on another piece, e.g. a weight publication to a dead worker, does not always name it). An actor that
+        does not answer within a few seconds is busy (a collection, a receive), not dead."""
+        import ray
 
-        def find_dead(self) -> None:
-            """At shutdown, before the collectors are stopped: the pieces whose actor is gone (an error met on
-            another piece, e.g. a weight publication to a dead worker, does not always name it)."""
-            import ray
-
-            actors = [("the replay service", getattr(self.replay_buffer, "_rb", None))]
-            actors += [("a collector worker", actor) for actor in getattr(self.collector, "remote_collectors", [])]
-            self.dead = []
-            for name, actor in actors:
-                if actor is None:
-                    continue
-                try:
-                    ray.get(actor.__ray_ready__.remote(), timeout=10)
-                except Exception:  # noqa: BLE001 - dead, or not answering
-                    self.dead.append(name)
-
-        def train(self) -> dict[str, Any]:
-            import ray
-
+        if sys.exc_info()[0] is None:  # a normal shutdown
+            return
+        actors = [("the replay service", getattr(self.replay_buffer, "_rb", None))]
+        actors += [("a collector worker", actor) for actor in getattr(self.collector, "remote_collectors", [])]
+        probes = {actor.__ray_ready__.remote(): name for name, actor in actors if actor is not None}
+        answered, _ = ray.wait(list(probes), num_returns=len(probes), timeout=5)
+        self.dead = []
+        for probe in answered:
             try:
-                super().train()
-            except (ray.exceptions.RayError, RuntimeError, TimeoutError) as err:
-                if isinstance(err, RuntimeError) and not isinstance(err, ray.exceptions.RayError) and \
-                        "learner" not in str(err).lower() and "actor" not in str(err).lower():
-                    raise
-                raise DistributedFailure(_failure_line(err, self.logdir, self.dead)) from err
-            result = {"steps": self.collected_frames // self.frame_skip, "frames": self.collected_frames,
-                      "updates": self._optim_count}
-            if self.evaluation is not None and self.final_eval_episodes:
-                final = self.evaluation.final(self.final_eval_episodes)
-                result["final_eval"] = {k: v for k, v in final.items() if k not in ("returns", "lengths")}
-            return result
+                ray.get(probe)
+            except ray.exceptions.RayActorError:
+                self.dead.append(probes[probe])
 
-    return DreamerV2RayTrainer, LearnerWeightsEvaluation
+    def train(self) -> dict[str, Any]:
+        import ray
+
+        try:
+            super().train()
+        except (ray.exceptions.RayError, RuntimeError, TimeoutError) as err:
+            if isinstance(err, RuntimeError) and not isinstance(err, ray.exceptions.RayError) and \
+                    "learner" not in str(err).lower() and "actor" not in str(err).lower():
+                raise
+            raise DistributedFailure(_failure_line(err, self.logdir, self.dead)) from err
+        result = {"steps": self.collected_frames // self.frame_skip, "frames": self.collected_frames,
+                  "updates": self._optim_count}
+        if self.evaluation is not None and self.final_eval_episodes:
+            final = self.evaluation.final(self.final_eval_episodes)
+            result["final_eval"] = {k: v for k, v in final.items() if k not in ("returns", "lengths")}
+        return result
 
 
 _PIECES = {"WorkerCollector": "a collector worker", "DreamerReplayBuffer": "the replay service",
@@ -329,7 +327,6 @@ def make_dreamerv2_ray_trainer(
     from torchrl.envs.llm.transforms import PolicyVersion
     from torchrl_dreamer.record import make_logger
 
-    Trainer, Evaluation = _ray_trainer_class()
 
     logdir = Path(logdir).expanduser().absolute()
     layout = logdir / LAYOUT_FILE
@@ -365,13 +362,13 @@ def make_dreamerv2_ray_trainer(
         total_frames=2**62,  # the trainer stops at total_steps (RayCollector reads -1 as none left)
         init_random_frames=config.prefill,  # RayCollector gives each worker its share
         replay_buffer=replay,
-        collector_class=_worker_collector_class(),
+        collector_class=WorkerCollector,
         collector_kwargs=[{"postproc": WorkerTrajectoryIds(i, collectors), "track_policy_version": PolicyVersion(int)}
                           for i in range(collectors)],
         remote_configs={"num_cpus": 1, "num_gpus": 0},
         sync=False,
     )
-    trainer = Trainer(
+    trainer = DreamerV2RayTrainer(
         collector=collector,
         total_frames=config.total_steps * config.action_repeat,
         frame_skip=config.action_repeat,
@@ -402,7 +399,7 @@ def make_dreamerv2_ray_trainer(
         def make_eval_env(seed: int, num_envs: int = 1):
             return prepare_env(factory(seed), models.policy.make_tensordict_primer())
 
-        trainer.evaluation = Evaluation(models.policy, make_eval_env, steps, eval_every=config.eval_every,
+        trainer.evaluation = LearnerWeightsEvaluation(models.policy, make_eval_env, steps, eval_every=config.eval_every,
                                         episodes=config.eval_episodes, seed=config.seed + 10_000)
         trainer.evaluation.register(trainer)
         trainer.final_eval_episodes = config.final_eval_episodes
