@@ -326,7 +326,7 @@ def make_dreamerv2_ray_trainer(
     from torchrl.collectors.distributed import RayCollector
     from torchrl.envs.llm.transforms import PolicyVersion
     from torchrl_dreamer.record import make_logger
-
+    from torchrl_dreamer.trainers.trainer import write_config
 
     logdir = Path(logdir).expanduser().absolute()
     layout = logdir / LAYOUT_FILE
@@ -394,13 +394,13 @@ def make_dreamerv2_ray_trainer(
     )
     trainer.config, trainer.logdir, trainer.models, trainer.replay = config, logdir, models, replay
     trainer.register_op("shutdown", trainer.find_dead)
-    steps = _Steps(trainer)
     if config.eval_episodes:
         def make_eval_env(seed: int, num_envs: int = 1):
             return prepare_env(factory(seed), models.policy.make_tensordict_primer())
 
-        trainer.evaluation = LearnerWeightsEvaluation(models.policy, make_eval_env, steps, eval_every=config.eval_every,
-                                        episodes=config.eval_episodes, seed=config.seed + 10_000)
+        trainer.evaluation = LearnerWeightsEvaluation(models.policy, make_eval_env, _Steps(trainer),
+                                                      eval_every=config.eval_every, episodes=config.eval_episodes,
+                                                      seed=config.seed + 10_000)
         trainer.evaluation.register(trainer)
         trainer.final_eval_episodes = config.final_eval_episodes
     trainer.resumed = (logdir / RAY_CHECKPOINT).exists()
@@ -418,5 +418,5 @@ def make_dreamerv2_ray_trainer(
 
         trainer.register_op("post_steps", after_pretraining)
     layout.write_text(json.dumps({"collectors": collectors, "learners": learners}))
-    (logdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    write_config(config, logdir)
     return trainer

@@ -496,6 +496,13 @@ class _WorkerEnv:
         return self.factory()
 
 
+def write_config(config: DreamerV2Config, logdir: Path) -> None:
+    """Writes the run's ``config.json`` atomically (a kill never leaves half a file)."""
+    tmp = logdir / (CONFIG_FILE + ".tmp")
+    tmp.write_text(json.dumps(config.to_dict(), indent=2))
+    tmp.replace(logdir / CONFIG_FILE)
+
+
 def _reconcile_config(config: DreamerV2Config, logdir: Path, resuming: bool, keep_saved: bool) -> DreamerV2Config:
     """A resumed run keeps its saved config: only the schedules (``_RESUMABLE_CHANGES``) may change, and a setting
     given as ``"auto"`` takes the saved value.
@@ -870,7 +877,5 @@ def _build_trainer(
     # only now, with the checkpoint read, is anything written in the run directory. The logs keep the rows up to the
     # checkpoint's step; without a checkpoint (a run killed before its first one) none: it starts again from 0
     trainer.logger = make_logger(logdir, resume_step=saved["steps"] * config.action_repeat if resuming else 0)
-    tmp = logdir / (CONFIG_FILE + ".tmp")
-    tmp.write_text(json.dumps(config.to_dict(), indent=2))
-    tmp.replace(logdir / CONFIG_FILE)
+    write_config(config, logdir)
     return trainer
