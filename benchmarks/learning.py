@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     configs = {env: DreamerV2Config.preset(args.preset, env=env) for env, _ in args.tasks}
     if not args.tables_only:
-        train([(env, seed, run_dir(args.out, env, seed)) for env, _ in args.tasks for seed in range(args.seeds)], args)
+        train([(env, seed, run_dir(args.out, env, seed)) for seed in range(args.seeds) for env, _ in args.tasks], args)
     results = []
     for env, threshold in args.tasks:
         seeds = list(range(args.seeds))

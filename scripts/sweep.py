@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     def run(name: str, seed: int, logdir: str) -> int:
         return learning.run_to_end(name, seed, Path(logdir), args)
 
-    jobs = [(env, seed, learning.run_dir(args.out, env, seed)) for env, _ in args.tasks for seed in range(args.seeds)]
+    jobs = [(env, seed, learning.run_dir(args.out, env, seed)) for seed in range(args.seeds) for env, _ in args.tasks]
     pending = {run.remote(env, seed, str(logdir)): (env, seed) for env, seed, logdir in jobs}
     failed = 0
     while pending:

@@ -173,6 +173,42 @@ def test_two_collectors_write_whole_episodes_with_ids_unique_across_workers(clus
     assert sum(episode["closed"] for episode in episodes) >= 10  # CartPole's random episodes last ~20 steps
 
 
+def test_a_collector_killed_mid_run_is_restarted_its_episodes_closed_and_collection_goes_on(cluster, tmp_path,
+                                                                                              capfd):
+    config = _config(total_steps=1200, prefill=200, train_every=20)
+    trainer = make_dreamerv2_ray_trainer(config, tmp_path / "run", collectors=2, learners=1, progress=False)
+    killed = {}
+
+    def kill_worker_0() -> None:  # once, mid-run, with updates made and weights published
+        if not killed and trainer._optim_count >= 10:
+            killed["at"] = trainer.collected_frames
+            killed["keys"] = set(trainer.replay.client().episode_keys())
+            ray.kill(trainer.collector.remote_collectors[0])
+
+    trainer.register_op("post_steps", kill_worker_0)
+    result = trainer.train()
+    assert killed and result["steps"] >= 1200  # collection went on to the end of the budget
+    assert trainer.collector.restarts == 1
+    assert "collector worker 0 died" in capfd.readouterr().err
+    assert [row[1] for row in _csv(tmp_path / "run" / "scalars" / "collector_restarts.csv")] == ["1.0"]
+    episodes = trainer.replay.client().episodes()
+    assert len({episode["key"] for episode in episodes}) == len(episodes)  # the successor's ids are new ones
+    for episode in episodes:  # none spliced: each starts at its first row and nowhere else
+        assert episode["rows"]["is_init"][0].item() and not episode["rows"]["is_init"][1:].any(), episode["key"]
+    dead = [e for e in episodes if e["key"] % 2 == 0 and e["key"] in killed["keys"]]
+    successor = [e for e in episodes if e["key"] % 2 == 0 and e["key"] not in killed["keys"]]
+    assert dead and all(e["closed"] for e in dead)  # the dead worker's episodes: all closed, none continued
+    assert sum(len(e["rows"]) for e in successor) >= 100  # the successor collected
+    versions = torch.cat([e["rows"]["policy_version"].reshape(-1) for e in successor])
+    assert versions.max() > 10  # with the learner's weights: they reach the successor
+
+
+def _csv(path):
+    import csv
+
+    return list(csv.reader(open(path)))
+
+
 def test_the_cli_trains_on_ray_and_a_resume_with_other_learners_is_one_line(tmp_path):
     import subprocess
 
@@ -236,8 +272,7 @@ def _kill_one(pattern: str) -> int:
 @pytest.mark.parametrize("victim, named", [
     ("ray::_RayLearnerWorker", "a learner rank"),
     ("ray::DreamerReplayBuffer", "the replay service"),
-    ("ray::WorkerCollector", "a collector worker"),
-], ids=["learner", "replay", "collector"])
+], ids=["learner", "replay"])  # a killed collector worker is restarted: the test above
 def test_a_killed_actor_stops_the_job_with_one_line_and_the_same_command_resumes_from_the_checkpoint(
         tmp_path, victim, named):
     import csv

@@ -193,6 +193,8 @@ def test_the_pace_is_measured_and_reported(tmp_path, capsys):
     assert report not in capsys.readouterr().out  # a run about to end is not told its pace
     # ten evaluations of 0.5 s ran between the timed stretches: none of it is in the pace
     assert speed.timed_updates >= 5 and speed.timed_steps >= 50
+    # the first update and batch after the prefill compile (minutes for a compiled preset): not timed
+    assert speed.timed_updates == speed.schedule.updates - speed.schedule.pretrain - 1
     per_step = speed.collect_seconds / speed.timed_steps
     assert per_step < 0.5 / cfg.eval_every, per_step
     speed.report, speed.total_steps = None, 10**8  # a long run on a CPU

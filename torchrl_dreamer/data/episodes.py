@@ -148,6 +148,10 @@ class EpisodeTable:
         for key in list(self._open):
             self.close(key)
 
+    def open_keys(self) -> list[int]:
+        """The keys with an open episode."""
+        return list(self._open)
+
     def evict(self, cutoff: int) -> None:
         """Forgets positions below ``cutoff`` (FIFO): episodes lose their oldest rows, empty closed ones go."""
         if cutoff <= self._cutoff:

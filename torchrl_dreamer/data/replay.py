@@ -41,7 +41,7 @@ import sys
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from tensordict import MemoryMappedTensor, NestedKey, TensorDictBase, is_tensor_collection, unravel_key
@@ -509,6 +509,30 @@ class DreamerReplayBuffer(TensorDictReplayBuffer):
             return [{"key": table.key(int(i)), "closed": table.is_closed(int(i)),
                      "rows": self._storage.get(torch.from_numpy(table.positions(int(i)) % self._storage.max_size)).clone()}
                     for i in ids]
+
+    def read_keys(self) -> list:
+        """The keys :meth:`extend` reads from a batch (the rest is ignored): a writer in another process may send
+        only these."""
+        return [*self._required_keys, self.traj_key]
+
+    def episode_keys(self) -> list[int]:
+        """The trajectory id of every stored episode, oldest first (what :meth:`episodes` lists, without rows)."""
+        table = self._sampler.episodes
+        with self._replay_lock, self._write_lock:
+            ids, _ = table.lengths()
+            return [table.key(int(i)) for i in ids]
+
+    def close_episodes(self, keys: Callable[[int], bool] | None = None) -> list[int]:
+        """Closes the open episodes whose trajectory id ``keys(id)`` accepts (every open episode when ``None``), as
+        if their source had stopped: a later row with one of these ids starts a new episode. For a source that died
+        mid-episode (e.g. a Ray collector worker), whose episodes would otherwise stay open. Returns the ids closed.
+        """
+        table = self._sampler.episodes
+        with self._replay_lock, self._write_lock:
+            closed = [key for key in table.open_keys() if keys is None or keys(key)]
+            for key in closed:
+                table.close(key)
+            return closed
 
     # ---- checkpointing ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

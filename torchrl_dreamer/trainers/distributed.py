@@ -12,6 +12,8 @@ What DreamerV2 needs that TorchRL leaves to the algorithm, and where it is done 
 
 * **Unique trajectory ids.** Each worker's collector numbers its trajectories from 0; the replay keys episodes by
   id, so :class:`WorkerTrajectoryIds` (each worker's ``postproc``) makes them ``id * workers + worker``.
+* **A dead worker replaced while the others collect.** :class:`RestartingRayCollector` starts its successor, the
+  trainer closes its open episodes in the replay and moves the learner's weight publication onto the new workers.
 * **The acting policy's weights.** TorchRL's learner publishes its loss's ``actor_network``; DreamerV2's policy also
   runs the world model (encoder and RSSM), so :func:`make_dreamerv2_ray_trainer` points the loss's ``actor_network``
   at the acting policy (not registered as a submodule: the loss's parameters and checkpoints are unchanged).
@@ -30,6 +32,7 @@ from typing import Any
 import torch
 from tensordict import TensorDictBase
 from torchrl.collectors import Collector
+from torchrl.collectors.distributed import RayCollector
 from torchrl.trainers import Trainer
 from torchrl.trainers.trainers import OptimizationStepper
 
@@ -38,7 +41,7 @@ from torchrl_dreamer.envs.resolve import EnvFactory, EnvLike, prepare_env
 from torchrl_dreamer.trainers.hooks import EvaluationHook
 
 __all__ = ["WorkerTrajectoryIds", "require_ray", "init_ray", "make_replay_service", "make_dreamerv2_ray_trainer",
-           "RankStepper", "DreamerV2RayTrainer", "DistributedFailure", "WorkerCollector"]
+           "RankStepper", "DreamerV2RayTrainer", "DistributedFailure", "WorkerCollector", "RestartingRayCollector"]
 
 RAY_PIN = "ray>=2.40,<2.61"  # the versions tested with TorchRL 0.14 (setup.cfg's [distributed] extra)
 RAY_CHECKPOINT = "checkpoint_ray"  # TorchRL's Checkpoint of the whole job: trainer, collectors, replay, every rank
@@ -75,24 +78,40 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
 
 class WorkerTrajectoryIds:
     """A collector ``postproc`` that makes worker ``worker``'s trajectory ids unique among ``workers`` workers:
-    ``id * workers + worker`` (TorchRL's collectors each number their trajectories from 0, and the replay keys
-    episodes by id: two workers' episodes would be read as one).
+    ``(id + first) * workers + worker`` (TorchRL's collectors each number their trajectories from 0, and the replay
+    keys episodes by id: two workers' episodes would be read as one). A restarted worker numbers from 0 again:
+    ``first`` skips the ids its predecessor used. With ``keep`` (the replay's ``read_keys()``), the batch keeps only
+    those keys: the worker sends the replay what it stores, not the policy's recurrent state and features.
 
     Examples:
         >>> from tensordict import TensorDict
         >>> batch = TensorDict({("collector", "traj_ids"): torch.tensor([0, 0, 1])}, [3])
-        >>> WorkerTrajectoryIds(1, 2)(batch)["collector", "traj_ids"].tolist()
+        >>> WorkerTrajectoryIds(1, 2)(batch.clone())["collector", "traj_ids"].tolist()
         [1, 1, 3]
+        >>> WorkerTrajectoryIds(1, 2, first=5)(batch.clone())["collector", "traj_ids"].tolist()
+        [11, 11, 13]
     """
 
-    def __init__(self, worker: int, workers: int, traj_key=("collector", "traj_ids")) -> None:
+    def __init__(self, worker: int, workers: int, traj_key=("collector", "traj_ids"), *, first: int = 0,
+                 keep=None) -> None:
         if not 0 <= worker < workers:
             raise ValueError(f"worker must be in [0, {workers}), got {worker}.")
-        self.worker, self.workers, self.traj_key = worker, workers, traj_key
+        self.worker, self.workers, self.traj_key, self.first, self.keep = worker, workers, traj_key, first, keep
 
     def __call__(self, batch: TensorDictBase) -> TensorDictBase:
         ids = batch.get(self.traj_key)
-        return batch.set(self.traj_key, ids.long() * self.workers + self.worker)
+        batch = batch.set(self.traj_key, (ids.long() + self.first) * self.workers + self.worker)
+        return batch if self.keep is None else batch.select(*self.keep, strict=False)
+
+    def owns(self, key: int) -> bool:
+        """Whether trajectory id ``key`` is this worker's."""
+        return key % self.workers == self.worker
+
+    def after(self, keys) -> "WorkerTrajectoryIds":
+        """The ids of this worker's successor: past every id of this worker in ``keys``."""
+        used = [key // self.workers for key in keys if self.owns(key)]
+        return WorkerTrajectoryIds(self.worker, self.workers, self.traj_key, first=max(used, default=-1) + 1,
+                                   keep=self.keep)
 
 
 def make_replay_service(config: DreamerV2Config, scratch_dir: str | Path, obs_keys, *, node_id: str | None = None,
@@ -124,6 +143,99 @@ class WorkerCollector(Collector):
 
     def __repr__(self) -> str:
         return f"DreamerV2Collector(worker={self.worker_idx})"
+
+    def _should_use_random_frames(self) -> bool:
+        """Random actions for this worker's share of the prefill, counted in its own steps (restored with its
+        checkpointed state). TorchRL's collector counts the replay's writes instead when it writes into a replay:
+        with the replay a Ray service that is a remote call per agent step (over half of a CartPole worker's
+        time), and the writes of every worker, so N workers would act at random for only 1/N of the prefill."""
+        return bool(self.init_random_frames) and self._frames < self.init_random_frames
+
+
+class RestartingRayCollector(RayCollector):
+    """TorchRL's ``RayCollector`` (asynchronous: each batch from whichever worker is done first) whose workers
+    are replaced when they die, while the others go on collecting.
+
+    Unlike TorchRL's, a worker is asked for its next batch before the learner updates on its last one (the
+    learner's weight publication waits for that batch): collection overlaps the update, as with several workers.
+
+    TorchRL's ``RayCollector`` has no restart: a dead worker's next batch raises, and the learner's weight
+    publication to it fails. This class keeps how each worker was made (:meth:`add_collectors`); when a
+    worker's batch fails because its actor died, or :meth:`dead_workers` finds it dead, :meth:`replace_worker`
+    starts its successor with the same env, policy, replay client and resources, no prefill share, and the
+    trajectory ids after its predecessor's; ``on_worker_lost(index)`` (set by the trainer: it closes the dead
+    worker's open episodes in the replay and moves the learner's weight publication onto the new set of
+    workers) runs first.
+    """
+
+    on_worker_lost = None  # callable(index) -> postproc of the successor
+    restarts = 0
+
+    def add_collectors(self, create_env_fn, num_envs, policy, collector_kwargs, remote_configs):
+        self._worker_args = (list(create_env_fn), num_envs, policy, [dict(kwargs) for kwargs in collector_kwargs],
+                             list(remote_configs))
+        super().add_collectors(create_env_fn, num_envs, policy, collector_kwargs, remote_configs)
+
+    def dead_workers(self) -> list[int]:
+        """The workers whose actor is dead, from Ray's actor table (a busy worker is not asked)."""
+        from ray._private import state
+
+        dead = []
+        for index, actor in enumerate(self.remote_collectors):
+            info = state.actors(actor_id=actor._actor_id.hex())
+            if info and info.get("State") == "DEAD":
+                dead.append(index)
+        return dead
+
+    def replace_worker(self, index: int) -> None:
+        """Starts worker ``index``'s successor (after ``on_worker_lost``, which gives its ``postproc``)."""
+        create_env_fn, num_envs, policy, collector_kwargs, remote_configs = self._worker_args
+        params = dict(collector_kwargs[index], worker_idx=index, init_random_frames=0)
+        if self.on_worker_lost is not None:
+            params["postproc"] = self.on_worker_lost(index)
+        collector_kwargs[index] = dict(params)
+        env = create_env_fn[index]
+        if isinstance(env, _WorkerEnv):  # the successor's env seeded apart from every other worker's
+            create_env_fn[index] = env = _WorkerEnv(env.factory, env.seed + 1_000_003 * len(create_env_fn), env.primer)
+        cls = self.collector_class.as_remote(remote_configs[index]).remote
+        worker_policy = policy[index] if isinstance(policy, (list, tuple)) else policy
+        env_maker = [env] * num_envs if num_envs > 1 else env
+        self._remote_collectors[index] = self._make_collector(cls, env_maker=env_maker, policy=worker_policy,
+                                                              other_params=params)
+        self.restarts += 1
+
+    def _async_iterator(self):
+        import ray
+
+        pending = {}  # future -> (worker index, the actor asked)
+
+        def submit(index: int) -> None:
+            actor = self.remote_collectors[index]
+            pending[actor.next.remote()] = (index, actor)
+
+        for index in range(len(self.remote_collectors)):
+            submit(index)
+        while self.collected_frames < self.total_frames and not self._stop_event.is_set():
+            [future], _ = ray.wait(list(pending))
+            index, actor = pending.pop(future)
+            try:
+                out = ray.get(future)
+            except ray.exceptions.RayActorError:
+                if actor is self.remote_collectors[index]:  # not yet replaced (by the trainer's probe)
+                    self.replace_worker(index)
+                submit(index)
+                continue
+            self.collected_frames += self.frames_per_batch
+            if self.update_after_each_batch or self.max_weight_update_interval > -1:  # TorchRL's order
+                yield out
+                self.update_policy_weights_(worker_ids=index)
+                submit(index)
+            else:  # the worker collects its next batch while the learner updates on this one
+                submit(index)
+                yield out
+        ray.wait(list(pending), num_returns=len(pending))
+        if self._collection_thread is None:
+            self.shutdown()
 
 
 class _WorkerEnv:
@@ -201,6 +313,41 @@ class DreamerV2RayTrainer(Trainer):
     evaluation: EvaluationHook | None = None
     final_eval_episodes: int = 0
     dead: list[str] = []
+    _synced_restarts = 0
+
+    def collector_lost(self, index: int) -> WorkerTrajectoryIds:
+        """A collector worker died (``RestartingRayCollector.on_worker_lost``): its open episodes are closed in the
+        replay (no later row continues them) and the event is logged (``collector_restarts``, and one line on
+        stderr). Returns its successor's trajectory ids: after every id it used."""
+        ids = self.collector._worker_args[3][index]["postproc"]
+        replay = self.replay_buffer.client()
+        closed = replay.close_episodes(ids.owns)
+        successor = ids.after(replay.episode_keys())
+        restarts = self.collector.restarts + 1
+        print(f"warning: collector worker {index} died at agent step {self.collected_frames // self.frame_skip:,}: "
+              f"restarted ({restarts} so far); its {len(closed)} open episode(s) closed in the replay.",
+              file=sys.stderr, flush=True)
+        if self.logger is not None:
+            self.logger.log_scalar("collector_restarts", restarts, step=self.collected_frames)
+        return successor
+
+    def _publish_execution_weights(self, *, force: bool = False) -> None:
+        """TorchRL's publication of the learner's weights to the workers, after replacing any worker found dead
+        (a publication to a dead worker fails the learner) and, when the set of workers changed, moving the
+        learner's sender onto the new set (a new weight-sync generation, as TorchRL does on a learner restart)."""
+        import ray
+
+        collector = self.collector
+        if isinstance(collector, RestartingRayCollector):
+            for index in collector.dead_workers():  # ~0.5 ms per worker: Ray's actor table, the workers not asked
+                collector.replace_worker(index)
+            if collector.restarts != self._synced_restarts:
+                scheme = collector._learner_weight_sync(new_generation=True)
+                backend = self._execution_backend
+                ray.get(backend._actors[0].configure_weight_sync.remote(scheme), timeout=backend.command_timeout)
+                self._synced_restarts = collector.restarts
+                force = True
+        super()._publish_execution_weights(force=force)
 
     def find_dead(self) -> None:
         """At shutdown after an error, before the collectors are stopped: the pieces whose actor is gone (an error
@@ -323,7 +470,6 @@ def make_dreamerv2_ray_trainer(
         config = config.replace(compile=False, cudagraph=False)
     require_ray()
     from torchrl.checkpoint import Checkpoint
-    from torchrl.collectors.distributed import RayCollector
     from torchrl.envs.llm.transforms import PolicyVersion
     from torchrl_dreamer.record import make_logger
     from torchrl_dreamer.trainers.trainer import write_config
@@ -353,9 +499,10 @@ def make_dreamerv2_ray_trainer(
     object.__setattr__(loss, "actor_network", models.policy)
     stepper = (make_stepper or RankStepper)(config.make_stepper(loss, shards=shards), config.make_target_updater(loss))
     replay = make_replay_service(config, logdir / "replay", models.world_model.obs_keys)
+    keep = replay.client().read_keys()  # what the workers send the replay
     primer = models.policy.make_tensordict_primer()
     envs = [_WorkerEnv(factory, config.seed + 1 + 1_000_003 * i, primer) for i in range(collectors)]
-    collector = RayCollector(
+    collector = RestartingRayCollector(
         envs,
         models.policy,
         frames_per_batch=config.train_every,
@@ -363,8 +510,8 @@ def make_dreamerv2_ray_trainer(
         init_random_frames=config.prefill,  # RayCollector gives each worker its share
         replay_buffer=replay,
         collector_class=WorkerCollector,
-        collector_kwargs=[{"postproc": WorkerTrajectoryIds(i, collectors), "track_policy_version": PolicyVersion(int)}
-                          for i in range(collectors)],
+        collector_kwargs=[{"postproc": WorkerTrajectoryIds(i, collectors, keep=keep),
+                           "track_policy_version": PolicyVersion(int)} for i in range(collectors)],
         remote_configs={"num_cpus": 1, "num_gpus": 0},
         sync=False,
     )
@@ -393,6 +540,7 @@ def make_dreamerv2_ray_trainer(
         seed=config.seed,
     )
     trainer.config, trainer.logdir, trainer.models, trainer.replay = config, logdir, models, replay
+    collector.on_worker_lost = trainer.collector_lost
     trainer.register_op("shutdown", trainer.find_dead)
     if config.eval_episodes:
         def make_eval_env(seed: int, num_envs: int = 1):

@@ -288,7 +288,8 @@ class SpeedReportHook(_LoggingHook):
 
     Updates and collection are timed apart: an update from the sample of its batch to the end of its optimiser
     steps, collection from the end of one iteration's hooks to the next batch (env steps and the acting policy);
-    evaluations, videos and checkpoints, which run between the two, are left out, and so is the prefill. The time
+    evaluations, videos and checkpoints, which run between the two, are left out, and so are the prefill and the
+    first update and batch after it or after a resume (they compile, a compiled preset's minutes). The time
     left is the remaining updates at the first pace plus the remaining agent steps at the second. On a CPU with a
     long run it adds what to do about it (the GPU build of torch, the CPU-sized presets).
 
@@ -308,13 +309,16 @@ class SpeedReportHook(_LoggingHook):
         self.timed_updates, self.timed_steps = 0, 0
         self._update_start: float | None = None
         self._collect_start: float | None = None
+        self._warm_update = self._warm_collect = False
 
     def collected(self, batch: TensorDictBase) -> TensorDictBase:
         """``batch_process``: a batch arrived; its collection is timed once the prefill is over."""
         now = time.perf_counter()
         if self._collect_start is not None and self.schedule.steps >= self.schedule.prefill:
-            self.collect_seconds += now - self._collect_start
-            self.timed_steps += _num_steps(batch)
+            if self._warm_collect:
+                self.collect_seconds += now - self._collect_start
+                self.timed_steps += _num_steps(batch)
+            self._warm_collect = True  # the first batch after the prefill, or after a resume, compiles the policy
         self._collect_start = None
         return batch
 
@@ -326,8 +330,10 @@ class SpeedReportHook(_LoggingHook):
     def update_done(self) -> None:
         """``post_optim``: an update ended (the pretraining updates at the prefill's end are not timed)."""
         if self._update_start is not None and self.schedule.updates > self.schedule.pretrain:
-            self.update_seconds += time.perf_counter() - self._update_start
-            self.timed_updates += 1
+            if self._warm_update:
+                self.update_seconds += time.perf_counter() - self._update_start
+                self.timed_updates += 1
+            self._warm_update = True  # the first update timed, or the first after a resume, compiles
         self._update_start = None
 
     def iteration_done(self, batch: TensorDictBase | None = None) -> None:
