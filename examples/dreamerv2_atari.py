@@ -258,6 +258,7 @@ def _train_on_ray(cfg: DreamerV2Config, logdir: str, args: argparse.Namespace) -
         trainer = make_dreamerv2_ray_trainer(
             cfg, logdir, collectors=args.collectors or 1, learners=args.learners or 1, ray_address=args.ray_address,
             learner_gpus=1 if args.device == "cuda" else 0, progress=not args.no_progress,
+            keep_saved_config=args.keep_saved_config,
         )
     except (OSError, ValueError, TypeError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -170,7 +170,15 @@ def test_two_collectors_write_whole_episodes_with_ids_unique_across_workers(clus
             assert len(done) >= 2 and done[-2] and not done[:-2].any(), episode["key"]
         else:  # the episodes still running when collection stopped
             assert not done.any(), episode["key"]
-    assert sum(episode["closed"] for episode in episodes) >= 10  # CartPole's random episodes last ~20 steps
+    closed = [episode for episode in episodes if episode["closed"]]
+    assert len(closed) >= 10  # CartPole's random episodes last ~20 steps
+    # the workers report the episodes they end; the driver logs them as the local trainer does
+    logged = _csv(tmp_path / "run" / "scalars" / "train_episodes.csv")
+    in_flight = 2 * 2 * config.train_every // 8  # at most: the batches still collecting when the run stopped
+    assert len(closed) - in_flight <= int(float(logged[-1][1])) <= len(closed)
+    returns = [float(row[1]) for row in _csv(tmp_path / "run" / "scalars" / "train_return.csv")]
+    stored = [episode["rows"]["next", "reward"].sum().item() for episode in closed]
+    assert min(stored) <= min(returns) and max(returns) <= max(stored)  # each logged row: a mean of real returns
 
 
 def test_a_collector_killed_mid_run_is_restarted_its_episodes_closed_and_collection_goes_on(cluster, tmp_path,
@@ -223,6 +231,11 @@ def test_the_cli_trains_on_ray_and_a_resume_with_other_learners_is_one_line(tmp_
                              timeout=600)
     assert refused.returncode == 2
     assert refused.stderr.strip().splitlines()[-1].startswith("error: ") and "--learners 2" in refused.stderr
+    other = subprocess.run([*command, "--total-steps", "480", "--learners", "2", "--batch-length", "10"],
+                           capture_output=True, text=True, timeout=600)  # not a schedule: refused as locally
+    assert other.returncode == 2
+    line = other.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ") and "batch_length: 8 (saved) vs 10" in line, line
     resumed = subprocess.run([*command, "--total-steps", "480", "--learners", "2"], capture_output=True, text=True,
                              timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -298,6 +311,20 @@ def test_a_killed_actor_stops_the_job_with_one_line_and_the_same_command_resumes
     assert job.returncode == 2, err[-3000:]
     line = [line for line in err.strip().splitlines() if line.startswith("error: ")][-1]
     assert line.startswith(f"error: {named} died") and "run the same command to resume" in line, line
+    if named == "the replay service":  # killed mid-run: it reloads its last consistent state, the checkpoint's
+        [saved] = (logdir / "checkpoint_ray" / "components").glob("*-replay_buffer/replay_state.pt")
+        checkpointed = int(torch.load(saved, weights_only=False)["writer"]["end"])
+        written = int.from_bytes((logdir / "replay" / "write_mark.bin").read_bytes()[:8], "little")
+        started = not ray.is_initialized()
+        init_ray(num_cpus=5)
+        reloaded = make_dreamerv2_ray_trainer(_config(env="gym:CartPole-v1"), logdir, collectors=2, learners=1,
+                                              progress=False, keep_saved_config=True)
+        rows = len(reloaded.replay.client())
+        reloaded.collector.shutdown()
+        reloaded.replay.shutdown()
+        if started:
+            ray.shutdown()
+        assert rows == checkpointed < written  # the rows written after the checkpoint are not counted
     # the same command, with a budget it can reach: it resumes from the last checkpoint and finishes
     resumed = subprocess.run([*command[:-1], "400"], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

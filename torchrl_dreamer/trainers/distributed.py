@@ -38,10 +38,11 @@ from torchrl.trainers.trainers import OptimizationStepper
 
 from torchrl_dreamer.config import DreamerV2Config
 from torchrl_dreamer.envs.resolve import EnvFactory, EnvLike, prepare_env
-from torchrl_dreamer.trainers.hooks import EvaluationHook
+from torchrl_dreamer.trainers.hooks import EpisodeReturnHook, EvaluationHook
 
 __all__ = ["WorkerTrajectoryIds", "require_ray", "init_ray", "make_replay_service", "make_dreamerv2_ray_trainer",
-           "RankStepper", "DreamerV2RayTrainer", "DistributedFailure", "WorkerCollector", "RestartingRayCollector"]
+           "RankStepper", "DreamerV2RayTrainer", "DistributedFailure", "WorkerCollector", "RestartingRayCollector",
+           "WorkerEpisodeReturns"]
 
 RAY_PIN = "ray>=2.40,<2.61"  # the versions tested with TorchRL 0.14 (setup.cfg's [distributed] extra)
 RAY_CHECKPOINT = "checkpoint_ray"  # TorchRL's Checkpoint of the whole job: trainer, collectors, replay, every rank
@@ -97,11 +98,33 @@ class WorkerTrajectoryIds:
         if not 0 <= worker < workers:
             raise ValueError(f"worker must be in [0, {workers}), got {worker}.")
         self.worker, self.workers, self.traj_key, self.first, self.keep = worker, workers, traj_key, first, keep
+        self.finished: list[tuple[float, int]] = []  # (return, length) of the trajectories ended, not yet popped
+        self._running: dict[int, tuple[float, int]] = {}  # per trajectory id: the return and length so far
 
     def __call__(self, batch: TensorDictBase) -> TensorDictBase:
         ids = batch.get(self.traj_key)
         batch = batch.set(self.traj_key, (ids.long() + self.first) * self.workers + self.worker)
+        self._track(batch)
         return batch if self.keep is None else batch.select(*self.keep, strict=False)
+
+    def _track(self, batch: TensorDictBase) -> None:
+        """Sums each trajectory's rewards and steps; an ended one joins :attr:`finished` as ``(return, length)``
+        (the driver logs them: the batch itself goes to the replay, not to the driver)."""
+        if ("next", "reward") not in batch.keys(True) or ("next", "done") not in batch.keys(True):
+            return
+        ids = batch.get(self.traj_key).reshape(-1).tolist()  # env-major: each env's steps in order
+        rewards = batch.get(("next", "reward")).reshape(len(ids), -1).sum(-1).tolist()
+        done = batch.get(("next", "done")).reshape(len(ids), -1).any(-1).tolist()
+        for key, reward, ended in zip(ids, rewards, done):
+            total, length = self._running.get(key, (0.0, 0))
+            self._running[key] = (total + reward, length + 1)
+            if ended:
+                self.finished.append(self._running.pop(key))
+
+    def pop_finished(self) -> list[tuple[float, int]]:
+        """The episodes ended since the last call, ``(return, length)`` each."""
+        finished, self.finished = self.finished, []
+        return finished
 
     def owns(self, key: int) -> bool:
         """Whether trajectory id ``key`` is this worker's."""
@@ -144,6 +167,14 @@ class WorkerCollector(Collector):
     def __repr__(self) -> str:
         return f"DreamerV2Collector(worker={self.worker_idx})"
 
+    def next(self):
+        """One batch into the replay; returns the ``(return, length)`` of the episodes that ended in it (a list,
+        for the driver's ``train_return``) instead of ``None``."""
+        out = super().next()
+        if out is None and isinstance(self.postproc, WorkerTrajectoryIds):
+            return self.postproc.pop_finished()
+        return out
+
     def _should_use_random_frames(self) -> bool:
         """Random actions for this worker's share of the prefill, counted in its own steps (restored with its
         checkpointed state). TorchRL's collector counts the replay's writes instead when it writes into a replay:
@@ -170,6 +201,13 @@ class RestartingRayCollector(RayCollector):
 
     on_worker_lost = None  # callable(index) -> postproc of the successor
     restarts = 0
+
+    @property
+    def finished_episodes(self) -> list:
+        """``(return, length)`` of the episodes the workers ended, not yet logged (see :class:`WorkerCollector`)."""
+        if not hasattr(self, "_finished_episodes"):
+            self._finished_episodes = []
+        return self._finished_episodes
 
     def add_collectors(self, create_env_fn, num_envs, policy, collector_kwargs, remote_configs):
         self._worker_args = (list(create_env_fn), num_envs, policy, [dict(kwargs) for kwargs in collector_kwargs],
@@ -225,6 +263,9 @@ class RestartingRayCollector(RayCollector):
                     self.replace_worker(index)
                 submit(index)
                 continue
+            if isinstance(out, list):  # a WorkerCollector's ended episodes: the batch itself is in the replay
+                self.finished_episodes.extend(out)
+                out = None
             self.collected_frames += self.frames_per_batch
             if self.update_after_each_batch or self.max_weight_update_interval > -1:  # TorchRL's order
                 yield out
@@ -281,6 +322,22 @@ class RankStepper(OptimizationStepper):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.stepper.load_state_dict(state_dict["stepper"])
         self.target_updater.counter = state_dict["target_updater"]["counter"]
+
+
+class WorkerEpisodeReturns(EpisodeReturnHook):
+    """``train_return``, ``train_length`` and ``train_episodes`` on the Ray path, as the local trainer logs them:
+    from the episodes the workers report ended (:class:`WorkerCollector` returns them with each batch), at each
+    ``post_steps``."""
+
+    def __call__(self) -> None:
+        finished = self.trainer.collector.finished_episodes
+        episodes, finished[:] = list(finished), []
+        self.log_finished(episodes)
+
+    def register(self, trainer, name: str = "episode_returns") -> None:
+        self.trainer = trainer
+        trainer.register_op("post_steps", self)
+        trainer.register_module(name, self)
 
 
 class DistributedFailure(RuntimeError):
@@ -429,6 +486,7 @@ def make_dreamerv2_ray_trainer(
     progress: bool = True,
     command_timeout: float = 600.0,
     make_stepper: Any = None,
+    keep_saved_config: bool = False,
 ):
     """A TorchRL :class:`~torchrl.trainers.Trainer` with ``learner_backend="ray"`` that trains DreamerV2 with
     ``collectors`` Ray collector workers, the replay as a Ray actor and ``learners`` data-parallel learner ranks.
@@ -457,6 +515,9 @@ def make_dreamerv2_ray_trainer(
         make_stepper (callable, optional): ``make_stepper(stepper, target_updater)`` returns the ranks'
             ``OptimizationStepper`` from the DreamerV2 stepper and the slow critic's updater (e.g. a subclass of
             :class:`RankStepper` that records or schedules). Default: :class:`RankStepper`.
+        keep_saved_config (bool): a resumed job whose saved config differs from ``config`` in more than the
+            schedules resumes with the saved values (otherwise it is refused with one line, as on the local path).
+            Default: ``False``.
     """
     for name, value in (("collectors", collectors), ("learners", learners)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -472,7 +533,7 @@ def make_dreamerv2_ray_trainer(
     from torchrl.checkpoint import Checkpoint
     from torchrl.envs.llm.transforms import PolicyVersion
     from torchrl_dreamer.record import make_logger
-    from torchrl_dreamer.trainers.trainer import write_config
+    from torchrl_dreamer.trainers.trainer import CONFIG_FILE, _reconcile_config, write_config
 
     logdir = Path(logdir).expanduser().absolute()
     layout = logdir / LAYOUT_FILE
@@ -483,6 +544,11 @@ def make_dreamerv2_ray_trainer(
                 f"{logdir} was trained with --learners {saved['learners']}: resume it with --learners "
                 f"{saved['learners']} (each rank's state is restored as saved; it is not re-sharded)."
             )
+    if (logdir / RAY_CHECKPOINT).exists():  # a resumed job keeps its settings (the schedules may change)
+        if not (logdir / CONFIG_FILE).exists():
+            raise ValueError(f"{logdir / CONFIG_FILE} is missing: the settings of this job cannot be checked; "
+                             "restore it or use another --logdir.")
+        config = _reconcile_config(config, logdir, True, keep_saved_config)
     logdir.mkdir(parents=True, exist_ok=True)
     init_ray(ray_address, num_cpus=None if ray_address else collectors + learners + 1)
     torch.manual_seed(config.seed)
@@ -542,6 +608,7 @@ def make_dreamerv2_ray_trainer(
     trainer.config, trainer.logdir, trainer.models, trainer.replay = config, logdir, models, replay
     collector.on_worker_lost = trainer.collector_lost
     trainer.register_op("shutdown", trainer.find_dead)
+    WorkerEpisodeReturns().register(trainer)
     if config.eval_episodes:
         def make_eval_env(seed: int, num_envs: int = 1):
             return prepare_env(factory(seed), models.policy.make_tensordict_primer())

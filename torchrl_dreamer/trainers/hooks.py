@@ -407,7 +407,10 @@ class EpisodeReturnHook(_LoggingHook):
         self.last_return = float("nan")
 
     def __call__(self, batch: TensorDictBase) -> None:
-        finished = self.tracker.update(batch)
+        self.log_finished(self.tracker.update(batch))
+
+    def log_finished(self, finished: list[tuple[float, int]]) -> None:
+        """Logs the ``(return, length)`` of the episodes that ended in one collected batch."""
         if finished:  # one row per collected batch: the mean of the episodes that ended in it
             self.episodes += len(finished)
             self.last_return = finished[-1][0]
