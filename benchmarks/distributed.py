@@ -21,6 +21,7 @@ steps, called through a client from another process, with the service holding ``
     python benchmarks/distributed.py                                   # CartPole-v1, 3,000 steps, 2 repeats
     python benchmarks/distributed.py --env gym:Acrobot-v1 --steps 5000 --repeats 3
     python benchmarks/distributed.py --pieces --preset atari --env atari:Boxing
+    python benchmarks/distributed.py --overhead-only --steps 10000 --repeats 1 --updates-per-command 4
 """
 from __future__ import annotations
 
@@ -129,6 +130,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pieces", action="store_true", help="the per-piece costs instead (see above)")
+    parser.add_argument("--updates-per-command", type=int, default=1, help="the Ray run's --updates-per-command")
+    parser.add_argument("--overhead-only", action="store_true", help="only the local and Ray runs (no collection)")
     parser.add_argument("--rows", type=int, default=50_000, help="--pieces: rows in the replay service")
     args = parser.parse_args(argv)
     if args.pieces:
@@ -137,29 +140,33 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for repeat in range(args.repeats):
-            for workers in (1, 2):  # collection only: the prefill covers the run
+            for workers in () if args.overhead_only else (1, 2):  # collection only: the prefill covers the run
                 flags = ("--collectors", str(workers), "--prefill", str(args.steps + 1))
                 start_up = run(args, tmp / f"s{repeat}{workers}", 1, *flags)
                 seconds = run(args, tmp / f"c{repeat}{workers}", args.steps, *flags)
                 collect[workers].append(args.steps / max(seconds - start_up, 1e-9))
-            for path, flags in (("local", ("--threads", "1")), ("ray", ("--collectors", "1", "--learners", "1"))):
+            ray_flags = ("--collectors", "1", "--learners", "1", "--updates-per-command", str(args.updates_per_command))
+            for path, flags in (("local", ("--threads", "1")), ("ray", ray_flags)):
                 start_up = run(args, tmp / f"o{repeat}{path}0", 1, *flags)
                 seconds = run(args, tmp / f"o{repeat}{path}", args.steps, *flags)
                 overhead[path].append(seconds - start_up)
                 if path == "ray":
                     lags.append(lag(tmp / f"o{repeat}{path}"))
-            print(f"repeat {repeat}: collection {collect[1][-1]:.0f} / {collect[2][-1]:.0f} steps/s (1 / 2 "
-                  f"collectors); {args.preset} preset: local {overhead['local'][-1]:.1f} s, Ray "
+            collection = "" if args.overhead_only else \
+                f"collection {collect[1][-1]:.0f} / {collect[2][-1]:.0f} steps/s (1 / 2 collectors); "
+            print(f"repeat {repeat}: {collection}{args.preset} preset: local {overhead['local'][-1]:.1f} s, Ray "
                   f"{overhead['ray'][-1]:.1f} s", flush=True)
     result = {
         "env": args.env, "preset": args.preset, "steps": args.steps, "repeats": args.repeats,
-        "collect_steps_per_s": {str(k): statistics.fmean(v) for k, v in collect.items()},
+        "collect_steps_per_s": {str(k): statistics.fmean(v) for k, v in collect.items() if v},
+        "updates_per_command": args.updates_per_command,
         "seconds": {k: statistics.fmean(v) for k, v in overhead.items()},
         "ray_over_local": statistics.fmean(overhead["ray"]) / statistics.fmean(overhead["local"]),
         "policy_lag_mean": statistics.fmean(m for m, _ in lags), "policy_lag_max": max(x for _, x in lags),
     }
-    print(f"| collectors | agent steps/s |\n|---|---|\n| 1 | {result['collect_steps_per_s']['1']:.0f} |\n"
-          f"| 2 | {result['collect_steps_per_s']['2']:.0f} |")
+    if not args.overhead_only:
+        print(f"| collectors | agent steps/s |\n|---|---|\n| 1 | {result['collect_steps_per_s']['1']:.0f} |\n"
+              f"| 2 | {result['collect_steps_per_s']['2']:.0f} |")
     print(f"{args.preset} preset, {args.steps} agent steps: local {result['seconds']['local']:.1f} s, Ray (1 collector, "
           f"1 learner) {result['seconds']['ray']:.1f} s: {result['ray_over_local']:.2f}x; policy lag "
           f"{result['policy_lag_mean']:.2f} updates on average, {result['policy_lag_max']:.0f} at most")

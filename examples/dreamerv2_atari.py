@@ -140,6 +140,9 @@ def build_parser(preset: str = "atari") -> argparse.ArgumentParser:
                       help="data-parallel learner ranks (gloo on CPUs, nccl on GPUs); --batch-size is split over them")
     dist.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT",
                       help="join a running Ray cluster (default: start a local one)")
+    dist.add_argument("--updates-per-command", type=_number(int), default=None, metavar="K",
+                      help="updates per learner command: worker batches of K * train_every steps, K updates, one "
+                           "weight publication (the same update ratio, fewer Ray calls; default 1)")
     hyper = parser.add_argument_group(f"hyperparameters (default: the preset's value, shown for --preset {preset})")
     hints = typing.get_type_hints(DreamerV2Config)
     for field in fields.values():
@@ -225,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     logdir = args.logdir or f"logs/{name}-{args.preset}-seed{cfg.seed}"
-    if args.collectors is not None or args.learners is not None or args.ray_address is not None:
+    if args.collectors is not None or args.learners is not None or args.ray_address is not None \
+            or args.updates_per_command is not None:
         return _train_on_ray(cfg, logdir, args)
     try:
         trainer = make_dreamerv2_trainer(
@@ -258,7 +262,7 @@ def _train_on_ray(cfg: DreamerV2Config, logdir: str, args: argparse.Namespace) -
         trainer = make_dreamerv2_ray_trainer(
             cfg, logdir, collectors=args.collectors or 1, learners=args.learners or 1, ray_address=args.ray_address,
             learner_gpus=1 if args.device == "cuda" else 0, progress=not args.no_progress,
-            keep_saved_config=args.keep_saved_config,
+            keep_saved_config=args.keep_saved_config, updates_per_command=args.updates_per_command or 1,
         )
     except (OSError, ValueError, TypeError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -217,6 +217,16 @@ def _csv(path):
     return list(csv.reader(open(path)))
 
 
+def test_several_updates_per_command_keep_the_ratio_of_updates_to_agent_steps(cluster, tmp_path):
+    config = _config(total_steps=600, prefill=200, train_every=20)
+    trainer = make_dreamerv2_ray_trainer(config, tmp_path / "run", collectors=1, learners=1, progress=False,
+                                         updates_per_command=4)
+    result = trainer.train()
+    one_per_train_every = (result["steps"] - config.prefill) / config.train_every  # the local path's count
+    assert abs(result["updates"] - one_per_train_every) <= 4, result
+    assert result["updates"] % 4 == 0  # 4 updates per learner command
+
+
 def test_the_cli_trains_on_ray_and_a_resume_with_other_learners_is_one_line(tmp_path):
     import subprocess
 

@@ -161,8 +161,10 @@ def make_replay_service(config: DreamerV2Config, scratch_dir: str | Path, obs_ke
 
 
 class WorkerCollector(Collector):
-    """TorchRL's ``Collector`` for a Ray worker, named in one line: Ray prefixes each log line of an actor with its
-    repr, and the collector's default repr is dozens of lines."""
+    """TorchRL's ``Collector`` for a Ray worker that writes into the replay service. Three differences, each for
+    what TorchRL's leaves out on this path: it reports the episodes it ends (:meth:`next`: the driver never sees the
+    batches), it counts its share of the random prefill in its own steps (:meth:`_should_use_random_frames`), and it
+    is named in one line (Ray prefixes each log line of an actor with its repr, the default is dozens of lines)."""
 
     def __repr__(self) -> str:
         return f"DreamerV2Collector(worker={self.worker_idx})"
@@ -487,6 +489,7 @@ def make_dreamerv2_ray_trainer(
     command_timeout: float = 600.0,
     make_stepper: Any = None,
     keep_saved_config: bool = False,
+    updates_per_command: int = 1,
 ):
     """A TorchRL :class:`~torchrl.trainers.Trainer` with ``learner_backend="ray"`` that trains DreamerV2 with
     ``collectors`` Ray collector workers, the replay as a Ray actor and ``learners`` data-parallel learner ranks.
@@ -515,11 +518,15 @@ def make_dreamerv2_ray_trainer(
         make_stepper (callable, optional): ``make_stepper(stepper, target_updater)`` returns the ranks'
             ``OptimizationStepper`` from the DreamerV2 stepper and the slow critic's updater (e.g. a subclass of
             :class:`RankStepper` that records or schedules). Default: :class:`RankStepper`.
+        updates_per_command (int): updates per learner command: each worker batch is ``updates_per_command *
+            train_every`` agent steps, followed by that many updates (the same ratio of updates to steps) and one
+            weight publication. Above 1 it spreads the per-command Ray calls over several updates, and the workers
+            act with weights up to that many updates older. Default: ``1``.
         keep_saved_config (bool): a resumed job whose saved config differs from ``config`` in more than the
             schedules resumes with the saved values (otherwise it is refused with one line, as on the local path).
             Default: ``False``.
     """
-    for name, value in (("collectors", collectors), ("learners", learners)):
+    for name, value in (("collectors", collectors), ("learners", learners), ("updates_per_command", updates_per_command)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
     if config.batch_size % learners:
@@ -571,7 +578,7 @@ def make_dreamerv2_ray_trainer(
     collector = RestartingRayCollector(
         envs,
         models.policy,
-        frames_per_batch=config.train_every,
+        frames_per_batch=config.train_every * updates_per_command,
         total_frames=2**62,  # the trainer stops at total_steps (RayCollector reads -1 as none left)
         init_random_frames=config.prefill,  # RayCollector gives each worker its share
         replay_buffer=replay,
@@ -585,7 +592,7 @@ def make_dreamerv2_ray_trainer(
         collector=collector,
         total_frames=config.total_steps * config.action_repeat,
         frame_skip=config.action_repeat,
-        optim_steps_per_batch=1,
+        optim_steps_per_batch=updates_per_command,
         loss_module=loss,
         optimization_stepper=stepper,
         replay_buffer=replay,
@@ -629,7 +636,7 @@ def make_dreamerv2_ray_trainer(
 
         def after_pretraining() -> None:
             if trainer._optim_count:
-                trainer.optim_steps_per_batch = 1
+                trainer.optim_steps_per_batch = updates_per_command
 
         trainer.register_op("post_steps", after_pretraining)
     layout.write_text(json.dumps({"collectors": collectors, "learners": learners}))
