@@ -216,6 +216,10 @@ class RestartingRayCollector(RayCollector):
                              list(remote_configs))
         super().add_collectors(create_env_fn, num_envs, policy, collector_kwargs, remote_configs)
 
+    def worker_kwargs(self, index: int) -> dict:
+        """The collector keyword arguments worker ``index`` (or its latest successor) was made with."""
+        return dict(self._worker_args[3][index])
+
     def dead_workers(self) -> list[int]:
         """The workers whose actor is dead, from Ray's actor table (a busy worker is not asked)."""
         from ray._private import state
@@ -378,7 +382,7 @@ class DreamerV2RayTrainer(Trainer):
         """A collector worker died (``RestartingRayCollector.on_worker_lost``): its open episodes are closed in the
         replay (no later row continues them) and the event is logged (``collector_restarts``, and one line on
         stderr). Returns its successor's trajectory ids: after every id it used."""
-        ids = self.collector._worker_args[3][index]["postproc"]
+        ids = self.collector.worker_kwargs(index)["postproc"]
         replay = self.replay_buffer.client()
         closed = replay.close_episodes(ids.owns)
         successor = ids.after(replay.episode_keys())
