@@ -530,7 +530,8 @@ def make_dreamerv2_ray_trainer(
             schedules resumes with the saved values (otherwise it is refused with one line, as on the local path).
             Default: ``False``.
     """
-    for name, value in (("collectors", collectors), ("learners", learners), ("updates_per_command", updates_per_command)):
+    for name, value in (("collectors", collectors), ("learners", learners),
+                        ("updates_per_command", updates_per_command)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
     if config.batch_size % learners:
