@@ -334,7 +334,7 @@ def test_a_killed_actor_stops_the_job_with_one_line_and_the_same_command_resumes
         reloaded.replay.shutdown()
         if started:
             ray.shutdown()
-        assert rows == checkpointed < written  # the rows written after the checkpoint are not counted
+        assert rows == checkpointed <= written  # rows written after the checkpoint (if any yet) are not counted
     # the same command, with a budget it can reach: it resumes from the last checkpoint and finishes
     resumed = subprocess.run([*command[:-1], "400"], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
