@@ -38,6 +38,7 @@ from torchrl.trainers.trainers import OptimizationStepper
 
 from torchrl_dreamer.config import DreamerV2Config
 from torchrl_dreamer.envs.resolve import EnvFactory, EnvLike, prepare_env
+from torchrl_dreamer.record import EpisodeTracker
 from torchrl_dreamer.trainers.hooks import EpisodeReturnHook, EvaluationHook
 
 __all__ = ["WorkerTrajectoryIds", "require_ray", "init_ray", "make_replay_service", "make_dreamerv2_ray_trainer",
@@ -98,8 +99,8 @@ class WorkerTrajectoryIds:
         if not 0 <= worker < workers:
             raise ValueError(f"worker must be in [0, {workers}), got {worker}.")
         self.worker, self.workers, self.traj_key, self.first, self.keep = worker, workers, traj_key, first, keep
-        self.finished: list[tuple[float, int]] = []  # (return, length) of the trajectories ended, not yet popped
-        self._running: dict[int, tuple[float, int]] = {}  # per trajectory id: the return and length so far
+        self.finished: list[tuple[float, int]] = []  # (return, length) of the episodes ended, not yet popped
+        self._tracker: EpisodeTracker | None = None  # the local trainer's tracker, sized by the first batch
 
     def __call__(self, batch: TensorDictBase) -> TensorDictBase:
         ids = batch.get(self.traj_key)
@@ -108,18 +109,13 @@ class WorkerTrajectoryIds:
         return batch if self.keep is None else batch.select(*self.keep, strict=False)
 
     def _track(self, batch: TensorDictBase) -> None:
-        """Sums each trajectory's rewards and steps; an ended one joins :attr:`finished` as ``(return, length)``
-        (the driver logs them: the batch itself goes to the replay, not to the driver)."""
+        """Adds the batch's ended episodes to :attr:`finished` as ``(return, length)`` (the driver logs them: the
+        batch itself goes to the replay, not to the driver)."""
         if ("next", "reward") not in batch.keys(True) or ("next", "done") not in batch.keys(True):
             return
-        ids = batch.get(self.traj_key).reshape(-1).tolist()  # env-major: each env's steps in order
-        rewards = batch.get(("next", "reward")).reshape(len(ids), -1).sum(-1).tolist()
-        done = batch.get(("next", "done")).reshape(len(ids), -1).any(-1).tolist()
-        for key, reward, ended in zip(ids, rewards, done):
-            total, length = self._running.get(key, (0.0, 0))
-            self._running[key] = (total + reward, length + 1)
-            if ended:
-                self.finished.append(self._running.pop(key))
+        if self._tracker is None:
+            self._tracker = EpisodeTracker(batch.shape[0] if batch.ndim > 1 else 1)
+        self.finished += self._tracker.update(batch)
 
     def pop_finished(self) -> list[tuple[float, int]]:
         """The episodes ended since the last call, ``(return, length)`` each."""
@@ -204,12 +200,9 @@ class RestartingRayCollector(RayCollector):
     on_worker_lost = None  # callable(index) -> postproc of the successor
     restarts = 0
 
-    @property
-    def finished_episodes(self) -> list:
-        """``(return, length)`` of the episodes the workers ended, not yet logged (see :class:`WorkerCollector`)."""
-        if not hasattr(self, "_finished_episodes"):
-            self._finished_episodes = []
-        return self._finished_episodes
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.finished_episodes: list[tuple[float, int]] = []  # the workers' ended episodes, not yet logged
 
     def add_collectors(self, create_env_fn, num_envs, policy, collector_kwargs, remote_configs):
         self._worker_args = (list(create_env_fn), num_envs, policy, [dict(kwargs) for kwargs in collector_kwargs],
